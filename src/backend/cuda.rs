@@ -1,0 +1,261 @@
+//! CUDA backend: the driver's virtual-memory API through cudarc, with libcuda
+//! loaded at run time (the crate builds and its tests run with no CUDA).
+//! Every call runs in the device's primary context, the one PyTorch uses,
+//! pushed only when the calling thread has another one current (free may come
+//! from any thread). A missing or too-old libcuda is a clear error, never
+//! cudarc's panic: loading is probed once, behind `catch_unwind`.
+
+use super::{Backend, EventId, HandleId};
+use crate::error::{Error, OomInfo, Result};
+use cudarc::driver::sys::{self, CUresult};
+use std::sync::OnceLock;
+
+/// Oldest driver API with everything used here (VMM, events): CUDA 12.0.
+const MIN_DRIVER_VERSION: i32 = 12000;
+
+pub struct CudaBackend {
+    /// Primary context of each device, retained once on first use.
+    contexts: Vec<OnceLock<usize>>,
+    device_count: i32,
+}
+
+fn check(call: &'static str, r: CUresult) -> Result<()> {
+    if r == CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut text: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorString writes a pointer to a static string or leaves it null.
+    unsafe { sys::cuGetErrorString(r, &mut text) };
+    let message = if text.is_null() {
+        format!("{r:?}")
+    } else {
+        // SAFETY: the driver returned a NUL-terminated static string.
+        unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned()
+    };
+    if r == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Err(Error::OutOfMemory(OomInfo::default()));
+    }
+    Err(Error::Driver { call, code: r as i64, message })
+}
+
+/// Loads libcuda and checks its version, turning cudarc's panics (no library,
+/// missing symbol) into errors.
+fn load_driver() -> Result<i32> {
+    static LOADED: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            std::panic::catch_unwind(|| {
+                // SAFETY: probing for the library has no preconditions.
+                if !unsafe { sys::is_culib_present() } {
+                    return Err("libcuda.so was not found: is the NVIDIA driver installed? \
+                                (use TESSERA_CONF=backend:host or backend:sim without a GPU)"
+                        .to_string());
+                }
+                let mut version = 0;
+                // SAFETY: plain driver calls writing to a local.
+                unsafe {
+                    check("cuInit", sys::cuInit(0)).map_err(|e| e.to_string())?;
+                    check("cuDriverGetVersion", sys::cuDriverGetVersion(&mut version)).map_err(|e| e.to_string())?;
+                }
+                if version < MIN_DRIVER_VERSION {
+                    return Err(format!(
+                        "the CUDA driver supports CUDA {}.{}; tessera needs at least {}.{}",
+                        version / 1000,
+                        version % 1000 / 10,
+                        MIN_DRIVER_VERSION / 1000,
+                        MIN_DRIVER_VERSION % 1000 / 10
+                    ));
+                }
+                Ok(version)
+            })
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(format!("loading the CUDA driver failed (too old a libcuda?): {what}"))
+            })
+        })
+        .clone()
+        .map_err(|message| Error::Driver { call: "cuInit", code: -1, message })
+}
+
+impl CudaBackend {
+    pub fn new() -> Result<Self> {
+        load_driver()?;
+        let mut count = 0;
+        // SAFETY: the driver is loaded and initialised.
+        check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
+        Ok(CudaBackend { contexts: (0..count).map(|_| OnceLock::new()).collect(), device_count: count })
+    }
+
+    fn context(&self, device: i32) -> Result<sys::CUcontext> {
+        let slot = usize::try_from(device)
+            .ok()
+            .and_then(|i| self.contexts.get(i))
+            .ok_or_else(|| Error::InvalidArgument(format!("device {device} does not exist ({} devices)", self.device_count)))?;
+        if let Some(&ctx) = slot.get() {
+            return Ok(ctx as sys::CUcontext);
+        }
+        let mut dev: sys::CUdevice = 0;
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: device is a valid ordinal; the retained context is kept for the process lifetime.
+        unsafe {
+            check("cuDeviceGet", sys::cuDeviceGet(&mut dev, device))?;
+            check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
+        }
+        // Two threads may retain at once; the loser's extra retain is harmless
+        // (primary contexts are reference counted and never released here).
+        Ok(*slot.get_or_init(|| ctx as usize) as sys::CUcontext)
+    }
+
+    /// Runs `f` with the device's primary context current on this thread.
+    fn in_context<T>(&self, device: i32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let ctx = self.context(device)?;
+        let mut current: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: cuCtxGetCurrent writes the current context (or null).
+        check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut current) })?;
+        if current == ctx {
+            return f();
+        }
+        // SAFETY: ctx is a retained primary context; it is popped below.
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(ctx) })?;
+        let result = f();
+        let mut popped: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the context pushed above.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+        result
+    }
+
+    fn location(device: i32) -> sys::CUmemLocation {
+        sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device }
+    }
+
+    fn prop(device: i32) -> sys::CUmemAllocationProp {
+        // SAFETY: an all-zero CUmemAllocationProp is valid (no handle types,
+        // no flags); the fields that matter are set below.
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location = Self::location(device);
+        prop
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn granularity(&self, device: i32) -> Result<u64> {
+        let prop = Self::prop(device);
+        let mut g = 0usize;
+        self.in_context(device, || {
+            // SAFETY: prop is valid, g is a local.
+            check("cuMemGetAllocationGranularity", unsafe {
+                sys::cuMemGetAllocationGranularity(
+                    &mut g,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+                )
+            })
+        })?;
+        Ok(g as u64)
+    }
+    fn device_count(&self) -> Result<i32> {
+        Ok(self.device_count)
+    }
+    fn mem_info(&self, device: i32) -> Result<(u64, u64)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: writes two locals, in the device's context.
+        self.in_context(device, || check("cuMemGetInfo", unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }))?;
+        Ok((free as u64, total as u64))
+    }
+    fn reserve(&self, device: i32, size_bytes: u64, alignment: u64) -> Result<u64> {
+        let mut ptr: sys::CUdeviceptr = 0;
+        self.in_context(device, || {
+            // SAFETY: asks the driver for a fresh range; writes a local.
+            check("cuMemAddressReserve", unsafe {
+                sys::cuMemAddressReserve(&mut ptr, size_bytes as usize, alignment as usize, 0, 0)
+            })
+        })?;
+        Ok(ptr)
+    }
+    fn unreserve(&self, device: i32, base: u64, size_bytes: u64) -> Result<()> {
+        // SAFETY: the range came from `reserve` and nothing in it is mapped (contract).
+        self.in_context(device, || check("cuMemAddressFree", unsafe { sys::cuMemAddressFree(base, size_bytes as usize) }))
+    }
+    fn create(&self, device: i32, size_bytes: u64) -> Result<HandleId> {
+        let prop = Self::prop(device);
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        self.in_context(device, || {
+            // SAFETY: prop is valid and size is a multiple of the granularity (contract).
+            check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, size_bytes as usize, &prop, 0) })
+        })
+        .map_err(|e| match e {
+            Error::OutOfMemory(_) => Error::OutOfMemory(OomInfo { device, requested_bytes: size_bytes, ..Default::default() }),
+            e => e,
+        })?;
+        Ok(handle)
+    }
+    fn release(&self, device: i32, handle: HandleId) -> Result<()> {
+        // SAFETY: the handle is live and no piece of it is mapped (contract).
+        self.in_context(device, || check("cuMemRelease", unsafe { sys::cuMemRelease(handle) }))
+    }
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId, offset_bytes: u64) -> Result<()> {
+        self.in_context(device, || {
+            // SAFETY: the range is reserved and unmapped, the handle piece fits (contract).
+            check("cuMemMap", unsafe { sys::cuMemMap(va, size_bytes as usize, offset_bytes as usize, handle, 0) })
+        })
+    }
+    fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
+        let desc = sys::CUmemAccessDesc {
+            location: Self::location(device),
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range is fully mapped (contract); desc lives across the call.
+        self.in_context(device, || check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(va, size_bytes as usize, &desc, 1) }))
+    }
+    fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
+        // SAFETY: the range is mapped and no queued work uses it (contract).
+        self.in_context(device, || check("cuMemUnmap", unsafe { sys::cuMemUnmap(va, size_bytes as usize) }))
+    }
+    fn synchronize(&self, device: i32) -> Result<()> {
+        // SAFETY: waits for the current (primary) context.
+        self.in_context(device, || check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }))
+    }
+    fn record_event(&self, device: i32, stream: u64) -> Result<EventId> {
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        self.in_context(device, || {
+            // SAFETY: creates an event and records it on the caller's stream.
+            unsafe {
+                check("cuEventCreate", sys::cuEventCreate(&mut event, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32))?;
+                if let Err(e) = check("cuEventRecord", sys::cuEventRecord(event, stream as sys::CUstream)) {
+                    sys::cuEventDestroy_v2(event);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(event as EventId)
+    }
+    fn event_done(&self, device: i32, event: EventId) -> Result<bool> {
+        self.in_context(device, || {
+            // SAFETY: event is a live event made by record_event.
+            match unsafe { sys::cuEventQuery(event as sys::CUevent) } {
+                CUresult::CUDA_SUCCESS => Ok(true),
+                CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+                r => check("cuEventQuery", r).map(|_| false),
+            }
+        })
+    }
+    fn destroy_event(&self, device: i32, event: EventId) -> Result<()> {
+        // SAFETY: event is live and destroyed once.
+        self.in_context(device, || check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(event as sys::CUevent) }))
+    }
+    fn stream_wait_event(&self, device: i32, stream: u64, event: EventId) -> Result<()> {
+        self.in_context(device, || {
+            // SAFETY: both are live driver objects of this device.
+            check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, event as sys::CUevent, 0) })
+        })
+    }
+}

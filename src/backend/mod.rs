@@ -1,0 +1,69 @@
+//! The primitive layer: what the allocator needs from a device, and nothing
+//! more. No policy and no counting live here; [`crate::pool`] does both.
+//!
+//! Contract, for every implementation:
+//! - Addresses and sizes given to `map`, `unmap` and `set_access`, and sizes
+//!   given to `create`, are multiples of `granularity()`; offsets into a
+//!   handle too. `reserve` returns a base aligned to `alignment`.
+//! - A handle's memory is reachable only through its mappings; one handle may
+//!   be mapped in pieces at several addresses. `release` is called only when
+//!   no piece of the handle is mapped. `unreserve` only when nothing in the
+//!   range is mapped.
+//! - `map` makes the range readable and writable from the device only once
+//!   `set_access` covered it (the allocator calls it once per new range).
+//! - `create` reports lack of memory as [`Error::OutOfMemory`] and every
+//!   other failure as [`Error::Driver`]; it never panics.
+//! - Streams and events are opaque `u64`s. Work on one stream runs in order.
+//!   `record_event(s)` marks the point that `s` has reached in its queue;
+//!   `event_done` says whether the device has passed it; `stream_wait_event`
+//!   makes a stream wait for an event without blocking the host. An event id
+//!   may be reused for a new record once `destroy_event` returned.
+//! - `unmap` and `release` are not stream-ordered: the caller makes sure that
+//!   no queued work touches the range (by events or `synchronize`) first.
+//! - Every method may be called from any thread; implementations are Sync.
+
+pub mod cuda;
+pub mod host;
+pub mod sim;
+
+use crate::config::{BackendKind, Config};
+use crate::error::Result;
+
+/// A physical allocation, as the backend names it.
+pub type HandleId = u64;
+/// A recorded point in a stream, as the backend names it.
+pub type EventId = u64;
+
+pub trait Backend: Send + Sync {
+    /// Name for logs and reports ("cuda", "host", "sim").
+    fn name(&self) -> &'static str;
+    /// The unit of create/map sizes, offsets and addresses, in bytes.
+    fn granularity(&self, device: i32) -> Result<u64>;
+    fn device_count(&self) -> Result<i32>;
+    /// `(free_bytes, total_bytes)` of the device as its owner sees it.
+    fn mem_info(&self, device: i32) -> Result<(u64, u64)>;
+
+    fn reserve(&self, device: i32, size_bytes: u64, alignment: u64) -> Result<u64>;
+    fn unreserve(&self, device: i32, base: u64, size_bytes: u64) -> Result<()>;
+    fn create(&self, device: i32, size_bytes: u64) -> Result<HandleId>;
+    fn release(&self, device: i32, handle: HandleId) -> Result<()>;
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId, offset_bytes: u64) -> Result<()>;
+    fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()>;
+    fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()>;
+
+    /// Waits until all work queued on the device is done.
+    fn synchronize(&self, device: i32) -> Result<()>;
+    fn record_event(&self, device: i32, stream: u64) -> Result<EventId>;
+    fn event_done(&self, device: i32, event: EventId) -> Result<bool>;
+    fn destroy_event(&self, device: i32, event: EventId) -> Result<()>;
+    fn stream_wait_event(&self, device: i32, stream: u64, event: EventId) -> Result<()>;
+}
+
+/// Builds the backend that the configuration names.
+pub fn create(config: &Config) -> Result<Box<dyn Backend>> {
+    Ok(match config.backend {
+        BackendKind::Cuda => Box::new(cuda::CudaBackend::new()?),
+        BackendKind::Host => Box::new(host::HostBackend::new(config.device_count as i32, config.device_capacity.0)),
+        BackendKind::Sim => Box::new(sim::SimBackend::new(config.device_count as i32, config.device_capacity.0)),
+    })
+}

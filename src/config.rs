@@ -1,0 +1,301 @@
+//! Configuration: every option declared once in the table below (name, type,
+//! default, doc), parsed from `TESSERA_CONF="key:value,key:value"` in
+//! PyTorch's `PYTORCH_CUDA_ALLOC_CONF` syntax. The environment is read in one
+//! place ([`Config::from_env`]). Unknown keys, duplicate keys, empty or bad
+//! values are errors that name the key and the accepted values; never a
+//! silent default.
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Result};
+
+/// Environment variable holding the configuration string.
+pub const CONF_ENV: &str = "TESSERA_CONF";
+
+/// Which primitive layer runs under the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CUDA driver's virtual-memory API (libcuda loaded at run time).
+    Cuda,
+    /// Host memory: mmap reservations, memfd handles. Real bytes, for tests.
+    Host,
+    /// Simulated: granules counted, no memory behind addresses. For replay.
+    Sim,
+}
+
+/// A cap on the physical bytes tessera may hold on one device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryLimit {
+    None,
+    Bytes(u64),
+    /// A fraction of the device's total memory, in (0, 1].
+    Fraction(f64),
+}
+
+impl MemoryLimit {
+    pub fn resolve(self, total_bytes: u64) -> Option<u64> {
+        match self {
+            MemoryLimit::None => None,
+            MemoryLimit::Bytes(b) => Some(b),
+            MemoryLimit::Fraction(f) => Some((total_bytes as f64 * f) as u64),
+        }
+    }
+}
+
+/// A value type that an option can have: how it parses and what it accepts.
+pub trait OptionValue: Sized {
+    /// Human description of the accepted values, used in error messages.
+    const ACCEPTS: &'static str;
+    fn parse(text: &str) -> Option<Self>;
+}
+
+impl OptionValue for bool {
+    const ACCEPTS: &'static str = "true or false";
+    fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+impl OptionValue for BackendKind {
+    const ACCEPTS: &'static str = "cuda, host or sim";
+    fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "cuda" => Some(BackendKind::Cuda),
+            "host" => Some(BackendKind::Host),
+            "sim" => Some(BackendKind::Sim),
+            _ => None,
+        }
+    }
+}
+
+/// A byte count: a plain integer or one with a K, M, G or T suffix (binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl OptionValue for Bytes {
+    const ACCEPTS: &'static str = "a byte count such as 2097152, 64K, 2M, 8G or 1T";
+    fn parse(text: &str) -> Option<Self> {
+        let t = text.trim();
+        let (digits, shift) = match t.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+            s if s.ends_with('K') => (t[..s.len() - 1].to_string(), 10),
+            s if s.ends_with('M') => (t[..s.len() - 1].to_string(), 20),
+            s if s.ends_with('G') => (t[..s.len() - 1].to_string(), 30),
+            s if s.ends_with('T') => (t[..s.len() - 1].to_string(), 40),
+            s => (s.to_string(), 0),
+        };
+        let n: u64 = digits.trim().parse().ok()?;
+        n.checked_mul(1u64 << shift).map(Bytes)
+    }
+}
+
+impl OptionValue for MemoryLimit {
+    const ACCEPTS: &'static str =
+        "none, a fraction of device memory in (0, 1] such as 0.8, or a byte count such as 40G";
+    fn parse(text: &str) -> Option<Self> {
+        if text.eq_ignore_ascii_case("none") {
+            return Some(MemoryLimit::None);
+        }
+        if text.contains('.') {
+            let f: f64 = text.parse().ok()?;
+            return (f > 0.0 && f <= 1.0).then_some(MemoryLimit::Fraction(f));
+        }
+        Bytes::parse(text).filter(|b| b.0 > 0).map(|b| MemoryLimit::Bytes(b.0))
+    }
+}
+
+impl OptionValue for u32 {
+    const ACCEPTS: &'static str = "a non-negative integer";
+    fn parse(text: &str) -> Option<Self> {
+        text.trim().parse().ok()
+    }
+}
+
+/// One row of the options table, for documentation and `--help` output.
+#[derive(Debug)]
+pub struct OptionInfo {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub accepts: &'static str,
+    pub doc: &'static str,
+}
+
+macro_rules! options {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr ;)*) => {
+        /// The allocator's configuration. See [`OPTIONS`] for the table.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Config { $( $(#[doc = $doc])+ pub $name: $ty, )* }
+
+        impl Default for Config {
+            fn default() -> Self { Config { $( $name: $default, )* } }
+        }
+
+        /// Every option: name, default, accepted values, doc.
+        pub const OPTIONS: &[OptionInfo] = &[ $( OptionInfo {
+            name: stringify!($name),
+            default: stringify!($default),
+            accepts: <$ty as OptionValue>::ACCEPTS,
+            doc: concat!($($doc),+),
+        }, )* ];
+
+        impl Config {
+            fn set(&mut self, key: &str, value: &str) -> Result<()> {
+                match key {
+                    $( stringify!($name) => {
+                        self.$name = <$ty as OptionValue>::parse(value).ok_or_else(|| Error::Config(format!(
+                            "bad value '{value}' for key '{key}': expected {}", <$ty as OptionValue>::ACCEPTS)))?;
+                    } )*
+                    _ => {
+                        let known: Vec<&str> = OPTIONS.iter().map(|o| o.name).collect();
+                        return Err(Error::Config(format!(
+                            "unknown key '{key}'; accepted keys: {}", known.join(", "))));
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+options! {
+    /// Which backend runs under the allocator: the CUDA driver, host memory
+    /// (tests) or a simulation (trace replay).
+    backend: BackendKind = BackendKind::Cuda;
+    /// Grow arenas on demand and remap free granules under pressure (PyTorch's
+    /// name). When false, cached granules are reused only where they are
+    /// mapped and are given back only by empty_cache.
+    expandable_segments: bool = true;
+    /// The granule: the unit of physical mapping. A multiple of the backend's
+    /// granularity (2 MiB on CUDA, 4 KiB on host and sim).
+    page_size: Bytes = Bytes(2 << 20);
+    /// The largest physical handle created at once. Larger handles make
+    /// growth cheaper (one create and set-access per handle); smaller ones
+    /// let empty_cache give more back.
+    max_handle_size: Bytes = Bytes(64 << 20);
+    /// Requests of at most this size go to the small pool, packed into their
+    /// own granules so that they do not pin granules of large blocks.
+    small_size: Bytes = Bytes(1 << 20);
+    /// A cap on the physical memory held per device: bytes or a fraction of
+    /// the device's total. torch.cuda.set_per_process_memory_fraction
+    /// overrides it per device.
+    memory_limit: MemoryLimit = MemoryLimit::None;
+    /// Total memory of each simulated or host device.
+    device_capacity: Bytes = Bytes(80 << 30);
+    /// Number of devices of the host and sim backends.
+    device_count: u32 = 1;
+    /// Virtual address space reserved per arena (one small and one large
+    /// arena per device). Far larger than the device: addresses are cheap.
+    va_size: Bytes = Bytes(1 << 40);
+}
+
+impl Config {
+    /// Parses a configuration string. Empty string: all defaults.
+    pub fn parse(text: &str) -> Result<Config> {
+        let mut config = Config::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once(':').ok_or_else(|| {
+                Error::Config(format!("'{item}' is not of the form key:value"))
+            })?;
+            let (key, value) = (key.trim(), value.trim());
+            if value.is_empty() {
+                return Err(Error::Config(format!("empty value for key '{key}'")));
+            }
+            if seen.contains(&key) {
+                return Err(Error::Config(format!("duplicate key '{key}'")));
+            }
+            seen.push(key);
+            config.set(key, value)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `TESSERA_CONF` (the one place the environment is read for it).
+    pub fn from_env() -> Result<Config> {
+        match std::env::var(CONF_ENV) {
+            Ok(text) => Config::parse(&text),
+            Err(std::env::VarError::NotPresent) => Ok(Config::default()),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(Error::Config(format!("{CONF_ENV} is not valid UTF-8")))
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let g = self.page_size.0;
+        if g < 4096 || !g.is_power_of_two() {
+            return Err(Error::Config(format!(
+                "bad value '{g}' for key 'page_size': expected a power of two of at least 4K"
+            )));
+        }
+        if self.max_handle_size.0 < g {
+            return Err(Error::Config("'max_handle_size' must be at least 'page_size'".into()));
+        }
+        if self.va_size.0 < 4 * g || self.va_size.0 > 1 << 46 {
+            return Err(Error::Config("'va_size' must be between 4 granules and 64T".into()));
+        }
+        if self.device_count == 0 || self.device_count > 64 {
+            return Err(Error::Config("'device_count' must be between 1 and 64".into()));
+        }
+        Ok(())
+    }
+
+    /// The options table as text, one option a line (for `--help` and docs).
+    pub fn describe() -> String {
+        OPTIONS
+            .iter()
+            .map(|o| format!("{:<22} default {:<28} {}\n{:<22} accepts {}\n", o.name, o.default, o.doc, "", o.accepts))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_values() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        let c = Config::parse(" backend:sim , page_size:64K,memory_limit:0.5,expandable_segments:False").unwrap();
+        assert_eq!(c.backend, BackendKind::Sim);
+        assert_eq!(c.page_size, Bytes(64 << 10));
+        assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.5));
+        assert!(!c.expandable_segments);
+        let c = Config::parse("memory_limit:40G,device_capacity:2TiB").unwrap();
+        assert_eq!(c.memory_limit, MemoryLimit::Bytes(40 << 30));
+        assert_eq!(c.device_capacity, Bytes(2 << 40));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_accepted_values() {
+        let e = Config::parse("nonsense:1").unwrap_err().to_string();
+        assert!(e.contains("unknown key 'nonsense'") && e.contains("page_size"), "{e}");
+        let e = Config::parse("backend:tpu").unwrap_err().to_string();
+        assert!(e.contains("'backend'") && e.contains("cuda, host or sim"), "{e}");
+        let e = Config::parse("page_size:12x").unwrap_err().to_string();
+        assert!(e.contains("'page_size'"), "{e}");
+        let e = Config::parse("page_size:3000").unwrap_err().to_string();
+        assert!(e.contains("power of two"), "{e}");
+        let e = Config::parse("backend:sim,backend:host").unwrap_err().to_string();
+        assert!(e.contains("duplicate key 'backend'"), "{e}");
+        let e = Config::parse("backend:").unwrap_err().to_string();
+        assert!(e.contains("empty value"), "{e}");
+        let e = Config::parse("backend").unwrap_err().to_string();
+        assert!(e.contains("key:value"), "{e}");
+        let e = Config::parse("memory_limit:1.5").unwrap_err().to_string();
+        assert!(e.contains("fraction"), "{e}");
+        assert!(Config::parse("page_size:99999999999999999999T").is_err());
+    }
+
+    #[test]
+    fn options_table_lists_every_field() {
+        let text = Config::describe();
+        for name in ["backend", "expandable_segments", "page_size", "memory_limit", "va_size"] {
+            assert!(text.contains(name), "{name} missing from describe()");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Errors of the allocator. Out of memory is its own variant, distinct from
+//! driver failures and from bad input, so that callers (the C ABI, PyTorch's
+//! batch-size finders) can tell "no memory" from "something is broken".
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// The request cannot be served: the physical memory (or the configured
+    /// limit) is not there even after reclaiming every cached granule.
+    OutOfMemory(OomInfo),
+    /// The backend (CUDA driver, OS) failed for another reason.
+    Driver { call: &'static str, code: i64, message: String },
+    /// The caller passed something invalid (bad pointer, size, device...).
+    InvalidArgument(String),
+    /// The configuration (`TESSERA_CONF`) is invalid.
+    Config(String),
+}
+
+/// What the allocator knew when it ran out of memory: enough for PyTorch's
+/// wording plus tessera's own diagnosis.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OomInfo {
+    pub device: i32,
+    pub requested_bytes: u64,
+    pub total_capacity_bytes: u64,
+    pub driver_free_bytes: u64,
+    pub allocated_bytes: u64,
+    pub reserved_bytes: u64,
+    pub limit_bytes: Option<u64>,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Bytes in PyTorch's human format ("20.00 MiB").
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::OutOfMemory(o) => {
+                // PyTorch's wording first: batch-size finders match on it.
+                write!(
+                    f,
+                    "CUDA out of memory. Tried to allocate {}. GPU {} has a total capacity of {} of which {} is free. \
+                     Of the allocated memory {} is allocated by tessera, and {} is reserved by tessera but unallocated.",
+                    format_bytes(o.requested_bytes),
+                    o.device,
+                    format_bytes(o.total_capacity_bytes),
+                    format_bytes(o.driver_free_bytes),
+                    format_bytes(o.allocated_bytes),
+                    format_bytes(o.reserved_bytes.saturating_sub(o.allocated_bytes)),
+                )?;
+                if let Some(limit) = o.limit_bytes {
+                    write!(f, " tessera's memory limit is {}.", format_bytes(limit))?;
+                }
+                Ok(())
+            }
+            Error::Driver { call, code, message } => {
+                write!(f, "tessera: {call} failed with code {code}: {message}")
+            }
+            Error::InvalidArgument(m) => write!(f, "tessera: invalid argument: {m}"),
+            Error::Config(m) => write!(f, "tessera: bad TESSERA_CONF: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_message_uses_pytorch_wording() {
+        let e = Error::OutOfMemory(OomInfo {
+            device: 0,
+            requested_bytes: 20 << 20,
+            total_capacity_bytes: 80 << 30,
+            ..Default::default()
+        });
+        let s = e.to_string();
+        assert!(s.starts_with("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 80.00 GiB"), "{s}");
+    }
+
+    #[test]
+    fn bytes_format() {
+        assert_eq!(format_bytes(512), "512 bytes");
+        assert_eq!(format_bytes(1536), "1.50 KiB");
+    }
+}

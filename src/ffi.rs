@@ -1,0 +1,247 @@
+//! The C ABI (`include/tessera.h`). Every exported function catches panics,
+//! never aborts the host on bad input, and reports failures through
+//! `tessera_last_error` (a thread-local message), the log and a counter.
+//!
+//! Which symbol is which:
+//! - `tessera_malloc`: the entry point for PyTorch. On failure it throws a
+//!   C++ `std::runtime_error` (from `src/shim.cpp`) whose message starts with
+//!   "CUDA out of memory. Tried to allocate" for lack of memory; PyTorch
+//!   raises it as a Python `RuntimeError`. It never returns NULL for a
+//!   non-zero size.
+//! - `tessera_try_malloc`: the same allocation for plain C callers: NULL and
+//!   a `tessera_last_error` message on failure; no exception.
+//! - Size 0 returns NULL from both, as PyTorch's own allocator does.
+
+use crate::allocator;
+use crate::error::Error;
+use crate::stats::{self, COUNTER_COUNT, GAUGE_COUNT, TesseraStats};
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// A CUDA stream, as `cudaStream_t` (the header declares it the way CUDA does).
+#[allow(non_camel_case_types)]
+pub type cudaStream_t = *mut c_void;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `f`, turning an error or a panic into `fallback` plus a message.
+fn guarded<T>(what: &str, fallback: T, f: impl FnOnce() -> Result<T, Error>) -> T {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            match e {
+                Error::OutOfMemory(_) => tracing::info!("{what}: {text}"),
+                _ => tracing::warn!("{what}: {text}"),
+            }
+            set_last_error(&text);
+            fallback
+        }
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            let text = format!("tessera: internal error in {what}: {detail}");
+            tracing::error!("{text}");
+            set_last_error(&text);
+            fallback
+        }
+    }
+}
+
+fn check_size(size: libc::ssize_t, device: c_int) -> Result<u64, Error> {
+    // Sizes above 2^62 cannot be served by any device and would overflow rounding.
+    if size < 0 || size as u64 > 1 << 62 {
+        if let Ok(a) = allocator::global() {
+            a.count_invalid_request(device);
+        }
+        return Err(Error::InvalidArgument(format!("allocation size {size} is negative or absurd")));
+    }
+    Ok(size as u64)
+}
+
+/// Allocates `size` bytes on `device` for use on `stream`. Returns NULL on
+/// failure (message in `tessera_last_error`) and for size 0. The plain-C
+/// entry point: PyTorch must be given `tessera_malloc` instead.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_try_malloc(size: libc::ssize_t, device: c_int, stream: cudaStream_t) -> *mut c_void {
+    guarded("malloc", std::ptr::null_mut(), || {
+        let size = check_size(size, device)?;
+        if size == 0 {
+            return Ok(std::ptr::null_mut());
+        }
+        let ptr = allocator::global()?.malloc(size, device, stream as u64)?;
+        Ok(ptr as *mut c_void)
+    })
+}
+
+unsafe extern "C-unwind" {
+    /// Throws `std::runtime_error(message)` (src/shim.cpp).
+    fn tessera_throw_runtime_error(message: *const c_char) -> !;
+}
+
+/// Allocates `size` bytes on `device` for use on `stream`: the entry point
+/// to give PyTorch and LibTorch. On failure it throws a C++
+/// `std::runtime_error` whose message starts with "CUDA out of memory.
+/// Tried to allocate" when memory is short (PyTorch raises it as a Python
+/// RuntimeError); it never returns NULL for a non-zero size. Size 0 returns
+/// NULL, as PyTorch's own allocator does. C callers: use tessera_try_malloc.
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn tessera_malloc(size: libc::ssize_t, device: c_int, stream: cudaStream_t) -> *mut c_void {
+    let ptr = tessera_try_malloc(size, device, stream);
+    if ptr.is_null() && size != 0 {
+        // SAFETY: the message is a valid C string owned by this thread; the
+        // exception unwinds through this frame only, which owns nothing.
+        unsafe { tessera_throw_runtime_error(tessera_last_error()) }
+    }
+    ptr
+}
+
+/// Frees `ptr`, allocated with `size` bytes on `device` and `stream`, as
+/// PyTorch passes them. A NULL pointer is ignored. A pointer tessera does
+/// not own (or a double free) is reported and counted, never a crash.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_free(ptr: *mut c_void, size: libc::ssize_t, device: c_int, stream: cudaStream_t) {
+    guarded("free", (), || {
+        if ptr.is_null() {
+            return Ok(());
+        }
+        let size = u64::try_from(size).ok();
+        allocator::global()?.free(ptr as u64, size, device, Some(stream as u64))
+    })
+}
+
+/// Gives every cached granule back to the driver (torch.cuda.empty_cache).
+/// Live allocations are untouched.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_empty_cache() {
+    guarded("empty_cache", (), || allocator::global()?.empty_cache())
+}
+
+/// Marks `ptr` as used on `stream` as well (Tensor.record_stream): its
+/// memory is not reused until `stream` has passed the point of its free.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_record_stream(ptr: *mut c_void, stream: cudaStream_t) {
+    guarded("record_stream", (), || allocator::global()?.record_stream(ptr as u64, stream as u64))
+}
+
+/// PyTorch's init hook: builds the allocator now so that a bad
+/// configuration is reported early (in the log and `tessera_last_error`).
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_init(device_count: c_int) {
+    guarded("init", (), || {
+        let a = allocator::global()?;
+        if device_count != a.device_count() {
+            tracing::warn!("PyTorch sees {device_count} devices, tessera {}", a.device_count());
+        }
+        Ok(())
+    })
+}
+
+/// Caps the physical memory tessera holds on `device` at `fraction` of its
+/// total (torch.cuda.set_per_process_memory_fraction).
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_set_memory_fraction(fraction: f64, device: c_int) {
+    guarded("set_memory_fraction", (), || allocator::global()?.set_memory_fraction(fraction, device))
+}
+
+/// Sets the configuration (the `TESSERA_CONF` syntax), in place of the
+/// environment, before the first allocation. Returns 0, or -1 with a message
+/// naming the bad key or value.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_configure(conf: *const c_char) -> i32 {
+    guarded("configure", -1, || {
+        if conf.is_null() {
+            return Err(Error::InvalidArgument("configuration string is NULL".into()));
+        }
+        // SAFETY: the caller passes a NUL-terminated string (checked non-null above).
+        let text = unsafe { CStr::from_ptr(conf) }
+            .to_str()
+            .map_err(|_| Error::Config("configuration is not UTF-8".into()))?;
+        allocator::configure(text)?;
+        Ok(0)
+    })
+}
+
+/// Checks the configuration that is (or will be) in force, and that the
+/// backend can start. Returns 0, or -1 with a message.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_check_config() -> i32 {
+    guarded("check_config", -1, || allocator::active_config().map(|_| 0))
+}
+
+/// Copies the statistics of `device` into `*out`. Returns 0, or -1 with a
+/// message (bad device, NULL `out`).
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_get_stats(device: c_int, out: *mut TesseraStats) -> i32 {
+    guarded("get_stats", -1, || {
+        if out.is_null() {
+            return Err(Error::InvalidArgument("stats output pointer is NULL".into()));
+        }
+        let s = allocator::global()?.stats(device)?;
+        // SAFETY: out is non-null and points to a TesseraStats (caller's contract).
+        unsafe { out.write(s) };
+        Ok(0)
+    })
+}
+
+/// Resets the peaks of `device` to the current values. Returns 0 or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_reset_peak_stats(device: c_int) -> i32 {
+    guarded("reset_peak_stats", -1, || allocator::global()?.reset_peak_stats(device).map(|_| 0))
+}
+
+/// Number of entries of `TesseraStats.gauges`.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_gauge_count() -> i32 {
+    GAUGE_COUNT as i32
+}
+
+/// Number of entries of `TesseraStats.counters`.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_counter_count() -> i32 {
+    COUNTER_COUNT as i32
+}
+
+fn c_names(names: &'static [String]) -> Vec<CString> {
+    names.iter().map(|n| CString::new(n.as_str()).unwrap_or_default()).collect()
+}
+
+/// Name of gauge `i` in snake_case ("allocated_bytes"), or NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_gauge_name(i: i32) -> *const c_char {
+    static NAMES: std::sync::OnceLock<Vec<CString>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| c_names(stats::gauge_names()));
+    usize::try_from(i).ok().and_then(|i| names.get(i)).map_or(std::ptr::null(), |n| n.as_ptr())
+}
+
+/// Name of counter `i` in snake_case ("cache_hits"), or NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_counter_name(i: i32) -> *const c_char {
+    static NAMES: std::sync::OnceLock<Vec<CString>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| c_names(stats::counter_names()));
+    usize::try_from(i).ok().and_then(|i| names.get(i)).map_or(std::ptr::null(), |n| n.as_ptr())
+}
+
+/// The last error message of this thread ("" if none). Valid until the next
+/// tessera call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The library's version ("0.1.0").
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}

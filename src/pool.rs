@@ -1,0 +1,980 @@
+//! The policy layer for one device: blocks, best fit, split and coalesce,
+//! streams, growth, reclamation and all the counting. It calls the backend
+//! for primitives only and never asks which backend it runs on. Bookkeeping
+//! lives out of band, in slabs indexed by integers; nothing is written into
+//! device memory.
+//!
+//! Invariants (checked by [`DevicePool::check_invariants`] after every
+//! operation in tests):
+//! - Each arena is covered exactly, in address order, by the chain of its
+//!   blocks (`prev`/`next`); no gaps, no overlap.
+//! - Holes start and end on granule boundaries; no two holes are adjacent;
+//!   no two cached blocks of the same stream are adjacent.
+//! - A granule is mapped iff some allocated, cached or pending block
+//!   overlaps it (equivalently: iff it lies outside every hole).
+//! - Every physical granule of a live handle is either mapped (in
+//!   `mapped`) or free (in `free_granules`), never both.
+//! - The index sets hold exactly the blocks of their state; the gauges equal
+//!   a recount.
+#![forbid(unsafe_code)]
+
+use crate::backend::{Backend, EventId};
+use crate::error::{Error, OomInfo, Result};
+use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// Smallest block, and the rounding of every request (as PyTorch's).
+pub const MIN_BLOCK_BYTES: u64 = 512;
+
+type BlockId = u32;
+type HandleIdx = u32;
+const NIL: BlockId = u32::MAX;
+
+/// Which arena a request goes to: small requests are packed together so
+/// that they pin few granules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ArenaKind {
+    Small = 0,
+    Large = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Handed out to a caller.
+    Allocated,
+    /// Free and mapped; reusable at once on `stream`.
+    Cached,
+    /// Free, waiting for events on other streams (record_stream).
+    Pending,
+    /// Free and unmapped: address space only.
+    Hole,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    addr: u64,
+    size: u64,
+    arena: ArenaKind,
+    state: State,
+    /// Allocated: the stream it was allocated on. Cached/Pending: the stream
+    /// that may reuse it at once. Holes: 0.
+    stream: u64,
+    /// Bytes the caller asked for (Allocated only).
+    requested: u64,
+    /// Address neighbours in the arena's chain, or NIL at the arena's ends.
+    prev: BlockId,
+    next: BlockId,
+    /// Streams other than `stream` that used the block (record_stream).
+    stream_uses: Vec<u64>,
+}
+
+/// One physical handle: `granules` granules, `mapped_granules` of them mapped.
+#[derive(Debug, Clone)]
+struct Handle {
+    backend_id: u64,
+    granules: u32,
+    mapped_granules: u32,
+}
+
+#[derive(Debug)]
+struct Arena {
+    base: u64,
+    size: u64,
+    /// First block of the chain (lowest address).
+    head: BlockId,
+}
+
+/// A block freed while other streams may still use it.
+#[derive(Debug)]
+struct PendingFree {
+    block: BlockId,
+    events: Vec<EventId>,
+}
+
+/// Settings of one pool, resolved from the configuration and the backend.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub granule_bytes: u64,
+    pub max_handle_bytes: u64,
+    pub small_size_bytes: u64,
+    pub va_size_bytes: u64,
+    pub expandable: bool,
+    pub limit_bytes: Option<u64>,
+}
+
+/// A read-only picture of one block, for snapshots and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockView {
+    pub addr: u64,
+    pub size: u64,
+    pub arena: ArenaKind,
+    pub state: &'static str,
+    pub stream: u64,
+    pub requested: u64,
+}
+
+pub struct DevicePool {
+    device: i32,
+    backend: Arc<dyn Backend>,
+    settings: PoolSettings,
+    arenas: Vec<Arena>,
+    /// Slab of blocks; `free_slots` lists unused indices.
+    blocks: Vec<Block>,
+    free_slots: Vec<BlockId>,
+    /// Allocated and pending blocks by address.
+    live: HashMap<u64, BlockId>,
+    /// Cached blocks by (arena, stream, size, addr): best fit per stream.
+    cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
+    /// Cached blocks by (arena, size, addr): best fit across streams.
+    cached_by_size: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
+    /// Holes by (arena, size, addr).
+    holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
+    /// Slab of physical handles (None: released slot).
+    handles: Vec<Option<Handle>>,
+    /// Unmapped granules of live handles: (handle, granule index in handle).
+    free_granules: BTreeSet<(HandleIdx, u32)>,
+    /// Mapped granules: granule address -> (handle, granule index in handle).
+    mapped: HashMap<u64, (HandleIdx, u32)>,
+    pending: Vec<PendingFree>,
+    stats: TesseraStats,
+    total_bytes: u64,
+}
+
+fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+/// PyTorch's rounding: at least 512 bytes, a multiple of 512.
+pub fn round_size(size: u64) -> u64 {
+    round_up(size.max(1), MIN_BLOCK_BYTES)
+}
+
+impl DevicePool {
+    /// Reserves the arenas of `device`. Fails on a bad device or when the
+    /// backend cannot reserve address space.
+    pub fn new(device: i32, backend: Arc<dyn Backend>, mut settings: PoolSettings) -> Result<Self> {
+        let backend_granule = backend.granularity(device)?;
+        if settings.granule_bytes % backend_granule != 0 {
+            return Err(Error::Config(format!(
+                "page_size {} is not a multiple of the {} backend's granularity {}",
+                settings.granule_bytes,
+                backend.name(),
+                backend_granule
+            )));
+        }
+        let g = settings.granule_bytes;
+        settings.max_handle_bytes = settings.max_handle_bytes / g * g;
+        settings.va_size_bytes = round_up(settings.va_size_bytes, g);
+        let (_, total_bytes) = backend.mem_info(device)?;
+        let mut pool = DevicePool {
+            device,
+            backend,
+            arenas: Vec::new(),
+            blocks: Vec::new(),
+            free_slots: Vec::new(),
+            live: HashMap::new(),
+            cached_by_stream: BTreeSet::new(),
+            cached_by_size: BTreeSet::new(),
+            holes: BTreeSet::new(),
+            handles: Vec::new(),
+            free_granules: BTreeSet::new(),
+            mapped: HashMap::new(),
+            pending: Vec::new(),
+            stats: TesseraStats::default(),
+            total_bytes,
+            settings,
+        };
+        for kind in [ArenaKind::Small, ArenaKind::Large] {
+            let size = match kind {
+                ArenaKind::Small => round_up(pool.settings.va_size_bytes / 4, g),
+                ArenaKind::Large => pool.settings.va_size_bytes,
+            };
+            let base = pool.backend.reserve(device, size, g)?;
+            let id = pool.new_block(Block {
+                addr: base,
+                size,
+                arena: kind,
+                state: State::Hole,
+                stream: 0,
+                requested: 0,
+                prev: NIL,
+                next: NIL,
+                stream_uses: Vec::new(),
+            });
+            pool.holes.insert((kind, size, base, id));
+            pool.arenas.push(Arena { base, size, head: id });
+        }
+        Ok(pool)
+    }
+
+    pub fn device(&self) -> i32 {
+        self.device
+    }
+
+    pub fn stats(&self) -> TesseraStats {
+        self.stats
+    }
+
+    pub fn stats_mut(&mut self) -> &mut TesseraStats {
+        &mut self.stats
+    }
+
+    pub fn set_limit(&mut self, limit_bytes: Option<u64>) {
+        self.settings.limit_bytes = limit_bytes;
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    // ----- slab -------------------------------------------------------------
+
+    fn new_block(&mut self, b: Block) -> BlockId {
+        if let Some(id) = self.free_slots.pop() {
+            self.blocks[id as usize] = b;
+            id
+        } else {
+            self.blocks.push(b);
+            (self.blocks.len() - 1) as BlockId
+        }
+    }
+
+    fn drop_block(&mut self, id: BlockId) {
+        self.blocks[id as usize].stream_uses = Vec::new();
+        self.free_slots.push(id);
+    }
+
+    fn b(&self, id: BlockId) -> &Block {
+        &self.blocks[id as usize]
+    }
+
+    fn bm(&mut self, id: BlockId) -> &mut Block {
+        &mut self.blocks[id as usize]
+    }
+
+    // ----- index sets -------------------------------------------------------
+
+    /// Removes a free block (cached or hole) from its index sets.
+    fn unindex(&mut self, id: BlockId) {
+        let b = &self.blocks[id as usize];
+        match b.state {
+            State::Cached => {
+                self.cached_by_stream.remove(&(b.arena, b.stream, b.size, b.addr, id));
+                self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
+                self.stats.gauge_mut(G::CachedBytes).sub(b.size as i64);
+            }
+            State::Hole => {
+                self.holes.remove(&(b.arena, b.size, b.addr, id));
+            }
+            State::Allocated | State::Pending => {}
+        }
+    }
+
+    fn index(&mut self, id: BlockId) {
+        let b = &self.blocks[id as usize];
+        match b.state {
+            State::Cached => {
+                self.cached_by_stream.insert((b.arena, b.stream, b.size, b.addr, id));
+                self.cached_by_size.insert((b.arena, b.size, b.addr, id));
+                self.stats.gauge_mut(G::CachedBytes).add(b.size as i64);
+            }
+            State::Hole => {
+                self.holes.insert((b.arena, b.size, b.addr, id));
+            }
+            State::Allocated | State::Pending => {}
+        }
+    }
+
+    /// Splits `size` bytes off the front of unindexed block `id`; returns the
+    /// remainder, a new block of the same state, also unindexed.
+    fn split_front(&mut self, id: BlockId, size: u64) -> BlockId {
+        let b = self.b(id).clone();
+        debug_assert!(size < b.size);
+        let rest = self.new_block(Block {
+            addr: b.addr + size,
+            size: b.size - size,
+            arena: b.arena,
+            state: b.state,
+            stream: b.stream,
+            requested: 0,
+            prev: id,
+            next: b.next,
+            stream_uses: Vec::new(),
+        });
+        if b.next != NIL {
+            self.bm(b.next).prev = rest;
+        }
+        let blk = self.bm(id);
+        blk.next = rest;
+        blk.size = size;
+        rest
+    }
+
+    fn mergeable(&self, a: BlockId, b: BlockId) -> bool {
+        let (x, y) = (self.b(a), self.b(b));
+        match (x.state, y.state) {
+            (State::Hole, State::Hole) => true,
+            (State::Cached, State::Cached) => x.stream == y.stream,
+            _ => false,
+        }
+    }
+
+    /// Merges unindexed free block `id` with mergeable neighbours, indexes
+    /// the result and returns it.
+    fn coalesce_and_index(&mut self, mut id: BlockId) -> BlockId {
+        let prev = self.b(id).prev;
+        if prev != NIL && self.mergeable(prev, id) {
+            self.unindex(prev);
+            self.absorb_next(prev);
+            id = prev;
+        }
+        let next = self.b(id).next;
+        if next != NIL && self.mergeable(id, next) {
+            self.unindex(next);
+            self.absorb_next(id);
+        }
+        self.index(id);
+        id
+    }
+
+    /// Block `id` swallows its next neighbour (both unindexed).
+    fn absorb_next(&mut self, id: BlockId) {
+        let next = self.b(id).next;
+        let (nsize, nnext) = (self.b(next).size, self.b(next).next);
+        self.bm(id).size += nsize;
+        self.bm(id).next = nnext;
+        if nnext != NIL {
+            self.bm(nnext).prev = id;
+        }
+        self.drop_block(next);
+    }
+
+    fn arena_of(&self, size: u64) -> ArenaKind {
+        if size <= self.settings.small_size_bytes { ArenaKind::Small } else { ArenaKind::Large }
+    }
+
+    // ----- allocate ---------------------------------------------------------
+
+    /// Allocates `size` bytes for `stream`. Size 0 is the caller's business
+    /// (the C ABI returns NULL for it, as PyTorch's own allocator does).
+    pub fn malloc(&mut self, size: u64, stream: u64) -> Result<u64> {
+        if !self.pending.is_empty() {
+            self.process_pending()?;
+        }
+        let rounded = round_size(size);
+        let arena = self.arena_of(rounded);
+        if let Some(id) = self.find_cached(arena, stream, rounded) {
+            self.stats.bump(C::CacheHits, 1);
+            return Ok(self.hand_out(id, rounded, size, stream));
+        }
+        self.stats.bump(C::CacheMisses, 1);
+        match self.grow(arena, rounded, stream) {
+            Ok(id) => return Ok(self.hand_out(id, rounded, size, stream)),
+            Err(Error::OutOfMemory(_)) => {}
+            Err(e) => return Err(self.driver_error(e)),
+        }
+        // Under pressure: memory cached for other streams, then reclaimed
+        // granules, then whatever the driver gives back after a full release.
+        self.stats.bump(C::AllocRetries, 1);
+        if let Some(id) = self.find_cached_other_stream(arena, rounded, stream)? {
+            return Ok(self.hand_out(id, rounded, size, stream));
+        }
+        let need = round_up(rounded, self.settings.granule_bytes) / self.settings.granule_bytes;
+        if self.settings.expandable {
+            self.reclaim(need)?;
+        } else {
+            self.release_cached()?;
+        }
+        match self.grow(arena, rounded, stream) {
+            Ok(id) => Ok(self.hand_out(id, rounded, size, stream)),
+            Err(Error::OutOfMemory(_)) => {
+                self.stats.bump(C::Ooms, 1);
+                Err(Error::OutOfMemory(self.oom_info(size)))
+            }
+            Err(e) => Err(self.driver_error(e)),
+        }
+    }
+
+    fn driver_error(&mut self, e: Error) -> Error {
+        if matches!(e, Error::Driver { .. }) {
+            self.stats.bump(C::DriverErrors, 1);
+        }
+        e
+    }
+
+    pub fn oom_info(&self, requested_bytes: u64) -> OomInfo {
+        let (free, total) = self.backend.mem_info(self.device).unwrap_or((0, self.total_bytes));
+        OomInfo {
+            device: self.device,
+            requested_bytes,
+            total_capacity_bytes: total,
+            driver_free_bytes: free,
+            allocated_bytes: self.stats.gauge(G::AllocatedBytes).current as u64,
+            reserved_bytes: self.stats.gauge(G::ReservedBytes).current as u64,
+            limit_bytes: self.settings.limit_bytes,
+        }
+    }
+
+    fn find_cached(&mut self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<BlockId> {
+        let &(_, _, _, _, id) = self
+            .cached_by_stream
+            .range((arena, stream, rounded, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL))
+            .next()?;
+        self.unindex(id);
+        Some(id)
+    }
+
+    /// Best fit among blocks cached for other streams. The allocating stream
+    /// waits (on the device, not the host) for the freeing stream to pass
+    /// the point of the free, so the block is safe to reuse in stream order.
+    fn find_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
+        let Some(&(_, _, _, id)) = self
+            .cached_by_size
+            .range((arena, rounded, 0, 0)..)
+            .find(|&&(a, _, _, id)| a == arena && self.b(id).stream != stream)
+        else {
+            return Ok(None);
+        };
+        let from = self.b(id).stream;
+        let event = self.backend.record_event(self.device, from)?;
+        let waited = self.backend.stream_wait_event(self.device, stream, event);
+        self.backend.destroy_event(self.device, event)?;
+        waited?;
+        self.unindex(id);
+        self.bm(id).stream = stream;
+        self.stats.bump(C::CrossStreamReuses, 1);
+        Ok(Some(id))
+    }
+
+    /// Turns unindexed free block `id` (cached, at least `rounded` bytes)
+    /// into an allocated block, splitting off the rest.
+    fn hand_out(&mut self, id: BlockId, rounded: u64, requested: u64, stream: u64) -> u64 {
+        let b = self.bm(id);
+        b.state = State::Allocated;
+        b.stream = stream;
+        b.requested = requested;
+        if b.size - rounded >= MIN_BLOCK_BYTES {
+            // The rest may touch a block cached for the same stream when `id`
+            // came from another stream: merge, not just index.
+            let rest = self.split_front(id, rounded);
+            self.bm(rest).state = State::Cached;
+            self.bm(rest).requested = 0;
+            self.coalesce_and_index(rest);
+        }
+        let (addr, size) = (self.b(id).addr, self.b(id).size);
+        self.live.insert(addr, id);
+        self.stats.gauge_mut(G::AllocatedBytes).add(size as i64);
+        self.stats.gauge_mut(G::RequestedBytes).add(requested as i64);
+        self.stats.gauge_mut(G::ActiveBlocks).add(1);
+        addr
+    }
+
+    /// Maps new granules for a request that no cached block serves and
+    /// returns an unindexed cached block of at least `rounded` bytes.
+    ///
+    /// Placement: a cached block of the same stream that ends where a hole
+    /// begins is extended into the hole when that needs fewer new granules
+    /// than a fresh range (the expandable-segment case); otherwise the best
+    /// fitting hole takes a fresh range.
+    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<BlockId> {
+        let g = self.settings.granule_bytes;
+        let fresh_granules = round_up(rounded, g) / g;
+        let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
+        if self.settings.expandable {
+            for &(_, _, size, _, id) in
+                self.cached_by_stream.range((arena, stream, 0, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL))
+            {
+                let next = self.b(id).next;
+                if next == NIL || self.b(next).state != State::Hole {
+                    continue;
+                }
+                let new = round_up(rounded - size, g) / g;
+                if new * g <= self.b(next).size && new < best.map_or(fresh_granules, |b| b.0) {
+                    best = Some((new, id));
+                }
+            }
+        }
+        let (start_block, hole, new_granules) = match best {
+            Some((new, id)) => (Some(id), self.b(id).next, new),
+            None => {
+                let &(_, _, _, hole) = self
+                    .holes
+                    .range((arena, fresh_granules * g, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL))
+                    .next()
+                    .ok_or_else(|| Error::OutOfMemory(OomInfo::default()))?;
+                (None, hole, fresh_granules)
+            }
+        };
+        let va = self.b(hole).addr;
+        self.map_granules(va, new_granules)?;
+        // The hole's front is now mapped: carve it off as a cached block.
+        self.unindex(hole);
+        let mapped_bytes = new_granules * g;
+        if self.b(hole).size > mapped_bytes {
+            let rest = self.split_front(hole, mapped_bytes);
+            self.index(rest);
+        }
+        self.bm(hole).state = State::Cached;
+        self.bm(hole).stream = stream;
+        let id = match start_block {
+            Some(cached) => {
+                self.unindex(cached);
+                self.absorb_next(cached);
+                cached
+            }
+            None => hole,
+        };
+        // Merge with a following cached block of the same stream, but keep it
+        // unindexed for the caller.
+        let next = self.b(id).next;
+        if next != NIL && self.mergeable(id, next) {
+            self.unindex(next);
+            self.absorb_next(id);
+        }
+        Ok(id)
+    }
+
+    /// Backs `count` granules starting at `va` (all unmapped, inside one
+    /// hole) with physical memory: free granules first, then new handles.
+    fn map_granules(&mut self, va: u64, count: u64) -> Result<()> {
+        let g = self.settings.granule_bytes;
+        let have = self.free_granules.len() as u64;
+        if have < count {
+            self.create_handles(count - have)?;
+        }
+        let mut done = 0;
+        let result = (|| {
+            while done < count {
+                let (h, k) = self.free_granules.pop_first().expect("counted above");
+                let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
+                let at = va + done * g;
+                if let Err(e) = self.backend.map(self.device, at, g, backend_id, k as u64 * g) {
+                    self.free_granules.insert((h, k));
+                    return Err(e);
+                }
+                self.stats.bump(C::DriverMapCalls, 1);
+                self.handles[h as usize].as_mut().expect("live handle").mapped_granules += 1;
+                self.mapped.insert(at, (h, k));
+                self.stats.gauge_mut(G::MappedBytes).add(g as i64);
+                done += 1;
+            }
+            self.backend.set_access(self.device, va, count * g)
+        })();
+        if let Err(e) = result {
+            // Leave no half-mapped range behind: the hole stays a hole.
+            self.unmap_range(va, done)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn physical_bytes(&self) -> u64 {
+        self.stats.gauge(G::ReservedBytes).current as u64
+    }
+
+    /// Creates handles for `granules` more granules, within the limit.
+    fn create_handles(&mut self, granules: u64) -> Result<()> {
+        let g = self.settings.granule_bytes;
+        if let Some(limit) = self.settings.limit_bytes {
+            if self.physical_bytes() + granules * g > limit {
+                return Err(Error::OutOfMemory(OomInfo::default()));
+            }
+        }
+        let per_handle = (self.settings.max_handle_bytes / g).max(1);
+        let mut left = granules;
+        while left > 0 {
+            let n = left.min(per_handle);
+            let backend_id = self.backend.create(self.device, n * g)?;
+            self.stats.bump(C::DriverCreateCalls, 1);
+            self.stats.gauge_mut(G::ReservedBytes).add((n * g) as i64);
+            self.stats.gauge_mut(G::Handles).add(1);
+            let h = Handle { backend_id, granules: n as u32, mapped_granules: 0 };
+            let idx = match self.handles.iter().position(Option::is_none) {
+                Some(i) => {
+                    self.handles[i] = Some(h);
+                    i
+                }
+                None => {
+                    self.handles.push(Some(h));
+                    self.handles.len() - 1
+                }
+            } as HandleIdx;
+            for k in 0..n as u32 {
+                self.free_granules.insert((idx, k));
+            }
+            left -= n;
+        }
+        Ok(())
+    }
+
+    /// Unmaps `count` mapped granules from `va` in one backend call and
+    /// returns their physical granules to the free set.
+    fn unmap_range(&mut self, va: u64, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let g = self.settings.granule_bytes;
+        self.backend.unmap(self.device, va, count * g)?;
+        self.stats.bump(C::DriverUnmapCalls, 1);
+        for i in 0..count {
+            let (h, k) = self.mapped.remove(&(va + i * g)).expect("granule was mapped");
+            self.handles[h as usize].as_mut().expect("live handle").mapped_granules -= 1;
+            self.free_granules.insert((h, k));
+        }
+        self.stats.gauge_mut(G::MappedBytes).sub((count * g) as i64);
+        Ok(())
+    }
+
+    /// Unmaps the granules that lie wholly inside cached block `id` (which
+    /// is unindexed), turning them into a hole; the block's head and tail
+    /// stay cached. Returns the granules freed.
+    fn unmap_cached_interior(&mut self, id: BlockId) -> Result<u64> {
+        let g = self.settings.granule_bytes;
+        let b = self.b(id).clone();
+        let base = self.arenas[b.arena as usize].base;
+        let lo = base + round_up(b.addr - base, g);
+        let hi = base + (b.addr + b.size - base) / g * g;
+        if hi <= lo {
+            self.index(id);
+            return Ok(0);
+        }
+        let count = (hi - lo) / g;
+        if let Err(e) = self.unmap_range(lo, count) {
+            self.index(id);
+            return Err(e);
+        }
+        self.stats.bump(C::ReclaimedGranules, count);
+        // Carve [lo, hi) out as a hole.
+        let mut mid = id;
+        if lo > b.addr {
+            mid = self.split_front(id, lo - b.addr);
+            self.index(id);
+        }
+        if hi < b.addr + b.size {
+            let tail = self.split_front(mid, hi - lo);
+            self.index(tail);
+        }
+        self.bm(mid).state = State::Hole;
+        self.bm(mid).stream = 0;
+        self.coalesce_and_index(mid);
+        Ok(count)
+    }
+
+    /// Under pressure: makes at least `need` granules free by unmapping
+    /// cached granules, largest blocks first, after the device is done with
+    /// them. Stops early when enough are free.
+    fn reclaim(&mut self, need: u64) -> Result<()> {
+        if (self.free_granules.len() as u64) >= need || self.cached_by_size.is_empty() {
+            return Ok(());
+        }
+        self.backend.synchronize(self.device)?;
+        self.process_pending()?;
+        let mut order: Vec<(u64, BlockId)> = self.cached_by_size.iter().map(|&(_, s, _, id)| (s, id)).collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, id) in order {
+            if self.free_granules.len() as u64 >= need {
+                break;
+            }
+            // An earlier unmap may have merged this block away.
+            if self.b(id).state != State::Cached || !self.cached_by_size.contains(&(self.b(id).arena, self.b(id).size, self.b(id).addr, id)) {
+                continue;
+            }
+            self.unindex(id);
+            self.unmap_cached_interior(id)?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps every cached granule and releases every handle with nothing
+    /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
+    pub fn release_cached(&mut self) -> Result<()> {
+        self.backend.synchronize(self.device)?;
+        self.process_pending()?;
+        let ids: Vec<BlockId> = self.cached_by_size.iter().map(|&(_, _, _, id)| id).collect();
+        for id in ids {
+            if self.b(id).state == State::Cached
+                && self.cached_by_size.contains(&(self.b(id).arena, self.b(id).size, self.b(id).addr, id))
+            {
+                self.unindex(id);
+                self.unmap_cached_interior(id)?;
+            }
+        }
+        for h in 0..self.handles.len() {
+            let Some(handle) = self.handles[h].as_ref() else { continue };
+            if handle.mapped_granules != 0 {
+                continue;
+            }
+            let (backend_id, granules) = (handle.backend_id, handle.granules);
+            self.backend.release(self.device, backend_id)?;
+            self.stats.bump(C::DriverReleaseCalls, 1);
+            for k in 0..granules {
+                self.free_granules.remove(&(h as HandleIdx, k));
+            }
+            self.handles[h] = None;
+            self.stats.gauge_mut(G::ReservedBytes).sub((granules as u64 * self.settings.granule_bytes) as i64);
+            self.stats.gauge_mut(G::Handles).sub(1);
+        }
+        Ok(())
+    }
+
+    pub fn empty_cache(&mut self) -> Result<()> {
+        self.stats.bump(C::EmptyCacheCalls, 1);
+        self.release_cached()
+    }
+
+    // ----- free -------------------------------------------------------------
+
+    /// Whether `addr` is a live allocation of this pool.
+    pub fn owns(&self, addr: u64) -> bool {
+        self.live.get(&addr).is_some_and(|&id| self.b(id).state == State::Allocated)
+    }
+
+    /// Frees the allocation at `addr`. `size` and `stream` are what the
+    /// caller believes; a mismatch is counted and reported, and the block's
+    /// own values win.
+    pub fn free(&mut self, addr: u64, size: Option<u64>, stream: Option<u64>) -> Result<()> {
+        let id = match self.live.get(&addr) {
+            Some(&id) if self.b(id).state == State::Allocated => id,
+            _ => {
+                self.stats.bump(C::InvalidFrees, 1);
+                return Err(Error::InvalidArgument(format!(
+                    "free of {addr:#x}, which is not a live tessera allocation on device {} \
+                     (never allocated by tessera, or freed twice)",
+                    self.device
+                )));
+            }
+        };
+        self.live.remove(&addr);
+        let b = self.b(id).clone();
+        let mismatch = size.is_some_and(|s| s != b.requested && s != b.size) || stream.is_some_and(|s| s != b.stream);
+        self.stats.gauge_mut(G::AllocatedBytes).sub(b.size as i64);
+        self.stats.gauge_mut(G::RequestedBytes).sub(b.requested as i64);
+        self.stats.gauge_mut(G::ActiveBlocks).sub(1);
+        self.bm(id).requested = 0;
+        let uses = std::mem::take(&mut self.bm(id).stream_uses);
+        if uses.is_empty() {
+            self.bm(id).state = State::Cached;
+            self.coalesce_and_index(id);
+        } else {
+            let mut events = Vec::with_capacity(uses.len());
+            for s in uses {
+                match self.backend.record_event(self.device, s) {
+                    Ok(e) => events.push(e),
+                    Err(e) => {
+                        // Without an event the device may still use the
+                        // block: wait for it instead of risking reuse.
+                        self.stats.bump(C::DriverErrors, 1);
+                        for ev in events.drain(..) {
+                            let _ = self.backend.destroy_event(self.device, ev);
+                        }
+                        self.backend.synchronize(self.device)?;
+                        tracing::warn!("record_event failed ({e}); synchronized instead");
+                        break;
+                    }
+                }
+            }
+            if events.is_empty() {
+                self.bm(id).state = State::Cached;
+                self.coalesce_and_index(id);
+            } else {
+                self.bm(id).state = State::Pending;
+                self.live.insert(addr, id);
+                self.stats.gauge_mut(G::PendingFreeBlocks).add(1);
+                self.pending.push(PendingFree { block: id, events });
+            }
+        }
+        if mismatch {
+            self.stats.bump(C::MismatchedFrees, 1);
+            return Err(Error::InvalidArgument(format!(
+                "free of {addr:#x} with size {size:?} / stream {stream:?}, but it was allocated with \
+                 size {} on stream {:#x}; freed it as allocated",
+                b.requested, b.stream
+            )));
+        }
+        Ok(())
+    }
+
+    /// Marks the allocation at `addr` as used by `stream` too: its memory is
+    /// not reused until `stream` passes the point of the free.
+    pub fn record_stream(&mut self, addr: u64, stream: u64) -> Result<()> {
+        let id = match self.live.get(&addr) {
+            Some(&id) if self.b(id).state == State::Allocated => id,
+            _ => {
+                self.stats.bump(C::InvalidRequests, 1);
+                return Err(Error::InvalidArgument(format!("record_stream on {addr:#x}, which is not a live allocation")));
+            }
+        };
+        let b = self.bm(id);
+        if stream != b.stream && !b.stream_uses.contains(&stream) {
+            b.stream_uses.push(stream);
+        }
+        Ok(())
+    }
+
+    /// Moves pending frees whose events all completed to the cache.
+    fn process_pending(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let mut done = true;
+            for &e in &self.pending[i].events {
+                if !self.backend.event_done(self.device, e)? {
+                    done = false;
+                    break;
+                }
+            }
+            if !done {
+                i += 1;
+                continue;
+            }
+            let p = self.pending.swap_remove(i);
+            for e in p.events {
+                self.backend.destroy_event(self.device, e)?;
+            }
+            let addr = self.b(p.block).addr;
+            self.live.remove(&addr);
+            self.bm(p.block).state = State::Cached;
+            self.stats.gauge_mut(G::PendingFreeBlocks).sub(1);
+            self.coalesce_and_index(p.block);
+        }
+        Ok(())
+    }
+
+    // ----- views and checks -------------------------------------------------
+
+    /// Every block of every arena in address order, holes excluded.
+    pub fn blocks(&self) -> Vec<BlockView> {
+        let mut out = Vec::new();
+        for arena in &self.arenas {
+            let mut id = arena.head;
+            while id != NIL {
+                let b = self.b(id);
+                let state = match b.state {
+                    State::Allocated => "active_allocated",
+                    State::Cached => "inactive",
+                    State::Pending => "active_pending_free",
+                    State::Hole => "hole",
+                };
+                if b.state != State::Hole {
+                    out.push(BlockView {
+                        addr: b.addr,
+                        size: b.size,
+                        arena: b.arena,
+                        state,
+                        stream: b.stream,
+                        requested: b.requested,
+                    });
+                }
+                id = b.next;
+            }
+        }
+        out
+    }
+
+    /// Size of the largest cached block, in bytes.
+    pub fn largest_cached_bytes(&self) -> u64 {
+        self.cached_by_size.iter().map(|k| k.1).max().unwrap_or(0)
+    }
+
+    /// Checks every invariant of the module doc; panics with a description
+    /// of the first one broken. For tests and fuzzers.
+    pub fn check_invariants(&self) {
+        let g = self.settings.granule_bytes;
+        let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
+        let mut chain_blocks = 0usize;
+        let mut mapped_seen = 0usize;
+        let mut used_granules = 0u64;
+        for arena in &self.arenas {
+            let mut id = arena.head;
+            let mut expect_addr = arena.base;
+            let mut prev = NIL;
+            let mut last_counted: Option<u64> = None;
+            while id != NIL {
+                let b = self.b(id);
+                chain_blocks += 1;
+                assert_eq!(b.addr, expect_addr, "chain gap or overlap at block {id}");
+                assert_eq!(b.prev, prev, "bad prev link at block {id}");
+                assert!(b.size >= MIN_BLOCK_BYTES && b.size % MIN_BLOCK_BYTES == 0, "bad size {}", b.size);
+                if prev != NIL {
+                    assert!(!self.mergeable(prev, id), "unmerged neighbours {prev} and {id}");
+                }
+                let first = (b.addr - arena.base) / g;
+                let last = (b.addr + b.size - 1 - arena.base) / g;
+                match b.state {
+                    State::Hole => {
+                        assert_eq!((b.addr - arena.base) % g, 0, "hole start not granule aligned");
+                        assert_eq!(b.size % g, 0, "hole size not granule aligned");
+                        assert!(self.holes.contains(&(b.arena, b.size, b.addr, id)), "hole not indexed");
+                        // Holes can be huge: check their ends only.
+                        for k in [first, last] {
+                            assert!(!self.mapped.contains_key(&(arena.base + k * g)), "granule in hole is mapped");
+                        }
+                    }
+                    state => {
+                        for k in first..=last {
+                            assert!(self.mapped.contains_key(&(arena.base + k * g)), "granule of a used block unmapped");
+                        }
+                        let from = match last_counted {
+                            Some(c) if c >= first => c + 1,
+                            _ => first,
+                        };
+                        used_granules += (last + 1).saturating_sub(from);
+                        last_counted = Some(last);
+                        match state {
+                            State::Allocated => {
+                                allocated += b.size as i64;
+                                requested += b.requested as i64;
+                                active += 1;
+                                assert_eq!(self.live.get(&b.addr), Some(&id), "allocated block not in live map");
+                            }
+                            State::Pending => {
+                                pending += 1;
+                                assert_eq!(self.live.get(&b.addr), Some(&id), "pending block not in live map");
+                            }
+                            State::Cached => {
+                                cached += b.size as i64;
+                                assert!(self.cached_by_stream.contains(&(b.arena, b.stream, b.size, b.addr, id)));
+                                assert!(self.cached_by_size.contains(&(b.arena, b.size, b.addr, id)));
+                            }
+                            State::Hole => unreachable!(),
+                        }
+                    }
+                }
+                expect_addr = b.addr + b.size;
+                prev = id;
+                id = b.next;
+            }
+            assert_eq!(expect_addr, arena.base + arena.size, "chain does not cover the arena");
+        }
+        for &(h, k) in self.mapped.values() {
+            assert!(!self.free_granules.contains(&(h, k)), "granule both mapped and free");
+            mapped_seen += 1;
+        }
+        assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
+        assert_eq!(self.cached_by_size.len(), self.cached_by_stream.len());
+        assert_eq!(self.live.len() as i64, active + pending);
+        let (mut physical, mut handles, mut granules) = (0i64, 0i64, 0usize);
+        for h in self.handles.iter().flatten() {
+            physical += (h.granules as u64 * g) as i64;
+            handles += 1;
+            granules += h.granules as usize;
+        }
+        assert_eq!(granules, mapped_seen + self.free_granules.len(), "granule accounting");
+        assert_eq!(used_granules, mapped_seen as u64, "mapped granules outside every used block");
+        let s = &self.stats;
+        let checks = [
+            (G::AllocatedBytes, allocated),
+            (G::RequestedBytes, requested),
+            (G::ActiveBlocks, active),
+            (G::CachedBytes, cached),
+            (G::PendingFreeBlocks, pending),
+            (G::MappedBytes, (mapped_seen as u64 * g) as i64),
+            (G::ReservedBytes, physical),
+            (G::Handles, handles),
+        ];
+        for (gauge, value) in checks {
+            assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");
+            assert!(s.gauge(gauge).peak >= s.gauge(gauge).current);
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The policy layer on the sim backend: caching, split and coalesce, streams,
+//! growth, reclamation, out of memory, statistics, bad input.
+
+mod common;
+use common::*;
+use tessera::error::Error;
+use tessera::stats::{TesseraCounter as C, TesseraGauge as G};
+
+fn gauge(a: &tessera::allocator::Allocator, g: G) -> i64 {
+    a.stats(0).unwrap().gauge(g).current
+}
+
+fn counter(a: &tessera::allocator::Allocator, c: C) -> u64 {
+    a.stats(0).unwrap().counter(c)
+}
+
+#[test]
+fn cached_block_is_reused_without_driver_calls() {
+    let (a, _) = sim("");
+    let p = a.malloc(3 * MIB, 0, 7).unwrap();
+    let maps = counter(&a, C::DriverMapCalls);
+    a.free(p, Some(3 * MIB), 0, Some(7)).unwrap();
+    let q = a.malloc(3 * MIB, 0, 7).unwrap();
+    assert_eq!(p, q, "same stream, same size: the cached block comes back");
+    assert_eq!(counter(&a, C::DriverMapCalls), maps, "a hit makes no driver call");
+    assert_eq!(counter(&a, C::CacheHits), 1);
+    assert_eq!(counter(&a, C::CacheMisses), 1);
+    check(&a, 0);
+}
+
+#[test]
+fn stats_are_exact_for_a_known_sequence() {
+    let (a, _) = sim("");
+    let x = a.malloc(1000, 0, 0).unwrap(); // rounds to 1024, small arena
+    let y = a.malloc(5 * MIB + 1, 0, 0).unwrap(); // rounds to 5 MiB + 512
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::AllocatedBytes).current, (1024 + 5 * MIB + 512) as i64);
+    assert_eq!(s.gauge(G::RequestedBytes).current, (1000 + 5 * MIB + 1) as i64);
+    assert_eq!(s.gauge(G::ActiveBlocks).current, 2);
+    // One granule for the small block, three for the large one.
+    assert_eq!(s.gauge(G::MappedBytes).current, (8 * MIB) as i64);
+    assert_eq!(s.gauge(G::ReservedBytes).current, (8 * MIB) as i64);
+    a.free(x, Some(1000), 0, Some(0)).unwrap();
+    a.free(y, Some(5 * MIB + 1), 0, Some(0)).unwrap();
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::AllocatedBytes).current, 0);
+    assert_eq!(s.gauge(G::AllocatedBytes).peak, (1024 + 5 * MIB + 512) as i64);
+    assert_eq!(s.gauge(G::CachedBytes).current, (8 * MIB) as i64);
+    a.reset_peak_stats(0).unwrap();
+    assert_eq!(a.stats(0).unwrap().gauge(G::AllocatedBytes).peak, 0);
+    check(&a, 0);
+}
+
+#[test]
+fn split_and_coalesce() {
+    let (a, _) = sim("");
+    let big = a.malloc(8 * MIB, 0, 0).unwrap();
+    a.free(big, None, 0, None).unwrap();
+    let x = a.malloc(2 * MIB, 0, 0).unwrap();
+    let y = a.malloc(2 * MIB, 0, 0).unwrap();
+    let z = a.malloc(4 * MIB, 0, 0).unwrap();
+    assert_eq!((x, y, z), (big, big + 2 * MIB, big + 4 * MIB), "split in address order");
+    assert_eq!(counter(&a, C::CacheHits), 3);
+    check(&a, 0);
+    a.free(y, None, 0, None).unwrap();
+    a.free(x, None, 0, None).unwrap();
+    a.free(z, None, 0, None).unwrap();
+    check(&a, 0);
+    // Coalesced back into one 8 MiB block.
+    assert_eq!(a.malloc(8 * MIB, 0, 0).unwrap(), big);
+    check(&a, 0);
+}
+
+#[test]
+fn small_and_large_requests_live_in_separate_arenas() {
+    let (a, _) = sim("");
+    let s = a.malloc(4096, 0, 0).unwrap();
+    let l = a.malloc(4 * MIB, 0, 0).unwrap();
+    assert!(s.abs_diff(l) > 1 << 30, "arenas are far apart");
+    check(&a, 0);
+}
+
+#[test]
+fn expandable_growth_extends_a_cached_block_at_the_top() {
+    let (a, _) = sim("");
+    let p = a.malloc(4 * MIB, 0, 0).unwrap();
+    a.free(p, None, 0, None).unwrap();
+    // 6 MiB does not fit the cached 4 MiB block; growth maps 2 MiB after it.
+    let q = a.malloc(6 * MIB, 0, 0).unwrap();
+    assert_eq!(q, p);
+    assert_eq!(gauge(&a, G::ReservedBytes), (6 * MIB) as i64);
+    check(&a, 0);
+}
+
+#[test]
+fn other_streams_wait_for_cached_blocks_until_memory_is_short() {
+    let (a, _) = sim("device_capacity:8M");
+    let p = a.malloc(8 * MIB, 0, 1).unwrap();
+    a.free(p, None, 0, Some(1)).unwrap();
+    // Stream 2 gets the block only because nothing else is left, and only
+    // through a stream wait (counted).
+    let q = a.malloc(8 * MIB, 0, 2).unwrap();
+    assert_eq!(p, q);
+    assert_eq!(counter(&a, C::CrossStreamReuses), 1);
+    a.free(q, None, 0, Some(2)).unwrap();
+    check(&a, 0);
+
+    let (a, _) = sim("device_capacity:64M");
+    let p = a.malloc(8 * MIB, 0, 1).unwrap();
+    a.free(p, None, 0, Some(1)).unwrap();
+    let q = a.malloc(8 * MIB, 0, 2).unwrap();
+    assert_ne!(p, q, "with memory to spare, another stream gets fresh memory");
+    assert_eq!(counter(&a, C::CrossStreamReuses), 0);
+    check(&a, 0);
+}
+
+#[test]
+fn record_stream_delays_reuse_until_events_complete() {
+    let (a, backend) = sim("device_capacity:8M");
+    let p = a.malloc(4 * MIB, 0, 1).unwrap();
+    a.record_stream(p, 5).unwrap();
+    backend.hold_events(true);
+    a.free(p, None, 0, Some(1)).unwrap();
+    assert_eq!(gauge(&a, G::PendingFreeBlocks), 1);
+    let q = a.malloc(4 * MIB, 0, 1).unwrap();
+    assert_ne!(p, q, "a block still used by stream 5 is not reused");
+    check(&a, 0);
+    backend.hold_events(false);
+    a.free(q, None, 0, Some(1)).unwrap();
+    let r = a.malloc(8 * MIB, 0, 1).unwrap(); // needs both blocks' memory
+    assert_eq!(gauge(&a, G::PendingFreeBlocks), 0);
+    a.free(r, None, 0, Some(1)).unwrap();
+    check(&a, 0);
+    assert_eq!(backend.live(0).1, 0, "no event leaks");
+}
+
+#[test]
+fn out_of_memory_is_its_own_error_and_recoverable() {
+    let (a, _) = sim("device_capacity:64M");
+    let p = a.malloc(48 * MIB, 0, 0).unwrap();
+    match a.malloc(32 * MIB, 0, 0) {
+        Err(Error::OutOfMemory(info)) => {
+            assert_eq!(info.requested_bytes, 32 * MIB);
+            assert_eq!(info.total_capacity_bytes, 64 * MIB);
+        }
+        other => panic!("expected OOM, got {other:?}"),
+    }
+    let msg = a.malloc(32 * MIB, 0, 0).unwrap_err().to_string();
+    assert!(msg.starts_with("CUDA out of memory. Tried to allocate 32.00 MiB. GPU 0"), "{msg}");
+    assert_eq!(counter(&a, C::Ooms), 2);
+    check(&a, 0);
+    a.free(p, None, 0, None).unwrap();
+    assert!(a.malloc(32 * MIB, 0, 0).is_ok());
+    check(&a, 0);
+}
+
+#[test]
+fn fragmented_free_granules_serve_a_large_request() {
+    // 64 MiB device filled with 4 MiB blocks; every other one freed leaves
+    // 32 MiB free in 4 MiB holes. A 32 MiB request must still succeed: the
+    // free granules are unmapped and mapped again where the request is.
+    let (a, _) = sim("device_capacity:64M");
+    let blocks: Vec<u64> = (0..16).map(|_| a.malloc(4 * MIB, 0, 0).unwrap()).collect();
+    for (i, &b) in blocks.iter().enumerate() {
+        if i % 2 == 0 {
+            a.free(b, None, 0, None).unwrap();
+        }
+    }
+    check(&a, 0);
+    let big = a.malloc(32 * MIB, 0, 0).expect("32 MiB free in pieces must serve 32 MiB");
+    assert!(counter(&a, C::ReclaimedGranules) >= 16);
+    assert_eq!(gauge(&a, G::ReservedBytes), (64 * MIB) as i64);
+    check(&a, 0);
+    a.free(big, None, 0, None).unwrap();
+    check(&a, 0);
+}
+
+#[test]
+fn without_expandable_segments_pressure_releases_everything_first() {
+    let (a, _) = sim("device_capacity:64M,expandable_segments:false");
+    let blocks: Vec<u64> = (0..16).map(|_| a.malloc(4 * MIB, 0, 0).unwrap()).collect();
+    for &b in blocks.iter().step_by(2) {
+        a.free(b, None, 0, None).unwrap();
+    }
+    assert!(a.malloc(32 * MIB, 0, 0).is_ok());
+    assert!(counter(&a, C::DriverReleaseCalls) == 0 || gauge(&a, G::ReservedBytes) <= (64 * MIB) as i64);
+    check(&a, 0);
+}
+
+#[test]
+fn empty_cache_gives_back_every_cached_granule() {
+    let (a, backend) = sim("max_handle_size:2M");
+    let keep = a.malloc(3 * MIB, 0, 0).unwrap();
+    let p = a.malloc(20 * MIB, 0, 0).unwrap();
+    let small: Vec<u64> = (0..100).map(|_| a.malloc(10_000, 0, 0).unwrap()).collect();
+    a.free(p, None, 0, None).unwrap();
+    for s in small {
+        a.free(s, None, 0, None).unwrap();
+    }
+    a.empty_cache().unwrap();
+    check(&a, 0);
+    // Only the two granules under the live 3 MiB block stay.
+    assert_eq!(gauge(&a, G::ReservedBytes), (4 * MIB) as i64);
+    assert_eq!(backend.live(0).0, 2);
+    a.free(keep, None, 0, None).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(gauge(&a, G::ReservedBytes), 0);
+    assert_eq!(backend.live(0), (0, 0, 0), "no handle, event or mapping left");
+    check(&a, 0);
+}
+
+#[test]
+fn memory_limit_and_fraction_cap_physical_memory() {
+    let (a, _) = sim("device_capacity:1G,memory_limit:64M");
+    assert!(a.malloc(60 * MIB, 0, 0).is_ok());
+    assert!(matches!(a.malloc(8 * MIB, 0, 0), Err(Error::OutOfMemory(_))));
+    let (a, _) = sim("device_capacity:1G");
+    a.set_memory_fraction(0.25, 0).unwrap();
+    assert!(a.malloc(250 * MIB, 0, 0).is_ok());
+    assert!(a.malloc(8 * MIB, 0, 0).is_err());
+    assert!(a.set_memory_fraction(1.5, 0).is_err());
+    assert!(a.set_memory_fraction(0.5, 3).is_err());
+}
+
+#[test]
+fn bad_frees_are_counted_and_change_nothing() {
+    let (a, _) = sim("");
+    let p = a.malloc(MIB, 0, 0).unwrap();
+    let before = a.stats(0).unwrap();
+    let e = a.free(p + 512, None, 0, None).unwrap_err().to_string();
+    assert!(e.contains("not a live tessera allocation"), "{e}");
+    assert_eq!(counter(&a, C::InvalidFrees), 1);
+    a.free(p, Some(MIB), 0, Some(0)).unwrap();
+    assert!(a.free(p, Some(MIB), 0, Some(0)).is_err(), "double free");
+    assert_eq!(counter(&a, C::InvalidFrees), 2);
+    assert_eq!(before.gauge(G::AllocatedBytes).current, MIB as i64);
+    assert_eq!(gauge(&a, G::AllocatedBytes), 0);
+    // Wrong size or stream: freed as allocated, reported.
+    let q = a.malloc(MIB, 0, 3).unwrap();
+    assert!(a.free(q, Some(12), 0, Some(3)).is_err());
+    assert_eq!(counter(&a, C::MismatchedFrees), 1);
+    assert_eq!(gauge(&a, G::AllocatedBytes), 0);
+    assert!(a.malloc(MIB, 5, 0).is_err(), "device out of range");
+    check(&a, 0);
+}
+
+#[test]
+fn free_on_the_wrong_device_frees_where_the_pointer_lives() {
+    let (a, _) = sim("device_count:2");
+    let p = a.malloc(MIB, 1, 0).unwrap();
+    let _ = a.malloc(MIB, 0, 0).unwrap();
+    assert!(a.free(p, None, 0, None).is_err());
+    assert_eq!(a.stats(1).unwrap().gauge(G::AllocatedBytes).current, 0);
+    assert_eq!(a.stats(1).unwrap().counter(C::MismatchedFrees), 1);
+    check(&a, 0);
+    check(&a, 1);
+}

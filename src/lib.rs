@@ -29,5 +29,6 @@ pub mod error;
 pub mod ffi;
 pub mod log;
 pub mod pool;
+pub mod replay;
 pub mod stats;
 pub mod trace;

@@ -626,39 +626,61 @@ impl DevicePool {
         Ok(())
     }
 
-    /// Unmaps the granules that lie wholly inside cached block `id` (which
-    /// is unindexed), turning them into a hole; the block's head and tail
-    /// stay cached. Returns the granules freed.
-    fn unmap_cached_interior(&mut self, id: BlockId) -> Result<u64> {
+    /// Unmaps every granule that lies wholly inside the run of adjacent
+    /// cached blocks (of any streams) around indexed cached block `id`,
+    /// turning those granules into a hole; the run's partial granules at
+    /// either end stay cached. The caller has made sure the device is done
+    /// with every cached block. Returns the granules freed.
+    fn unmap_cached_run(&mut self, id: BlockId) -> Result<u64> {
         let g = self.settings.granule_bytes;
-        let b = self.b(id).clone();
-        let base = self.arenas[b.arena as usize].base;
-        let lo = base + round_up(b.addr - base, g);
-        let hi = base + (b.addr + b.size - base) / g * g;
+        let cached = |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached;
+        let (mut first, mut last) = (id, id);
+        while cached(self, self.b(first).prev) {
+            first = self.b(first).prev;
+        }
+        while cached(self, self.b(last).next) {
+            last = self.b(last).next;
+        }
+        let start = self.b(first).addr;
+        let end = self.b(last).addr + self.b(last).size;
+        let base = self.arenas[self.b(id).arena as usize].base;
+        let lo = base + round_up(start - base, g);
+        let hi = base + (end - base) / g * g;
         if hi <= lo {
-            self.index(id);
             return Ok(0);
         }
         let count = (hi - lo) / g;
-        if let Err(e) = self.unmap_range(lo, count) {
-            self.index(id);
-            return Err(e);
-        }
+        self.unmap_range(lo, count)?;
         self.stats.bump(C::ReclaimedGranules, count);
-        // Carve [lo, hi) out as a hole.
-        let mut mid = id;
-        if lo > b.addr {
-            mid = self.split_front(id, lo - b.addr);
-            self.index(id);
+        let mut cur = first;
+        while cur != NIL && self.b(cur).addr < end {
+            let (addr, size, next) = (self.b(cur).addr, self.b(cur).size, self.b(cur).next);
+            if addr + size <= lo || addr >= hi {
+                cur = next;
+                continue;
+            }
+            self.unindex(cur);
+            let mut mid = cur;
+            if addr < lo {
+                mid = self.split_front(cur, lo - addr);
+                self.index(cur);
+            }
+            let mid_addr = self.b(mid).addr;
+            if mid_addr + self.b(mid).size > hi {
+                let tail = self.split_front(mid, hi - mid_addr);
+                self.index(tail);
+            }
+            self.bm(mid).state = State::Hole;
+            self.bm(mid).stream = 0;
+            let merged = self.coalesce_and_index(mid);
+            cur = self.b(merged).next;
         }
-        if hi < b.addr + b.size {
-            let tail = self.split_front(mid, hi - lo);
-            self.index(tail);
-        }
-        self.bm(mid).state = State::Hole;
-        self.bm(mid).stream = 0;
-        self.coalesce_and_index(mid);
         Ok(count)
+    }
+
+    fn is_indexed_cached(&self, id: BlockId) -> bool {
+        let b = self.b(id);
+        b.state == State::Cached && self.cached_by_size.contains(&(b.arena, b.size, b.addr, id))
     }
 
     /// Under pressure: makes at least `need` granules free by unmapping
@@ -677,11 +699,9 @@ impl DevicePool {
                 break;
             }
             // An earlier unmap may have merged this block away.
-            if self.b(id).state != State::Cached || !self.cached_by_size.contains(&(self.b(id).arena, self.b(id).size, self.b(id).addr, id)) {
-                continue;
+            if self.is_indexed_cached(id) {
+                self.unmap_cached_run(id)?;
             }
-            self.unindex(id);
-            self.unmap_cached_interior(id)?;
         }
         Ok(())
     }
@@ -693,11 +713,8 @@ impl DevicePool {
         self.process_pending()?;
         let ids: Vec<BlockId> = self.cached_by_size.iter().map(|&(_, _, _, id)| id).collect();
         for id in ids {
-            if self.b(id).state == State::Cached
-                && self.cached_by_size.contains(&(self.b(id).arena, self.b(id).size, self.b(id).addr, id))
-            {
-                self.unindex(id);
-                self.unmap_cached_interior(id)?;
+            if self.is_indexed_cached(id) {
+                self.unmap_cached_run(id)?;
             }
         }
         for h in 0..self.handles.len() {

@@ -1,0 +1,57 @@
+//! tessera-replay: replays an allocation trace (design.md §5 format, plain
+//! or .gz) on the sim backend and prints one JSON line. A stable interface:
+//! it is how policies are compared on a CPU.
+//!
+//!   tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES]
+
+use tessera::config::{Bytes, Config, OptionValue};
+use tessera::replay;
+
+const USAGE: &str = "usage: tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES]
+  TRACE           a trace file, plain or gzip ('a|f ADDR SIZE STREAM' lines)
+  --conf STRING   tessera configuration (TESSERA_CONF syntax); default: TESSERA_CONF
+  --frontier      also find the least capacity (to 2 MiB) with which the trace completes
+  --capacity B    replay under a fixed device capacity (bytes, or 40G) and report the first OOM";
+
+fn main() {
+    match run(std::env::args().skip(1).collect()) {
+        Ok(line) => println!("{line}"),
+        Err(e) => {
+            eprintln!("tessera-replay: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run(args: Vec<String>) -> Result<String, String> {
+    let (mut trace, mut conf, mut frontier, mut capacity) = (None, None, false, None);
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--conf" => conf = Some(it.next().ok_or("--conf needs a value")?),
+            "--frontier" => frontier = true,
+            "--capacity" => {
+                let v = it.next().ok_or("--capacity needs a value")?;
+                capacity = Some(Bytes::parse(&v).ok_or(format!("bad --capacity '{v}'"))?.0);
+            }
+            "-h" | "--help" => return Err("help".into()),
+            _ if a.starts_with("--") => return Err(format!("unknown option {a}")),
+            _ if trace.is_none() => trace = Some(a),
+            _ => return Err(format!("unexpected argument {a}")),
+        }
+    }
+    let trace = trace.ok_or("no trace given")?;
+    let config = match conf {
+        Some(text) => Config::parse(&text),
+        None => Config::from_env(),
+    }
+    .map_err(|e| e.to_string())?;
+    let events = tessera::trace::read_file(std::path::Path::new(&trace))?;
+    let result = replay::replay(&events, &config, capacity)?;
+    let frontier_bytes = if frontier {
+        Some(replay::frontier(&events, &config, 2 << 20)?.0)
+    } else {
+        None
+    };
+    Ok(replay::report_json(&result, frontier_bytes, capacity))
+}

@@ -1,0 +1,143 @@
+//! Replays allocation traces on the sim backend and measures what a policy
+//! does with them: peak live and reserved bytes, speed, and the OOM frontier
+//! (the least device capacity with which the trace completes). The engine
+//! behind `tessera-replay`; tests use it too.
+#![forbid(unsafe_code)]
+
+use crate::allocator::Allocator;
+use crate::backend::sim::SimBackend;
+use crate::config::{Bytes, Config};
+use crate::error::Error;
+use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
+use crate::trace::{Action, Event};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default)]
+pub struct ReplayResult {
+    pub events: usize,
+    pub peak_live_bytes: u64,
+    /// Index of the event that ran out of memory, if one did.
+    pub oom_at: Option<usize>,
+    pub oom_message: Option<String>,
+    pub stats: TesseraStats,
+    pub elapsed_ns: u128,
+}
+
+impl ReplayResult {
+    pub fn peak_reserved_bytes(&self) -> u64 {
+        self.stats.gauge(G::ReservedBytes).peak as u64
+    }
+}
+
+/// Peak of the sum of live sizes in the trace itself.
+pub fn peak_live_bytes(events: &[Event]) -> u64 {
+    let (mut live, mut peak) = (0u64, 0u64);
+    let mut sizes: HashMap<u64, u64> = HashMap::new();
+    for e in events {
+        match e.action {
+            Action::Alloc => {
+                sizes.insert(e.addr, e.size);
+                live += e.size;
+                peak = peak.max(live);
+            }
+            Action::Free => live -= sizes.remove(&e.addr).unwrap_or(0),
+        }
+    }
+    peak
+}
+
+/// Replays `events` under `config` (its backend is forced to sim, and
+/// `capacity_bytes`, when given, replaces `device_capacity`). Stops at the
+/// first out-of-memory. A free of an address the trace never allocated is
+/// an error naming the event.
+pub fn replay(events: &[Event], config: &Config, capacity_bytes: Option<u64>) -> Result<ReplayResult, String> {
+    let mut config = config.clone();
+    config.backend = crate::config::BackendKind::Sim;
+    if let Some(c) = capacity_bytes {
+        config.device_capacity = Bytes(c);
+    }
+    let backend = Arc::new(SimBackend::new(1, config.device_capacity.0));
+    let alloc = Allocator::with_backend(config, backend).map_err(|e| e.to_string())?;
+    let mut addrs: HashMap<u64, u64> = HashMap::with_capacity(4096);
+    let mut result = ReplayResult { events: events.len(), peak_live_bytes: peak_live_bytes(events), ..Default::default() };
+    let start = std::time::Instant::now();
+    for (i, e) in events.iter().enumerate() {
+        match e.action {
+            Action::Alloc => match alloc.malloc(e.size, 0, e.stream) {
+                Ok(p) => {
+                    addrs.insert(e.addr, p);
+                }
+                Err(err @ Error::OutOfMemory(_)) => {
+                    result.oom_at = Some(i);
+                    result.oom_message = Some(err.to_string());
+                    break;
+                }
+                Err(err) => return Err(format!("event {i}: {err}")),
+            },
+            Action::Free => {
+                let p = addrs.remove(&e.addr).ok_or_else(|| format!("event {i}: free of {} never allocated", e.addr))?;
+                alloc.free(p, Some(e.size), 0, Some(e.stream)).map_err(|err| format!("event {i}: {err}"))?;
+            }
+        }
+    }
+    result.elapsed_ns = start.elapsed().as_nanos();
+    result.stats = alloc.stats(0).map_err(|e| e.to_string())?;
+    Ok(result)
+}
+
+/// The least capacity, to `step_bytes`, with which the replay completes,
+/// found by bisection between the peak live bytes and the uncapped run's
+/// peak reserved bytes. Returns `(frontier_bytes, replays run)`.
+pub fn frontier(events: &[Event], config: &Config, step_bytes: u64) -> Result<(u64, usize), String> {
+    let uncapped = replay(events, config, None)?;
+    if uncapped.oom_at.is_some() {
+        return Err(format!("the trace does not complete even uncapped: {}", uncapped.oom_message.unwrap_or_default()));
+    }
+    let mut lo = peak_live_bytes(events) / step_bytes; // in steps; lo - 1 fails for sure
+    let mut hi = uncapped.peak_reserved_bytes().div_ceil(step_bytes).max(lo); // succeeds
+    lo = lo.saturating_sub(1);
+    let mut runs = 1;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        runs += 1;
+        if replay(events, config, Some(mid * step_bytes))?.oom_at.is_none() {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok((hi * step_bytes, runs))
+}
+
+/// The replay report as one JSON line (the stable interface of
+/// `tessera-replay`).
+pub fn report_json(r: &ReplayResult, frontier_bytes: Option<u64>, capacity_bytes: Option<u64>) -> String {
+    let s = &r.stats;
+    let peak_reserved = r.peak_reserved_bytes();
+    let mut fields = vec![
+        format!("\"events\":{}", r.events),
+        format!("\"peak_live_bytes\":{}", r.peak_live_bytes),
+        format!("\"peak_reserved_bytes\":{peak_reserved}"),
+        format!("\"reserved_ratio\":{:.4}", peak_reserved as f64 / r.peak_live_bytes.max(1) as f64),
+        format!("\"ns_per_event\":{:.1}", r.elapsed_ns as f64 / r.events.max(1) as f64),
+        format!("\"cache_hits\":{}", s.counter(C::CacheHits)),
+        format!("\"cache_misses\":{}", s.counter(C::CacheMisses)),
+        format!("\"driver_map_calls\":{}", s.counter(C::DriverMapCalls)),
+        format!("\"driver_unmap_calls\":{}", s.counter(C::DriverUnmapCalls)),
+        format!("\"driver_create_calls\":{}", s.counter(C::DriverCreateCalls)),
+        format!("\"reclaimed_granules\":{}", s.counter(C::ReclaimedGranules)),
+    ];
+    if let Some(f) = frontier_bytes {
+        fields.push(format!("\"frontier_bytes\":{f}"));
+        fields.push(format!("\"frontier_ratio\":{:.4}", f as f64 / r.peak_live_bytes.max(1) as f64));
+    }
+    if let Some(c) = capacity_bytes {
+        fields.push(format!("\"capacity_bytes\":{c}"));
+        fields.push(format!("\"oom_at_event\":{}", r.oom_at.map_or("null".to_string(), |i| i.to_string())));
+        if let Some(m) = &r.oom_message {
+            fields.push(format!("\"oom_message\":\"{}\"", m.replace('\\', "\\\\").replace('"', "\\\"")));
+        }
+    }
+    format!("{{{}}}", fields.join(","))
+}

@@ -1,0 +1,57 @@
+"""Helpers shared by the GPU tests (tests/gpu/t_*.py); each test runs as its own process.
+
+Conventions read by run.sh: a line `NOTE: ...` is shown in the summary table (the last
+one wins); exit status 0 means pass.
+"""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+sys.path.insert(0, os.path.join(REPO, "python_example"))
+MiB = 1 << 20
+
+
+def note(msg):
+    print(f"NOTE: {msg}", flush=True)
+
+
+def check(cond, msg):
+    """Assert that survives python -O and says what went wrong."""
+    if not cond:
+        raise AssertionError(msg)
+
+
+def settle(torch):
+    """Drop dead tensors and wait for the GPU so that stats are final."""
+    gc.collect()
+    torch.cuda.synchronize()
+
+
+def install(conf=None):
+    """Install tessera (conf: TESSERA_CONF syntax), then import and return torch."""
+    import tessera_torch
+    tessera_torch.install(conf=conf)
+    import torch
+    torch.cuda.init()
+    return torch, tessera_torch
+
+
+def run_json(cmd, timeout, env=None):
+    """Run cmd (a list); return (the last stdout line that parses as a JSON object, the process)."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.join(REPO, "python_example"), full_env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line), proc
+            except json.JSONDecodeError:
+                pass
+    raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} without a JSON summary")

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU suite. From the repository root, with target/release/libtessera.so built:
+#   bash tests/gpu/run.sh            # logs under $OUT (default /tmp/tessera_out)
+#   bash tests/gpu/run.sh smoke oom  # only the tests named
+# Runs every test (each its own process, with a timeout), never stops at a failure,
+# prints a table last and exits non-zero if any test failed.
+set -u
+cd "$(dirname "$0")/../.." || exit 2
+ROOT=$PWD
+OUT=${OUT:-/tmp/tessera_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT/python_example${PYTHONPATH:+:$PYTHONPATH}"
+export TESSERA_LIB=${TESSERA_LIB:-$ROOT/target/release/libtessera.so}
+export PYTHONUNBUFFERED=1
+[ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"  # nvcc for CMake's CUDA lookup
+
+# --- environment ---
+{
+  echo "== $(date -u +%FT%TZ) $(hostname)"
+  echo "== git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  nvidia-smi -L
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+  echo "== $TESSERA_LIB"
+  ls -l "$TESSERA_LIB" && ldd "$TESSERA_LIB"
+  python3 -c 'import tessera_torch as t; print("tessera", t.version())'
+  echo "TESSERA_CONF=${TESSERA_CONF-<unset>}"
+} 2>&1 | tee "$OUT/env.log"
+
+# --- tests ---
+NAMES=() RESULTS=() SECS=() NOTES=()
+FAILED=0
+
+# run_test NAME TIMEOUT_S CMD...: run CMD with output in $OUT/NAME.log; record the outcome.
+run_test() {
+  local name=$1 limit=$2; shift 2
+  if [ ${#SELECTED[@]} -gt 0 ] && [[ " ${SELECTED[*]} " != *" $name "* ]]; then return; fi
+  echo "=== $name (timeout ${limit}s): $*"
+  local t0=$SECONDS rc
+  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1 </dev/null
+  rc=$?
+  local secs=$((SECONDS - t0)) result note
+  note=$(grep -a '^NOTE: ' "$OUT/$name.log" | tail -n 1 | cut -c7-)
+  if [ $rc -eq 0 ]; then
+    result=PASS
+  else
+    FAILED=$((FAILED + 1))
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then result=TIMEOUT; else result="FAIL($rc)"; fi
+    # The last meaningful line says why (an assertion, an exception, a CMake error).
+    [ -z "$note" ] && note=$(grep -av '^\s*$' "$OUT/$name.log" | tail -n 1)
+    tail -n 30 "$OUT/$name.log" | sed "s/^/    [$name] /"
+  fi
+  echo "    -> $result in ${secs}s  $note"
+  NAMES+=("$name") RESULTS+=("$result") SECS+=("$secs") NOTES+=("${note:0:140}")
+}
+
+# The LibTorch test: configure, build and run (one step, so one line in the table).
+libtorch_test() {
+  local prefix build=${LIBTORCH_BUILD:-/tmp/tessera_libtorch_build}  # outside $OUT: logs only there
+  prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)') || return 1
+  cmake -S tests/libtorch -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" \
+      -DTESSERA_LIBRARY="$TESSERA_LIB" ${TESSERA_INCLUDE_DIR:+-DTESSERA_INCLUDE_DIR="$TESSERA_INCLUDE_DIR"} &&
+    cmake --build "$build" -j "$(nproc)" &&
+    "$build/tessera_libtorch_test"
+}
+export -f libtorch_test
+export OUT TESSERA_INCLUDE_DIR=${TESSERA_INCLUDE_DIR:-} LIBTORCH_BUILD=${LIBTORCH_BUILD:-}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # skip CMake's GPU arch probing
+
+SELECTED=("$@")
+# Timeouts are a few times the expected time (whole suite: about 3-5 minutes on an H100).
+run_test smoke       120 python3 tests/gpu/t_smoke.py
+run_test train       240 python3 tests/gpu/t_train_parity.py
+run_test oom         240 python3 tests/gpu/t_oom.py
+run_test threads     240 python3 tests/gpu/t_threads.py
+run_test multistream 120 python3 tests/gpu/t_multistream.py
+run_test bench       180 python3 tests/gpu/t_bench.py
+run_test libtorch    300 bash -c libtorch_test
+
+# --- summary ---
+{
+  echo
+  printf '%-12s | %-9s | %7s | %s\n' test result seconds note
+  printf '%-12s-+-%-9s-+-%7s-+-%s\n' ------------ --------- ------- ----
+  for i in "${!NAMES[@]}"; do
+    printf '%-12s | %-9s | %7s | %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"
+  done
+  echo "${#NAMES[@]} tests, $FAILED failed; logs in $OUT"
+} | tee "$OUT/summary.txt"
+[ "$FAILED" -eq 0 ] && [ ${#NAMES[@]} -gt 0 ]

@@ -10,10 +10,11 @@
 //!   blocks (`prev`/`next`); no gaps, no overlap.
 //! - Holes start and end on granule boundaries; no two holes are adjacent;
 //!   no two cached blocks of the same stream are adjacent.
-//! - A granule is mapped iff some allocated, cached or pending block
-//!   overlaps it (equivalently: iff it lies outside every hole).
-//! - Every physical granule of a live handle is either mapped (in
-//!   `mapped`) or free (in `free_granules`), never both.
+//! - Handles map whole, at offset 0 (CUDA maps nothing else). The mapped
+//!   handles tile exactly the maximal runs of non-hole blocks: a byte is
+//!   mapped iff it lies outside every hole. Handles never overlap.
+//! - Every live handle is either mapped (in `mapped`, by address) or free
+//!   (in `free_handles`), never both.
 //! - The index sets hold exactly the blocks of their state; the gauges equal
 //!   a recount.
 #![forbid(unsafe_code)]
@@ -21,7 +22,7 @@
 use crate::backend::{Backend, EventId};
 use crate::error::{Error, OomInfo, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Smallest block, and the rounding of every request (as PyTorch's).
@@ -69,12 +70,13 @@ struct Block {
     stream_uses: Vec<u64>,
 }
 
-/// One physical handle: `granules` granules, `mapped_granules` of them mapped.
+/// One physical handle of `granules` granules, mapped whole at `va` or not
+/// at all.
 #[derive(Debug, Clone)]
 struct Handle {
     backend_id: u64,
-    granules: u32,
-    mapped_granules: u32,
+    granules: u64,
+    va: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -132,10 +134,10 @@ pub struct DevicePool {
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
     /// Slab of physical handles (None: released slot).
     handles: Vec<Option<Handle>>,
-    /// Unmapped granules of live handles: (handle, granule index in handle).
-    free_granules: BTreeSet<(HandleIdx, u32)>,
-    /// Mapped granules: granule address -> (handle, granule index in handle).
-    mapped: HashMap<u64, (HandleIdx, u32)>,
+    /// Unmapped live handles by (granules, index).
+    free_handles: BTreeSet<(u64, HandleIdx)>,
+    /// Mapped handles by address.
+    mapped: BTreeMap<u64, HandleIdx>,
     pending: Vec<PendingFree>,
     stats: TesseraStats,
     total_bytes: u64,
@@ -164,7 +166,7 @@ impl DevicePool {
             )));
         }
         let g = settings.granule_bytes;
-        settings.max_handle_bytes = settings.max_handle_bytes / g * g;
+        settings.max_handle_bytes = (settings.max_handle_bytes / g * g).max(g);
         settings.va_size_bytes = round_up(settings.va_size_bytes, g);
         let (_, total_bytes) = backend.mem_info(device)?;
         let mut pool = DevicePool {
@@ -178,8 +180,8 @@ impl DevicePool {
             cached_by_size: BTreeSet::new(),
             holes: BTreeSet::new(),
             handles: Vec::new(),
-            free_granules: BTreeSet::new(),
-            mapped: HashMap::new(),
+            free_handles: BTreeSet::new(),
+            mapped: BTreeMap::new(),
             pending: Vec::new(),
             stats: TesseraStats::default(),
             total_bytes,
@@ -390,7 +392,14 @@ impl DevicePool {
             Ok(id) => Ok(self.hand_out(id, rounded, size, stream)),
             Err(Error::OutOfMemory(_)) => {
                 self.stats.bump(C::Ooms, 1);
-                Err(Error::OutOfMemory(self.oom_info(size)))
+                let info = self.oom_info(size);
+                // As PyTorch's allocator does: give cached memory back to the
+                // driver, so that other users of the device (cuBLAS, NCCL,
+                // other processes) can have it while the caller recovers.
+                if let Err(e) = self.release_cached() {
+                    tracing::warn!("releasing the cache after an OOM failed: {e}");
+                }
+                Err(Error::OutOfMemory(info))
             }
             Err(e) => Err(self.driver_error(e)),
         }
@@ -507,10 +516,11 @@ impl DevicePool {
             }
         };
         let va = self.b(hole).addr;
-        self.map_granules(va, new_granules)?;
+        let room = self.b(hole).size / g;
+        let mapped_granules = self.map_granules(va, new_granules, room)?;
         // The hole's front is now mapped: carve it off as a cached block.
         self.unindex(hole);
-        let mapped_bytes = new_granules * g;
+        let mapped_bytes = mapped_granules * g;
         if self.b(hole).size > mapped_bytes {
             let rest = self.split_front(hole, mapped_bytes);
             self.index(rest);
@@ -535,61 +545,113 @@ impl DevicePool {
         Ok(id)
     }
 
-    /// Backs `count` granules starting at `va` (all unmapped, inside one
-    /// hole) with physical memory: free granules first, then new handles.
-    fn map_granules(&mut self, va: u64, count: u64) -> Result<()> {
-        let g = self.settings.granule_bytes;
-        let have = self.free_granules.len() as u64;
-        if have < count {
-            self.create_handles(count - have)?;
+    /// Backs at least `count` granules from `va` (unmapped, the front of a
+    /// hole of `room` granules) with whole handles: free handles that fit
+    /// first, then new ones; if memory is short, one larger free handle when
+    /// the hole has room for it. Returns the granules mapped.
+    fn map_granules(&mut self, va: u64, count: u64, room: u64) -> Result<u64> {
+        let mut plan: Vec<HandleIdx> = Vec::new();
+        let mut covered = 0;
+        while covered < count {
+            let Some(&(n, h)) = self.free_handles.range(..=(count - covered, HandleIdx::MAX)).next_back() else { break };
+            self.free_handles.remove(&(n, h));
+            plan.push(h);
+            covered += n;
         }
-        let mut done = 0;
-        let result = (|| {
-            while done < count {
-                let (h, k) = self.free_granules.pop_first().expect("counted above");
-                let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
-                let at = va + done * g;
-                if let Err(e) = self.backend.map(self.device, at, g, backend_id, k as u64 * g) {
-                    self.free_granules.insert((h, k));
-                    return Err(e);
+        if covered < count {
+            match self.create_handles(count - covered) {
+                Ok(new) => {
+                    covered = count;
+                    plan.extend(new);
                 }
-                self.stats.bump(C::DriverMapCalls, 1);
-                self.handles[h as usize].as_mut().expect("live handle").mapped_granules += 1;
-                self.mapped.insert(at, (h, k));
-                self.stats.gauge_mut(G::MappedBytes).add(g as i64);
-                done += 1;
+                Err(e) => {
+                    let larger = self
+                        .free_handles
+                        .range((count - covered, 0)..)
+                        .next()
+                        .copied()
+                        .filter(|&(n, _)| matches!(e, Error::OutOfMemory(_)) && covered + n <= room);
+                    match larger {
+                        Some((n, h)) => {
+                            self.free_handles.remove(&(n, h));
+                            plan.push(h);
+                            covered += n;
+                        }
+                        None => {
+                            self.return_handles(&plan);
+                            return Err(e);
+                        }
+                    }
+                }
             }
-            self.backend.set_access(self.device, va, count * g)
-        })();
+        }
+        let g = self.settings.granule_bytes;
+        let mut at = va;
+        let mut result = Ok(());
+        for (i, &h) in plan.iter().enumerate() {
+            let (backend_id, n) = {
+                let handle = self.handles[h as usize].as_ref().expect("live handle");
+                (handle.backend_id, handle.granules)
+            };
+            if let Err(e) = self.backend.map(self.device, at, n * g, backend_id) {
+                self.return_handles(&plan[i..]);
+                result = Err(e);
+                break;
+            }
+            self.stats.bump(C::DriverMapCalls, 1);
+            self.handles[h as usize].as_mut().expect("live handle").va = Some(at);
+            self.mapped.insert(at, h);
+            self.stats.gauge_mut(G::MappedBytes).add((n * g) as i64);
+            at += n * g;
+        }
+        if result.is_ok() {
+            result = self.backend.set_access(self.device, va, at - va);
+        }
         if let Err(e) = result {
             // Leave no half-mapped range behind: the hole stays a hole.
-            self.unmap_range(va, done)?;
+            self.unmap_handles(va, at)?;
             return Err(e);
         }
-        Ok(())
+        Ok(covered)
+    }
+
+    fn return_handles(&mut self, handles: &[HandleIdx]) {
+        for &h in handles {
+            let n = self.handles[h as usize].as_ref().expect("live handle").granules;
+            self.free_handles.insert((n, h));
+        }
     }
 
     fn physical_bytes(&self) -> u64 {
         self.stats.gauge(G::ReservedBytes).current as u64
     }
 
-    /// Creates handles for `granules` more granules, within the limit.
-    fn create_handles(&mut self, granules: u64) -> Result<()> {
+    /// Creates handles for `granules` granules (each at most
+    /// `max_handle_bytes`), within the limit. On failure, the handles made
+    /// so far stay free for later use.
+    fn create_handles(&mut self, granules: u64) -> Result<Vec<HandleIdx>> {
         let g = self.settings.granule_bytes;
         if let Some(limit) = self.settings.limit_bytes {
             if self.physical_bytes() + granules * g > limit {
                 return Err(Error::OutOfMemory(OomInfo::default()));
             }
         }
-        let per_handle = (self.settings.max_handle_bytes / g).max(1);
+        let per_handle = self.settings.max_handle_bytes / g;
+        let mut made = Vec::new();
         let mut left = granules;
         while left > 0 {
             let n = left.min(per_handle);
-            let backend_id = self.backend.create(self.device, n * g)?;
+            let backend_id = match self.backend.create(self.device, n * g) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.return_handles(&made);
+                    return Err(e);
+                }
+            };
             self.stats.bump(C::DriverCreateCalls, 1);
             self.stats.gauge_mut(G::ReservedBytes).add((n * g) as i64);
             self.stats.gauge_mut(G::Handles).add(1);
-            let h = Handle { backend_id, granules: n as u32, mapped_granules: 0 };
+            let h = Handle { backend_id, granules: n, va: None };
             let idx = match self.handles.iter().position(Option::is_none) {
                 Some(i) => {
                     self.handles[i] = Some(h);
@@ -600,36 +662,36 @@ impl DevicePool {
                     self.handles.len() - 1
                 }
             } as HandleIdx;
-            for k in 0..n as u32 {
-                self.free_granules.insert((idx, k));
-            }
+            made.push(idx);
             left -= n;
         }
-        Ok(())
+        Ok(made)
     }
 
-    /// Unmaps `count` mapped granules from `va` in one backend call and
-    /// returns their physical granules to the free set.
-    fn unmap_range(&mut self, va: u64, count: u64) -> Result<()> {
-        if count == 0 {
+    /// Unmaps every mapped handle in `[lo, hi)` (which holds whole handles
+    /// only) in one backend call; the handles become free.
+    fn unmap_handles(&mut self, lo: u64, hi: u64) -> Result<()> {
+        if hi <= lo {
             return Ok(());
         }
-        let g = self.settings.granule_bytes;
-        self.backend.unmap(self.device, va, count * g)?;
+        self.backend.unmap(self.device, lo, hi - lo)?;
         self.stats.bump(C::DriverUnmapCalls, 1);
-        for i in 0..count {
-            let (h, k) = self.mapped.remove(&(va + i * g)).expect("granule was mapped");
-            self.handles[h as usize].as_mut().expect("live handle").mapped_granules -= 1;
-            self.free_granules.insert((h, k));
+        let inside: Vec<(u64, HandleIdx)> = self.mapped.range(lo..hi).map(|(&va, &h)| (va, h)).collect();
+        for (va, h) in inside {
+            self.mapped.remove(&va);
+            let handle = self.handles[h as usize].as_mut().expect("live handle");
+            handle.va = None;
+            let n = handle.granules;
+            self.free_handles.insert((n, h));
         }
-        self.stats.gauge_mut(G::MappedBytes).sub((count * g) as i64);
+        self.stats.gauge_mut(G::MappedBytes).sub((hi - lo) as i64);
         Ok(())
     }
 
-    /// Unmaps every granule that lies wholly inside the run of adjacent
+    /// Unmaps every handle that lies wholly inside the run of adjacent
     /// cached blocks (of any streams) around indexed cached block `id`,
-    /// turning those granules into a hole; the run's partial granules at
-    /// either end stay cached. The caller has made sure the device is done
+    /// turning that range into a hole; the handles that straddle the run's
+    /// ends stay mapped and their part of the run stays cached. The caller has made sure the device is done
     /// with every cached block. Returns the granules freed.
     fn unmap_cached_run(&mut self, id: BlockId) -> Result<u64> {
         let g = self.settings.granule_bytes;
@@ -643,14 +705,19 @@ impl DevicePool {
         }
         let start = self.b(first).addr;
         let end = self.b(last).addr + self.b(last).size;
-        let base = self.arenas[self.b(id).arena as usize].base;
-        let lo = base + round_up(start - base, g);
-        let hi = base + (end - base) / g * g;
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        for (&va, &h) in self.mapped.range(start..end) {
+            let size = self.handles[h as usize].as_ref().expect("live handle").granules * g;
+            if va + size <= end {
+                lo = lo.min(va);
+                hi = hi.max(va + size);
+            }
+        }
         if hi <= lo {
             return Ok(0);
         }
         let count = (hi - lo) / g;
-        self.unmap_range(lo, count)?;
+        self.unmap_handles(lo, hi)?;
         self.stats.bump(C::ReclaimedGranules, count);
         let mut cur = first;
         while cur != NIL && self.b(cur).addr < end {
@@ -678,6 +745,10 @@ impl DevicePool {
         Ok(count)
     }
 
+    fn free_handle_granules(&self) -> u64 {
+        self.free_handles.iter().map(|&(n, _)| n).sum()
+    }
+
     fn is_indexed_cached(&self, id: BlockId) -> bool {
         let b = self.b(id);
         b.state == State::Cached && self.cached_by_size.contains(&(b.arena, b.size, b.addr, id))
@@ -687,7 +758,7 @@ impl DevicePool {
     /// cached granules, largest blocks first, after the device is done with
     /// them. Stops early when enough are free.
     fn reclaim(&mut self, need: u64) -> Result<()> {
-        if (self.free_granules.len() as u64) >= need || self.cached_by_size.is_empty() {
+        if self.free_handle_granules() >= need || self.cached_by_size.is_empty() {
             return Ok(());
         }
         self.backend.synchronize(self.device)?;
@@ -695,7 +766,7 @@ impl DevicePool {
         let mut order: Vec<(u64, BlockId)> = self.cached_by_size.iter().map(|&(_, s, _, id)| (s, id)).collect();
         order.sort_unstable_by(|a, b| b.cmp(a));
         for (_, id) in order {
-            if self.free_granules.len() as u64 >= need {
+            if self.free_handle_granules() >= need {
                 break;
             }
             // An earlier unmap may have merged this block away.
@@ -717,19 +788,15 @@ impl DevicePool {
                 self.unmap_cached_run(id)?;
             }
         }
-        for h in 0..self.handles.len() {
-            let Some(handle) = self.handles[h].as_ref() else { continue };
-            if handle.mapped_granules != 0 {
-                continue;
+        while let Some((n, h)) = self.free_handles.pop_first() {
+            let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
+            if let Err(e) = self.backend.release(self.device, backend_id) {
+                self.free_handles.insert((n, h));
+                return Err(e);
             }
-            let (backend_id, granules) = (handle.backend_id, handle.granules);
-            self.backend.release(self.device, backend_id)?;
             self.stats.bump(C::DriverReleaseCalls, 1);
-            for k in 0..granules {
-                self.free_granules.remove(&(h as HandleIdx, k));
-            }
-            self.handles[h] = None;
-            self.stats.gauge_mut(G::ReservedBytes).sub((granules as u64 * self.settings.granule_bytes) as i64);
+            self.handles[h as usize] = None;
+            self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
             self.stats.gauge_mut(G::Handles).sub(1);
         }
         Ok(())
@@ -899,13 +966,12 @@ impl DevicePool {
         let g = self.settings.granule_bytes;
         let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
         let mut chain_blocks = 0usize;
-        let mut mapped_seen = 0usize;
-        let mut used_granules = 0u64;
+        // Maximal runs of non-hole blocks: what the mapped handles must tile.
+        let mut used_runs: Vec<(u64, u64)> = Vec::new();
         for arena in &self.arenas {
             let mut id = arena.head;
             let mut expect_addr = arena.base;
             let mut prev = NIL;
-            let mut last_counted: Option<u64> = None;
             while id != NIL {
                 let b = self.b(id);
                 chain_blocks += 1;
@@ -915,28 +981,17 @@ impl DevicePool {
                 if prev != NIL {
                     assert!(!self.mergeable(prev, id), "unmerged neighbours {prev} and {id}");
                 }
-                let first = (b.addr - arena.base) / g;
-                let last = (b.addr + b.size - 1 - arena.base) / g;
                 match b.state {
                     State::Hole => {
                         assert_eq!((b.addr - arena.base) % g, 0, "hole start not granule aligned");
                         assert_eq!(b.size % g, 0, "hole size not granule aligned");
                         assert!(self.holes.contains(&(b.arena, b.size, b.addr, id)), "hole not indexed");
-                        // Holes can be huge: check their ends only.
-                        for k in [first, last] {
-                            assert!(!self.mapped.contains_key(&(arena.base + k * g)), "granule in hole is mapped");
-                        }
                     }
                     state => {
-                        for k in first..=last {
-                            assert!(self.mapped.contains_key(&(arena.base + k * g)), "granule of a used block unmapped");
+                        match used_runs.last_mut() {
+                            Some(run) if run.1 == b.addr => run.1 += b.size,
+                            _ => used_runs.push((b.addr, b.addr + b.size)),
                         }
-                        let from = match last_counted {
-                            Some(c) if c >= first => c + 1,
-                            _ => first,
-                        };
-                        used_granules += (last + 1).saturating_sub(from);
-                        last_counted = Some(last);
                         match state {
                             State::Allocated => {
                                 allocated += b.size as i64;
@@ -963,21 +1018,39 @@ impl DevicePool {
             }
             assert_eq!(expect_addr, arena.base + arena.size, "chain does not cover the arena");
         }
-        for &(h, k) in self.mapped.values() {
-            assert!(!self.free_granules.contains(&(h, k)), "granule both mapped and free");
-            mapped_seen += 1;
+        // Mapped handles, merged into contiguous runs, equal the used runs.
+        let mut mapped_runs: Vec<(u64, u64)> = Vec::new();
+        let mut mapped_bytes = 0u64;
+        for (&va, &h) in &self.mapped {
+            let handle = self.handles[h as usize].as_ref().expect("mapped handle is live");
+            assert_eq!(handle.va, Some(va), "handle {h} does not know its address");
+            assert!(!self.free_handles.contains(&(handle.granules, h)), "handle {h} both mapped and free");
+            let end = va + handle.granules * g;
+            mapped_bytes += handle.granules * g;
+            match mapped_runs.last_mut() {
+                Some(run) if run.1 == va => run.1 = end,
+                Some(run) => {
+                    assert!(run.1 < va, "mapped handles overlap at {va:#x}");
+                    mapped_runs.push((va, end));
+                }
+                None => mapped_runs.push((va, end)),
+            }
         }
+        used_runs.sort_unstable();
+        assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
         assert_eq!(self.cached_by_size.len(), self.cached_by_stream.len());
         assert_eq!(self.live.len() as i64, active + pending);
-        let (mut physical, mut handles, mut granules) = (0i64, 0i64, 0usize);
-        for h in self.handles.iter().flatten() {
-            physical += (h.granules as u64 * g) as i64;
+        let (mut physical, mut handles) = (0i64, 0usize);
+        for (h, handle) in self.handles.iter().enumerate() {
+            let Some(handle) = handle else { continue };
+            physical += (handle.granules * g) as i64;
             handles += 1;
-            granules += h.granules as usize;
+            if handle.va.is_none() {
+                assert!(self.free_handles.contains(&(handle.granules, h as HandleIdx)), "unmapped handle {h} lost");
+            }
         }
-        assert_eq!(granules, mapped_seen + self.free_granules.len(), "granule accounting");
-        assert_eq!(used_granules, mapped_seen as u64, "mapped granules outside every used block");
+        assert_eq!(handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
         let s = &self.stats;
         let checks = [
             (G::AllocatedBytes, allocated),
@@ -985,9 +1058,9 @@ impl DevicePool {
             (G::ActiveBlocks, active),
             (G::CachedBytes, cached),
             (G::PendingFreeBlocks, pending),
-            (G::MappedBytes, (mapped_seen as u64 * g) as i64),
+            (G::MappedBytes, mapped_bytes as i64),
             (G::ReservedBytes, physical),
-            (G::Handles, handles),
+            (G::Handles, handles as i64),
         ];
         for (gauge, value) in checks {
             assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");

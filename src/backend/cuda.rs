@@ -201,10 +201,10 @@ impl Backend for CudaBackend {
         // SAFETY: the handle is live and no piece of it is mapped (contract).
         self.in_context(device, || check("cuMemRelease", unsafe { sys::cuMemRelease(handle) }))
     }
-    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId, offset_bytes: u64) -> Result<()> {
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
         self.in_context(device, || {
-            // SAFETY: the range is reserved and unmapped, the handle piece fits (contract).
-            check("cuMemMap", unsafe { sys::cuMemMap(va, size_bytes as usize, offset_bytes as usize, handle, 0) })
+            // SAFETY: the range is reserved and unmapped, the handle is that size (contract).
+            check("cuMemMap", unsafe { sys::cuMemMap(va, size_bytes as usize, 0, handle, 0) })
         })
     }
     fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {

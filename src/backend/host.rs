@@ -138,9 +138,9 @@ impl Backend for HostBackend {
         unsafe { libc::close(handle as i32) };
         Ok(())
     }
-    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId, offset_bytes: u64) -> Result<()> {
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
         match self.dev(device)?.handles.get(&handle) {
-            Some(&hsize) if offset_bytes + size_bytes <= hsize => {}
+            Some(&hsize) if size_bytes == hsize => {}
             _ => return Err(Error::Driver { call: "mmap(map)", code: libc::EINVAL as i64, message: "bad handle or range".into() }),
         }
         // SAFETY: [va, va+size) lies in one of our reservations and is
@@ -153,7 +153,7 @@ impl Backend for HostBackend {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 handle as i32,
-                offset_bytes as libc::off_t,
+                0,
             )
         };
         if p == libc::MAP_FAILED {

@@ -3,10 +3,11 @@
 //!
 //! Contract, for every implementation:
 //! - Addresses and sizes given to `map`, `unmap` and `set_access`, and sizes
-//!   given to `create`, are multiples of `granularity()`; offsets into a
-//!   handle too. `reserve` returns a base aligned to `alignment`.
-//! - A handle's memory is reachable only through its mappings; one handle may
-//!   be mapped in pieces at several addresses. `release` is called only when
+//!   given to `create`, are multiples of `granularity()`. `reserve` returns a
+//!   base aligned to `alignment`.
+//! - A handle maps whole, at one address at a time (CUDA answers 801, not
+//!   supported, to a map at a non-zero offset into a handle). `unmap` may
+//!   cover several whole handles mapped side by side. `release` is called only when
 //!   no piece of the handle is mapped. `unreserve` only when nothing in the
 //!   range is mapped.
 //! - `map` makes the range readable and writable from the device only once
@@ -47,7 +48,8 @@ pub trait Backend: Send + Sync {
     fn unreserve(&self, device: i32, base: u64, size_bytes: u64) -> Result<()>;
     fn create(&self, device: i32, size_bytes: u64) -> Result<HandleId>;
     fn release(&self, device: i32, handle: HandleId) -> Result<()>;
-    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId, offset_bytes: u64) -> Result<()>;
+    /// Maps the whole handle (of `size_bytes`) at `va`.
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId) -> Result<()>;
     fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()>;
     fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()>;
 

@@ -107,10 +107,10 @@ impl Backend for SimBackend {
         d.used_bytes -= size;
         Ok(())
     }
-    fn map(&self, device: i32, _va: u64, size_bytes: u64, handle: HandleId, offset_bytes: u64) -> Result<()> {
+    fn map(&self, device: i32, _va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
         let mut d = self.dev(device)?;
         match d.handles.get(&handle) {
-            Some(&hsize) if offset_bytes + size_bytes <= hsize => {
+            Some(&hsize) if size_bytes == hsize => {
                 d.mapped_bytes += size_bytes;
                 Ok(())
             }

@@ -74,6 +74,7 @@ run_test train       240 python3 tests/gpu/t_train_parity.py
 run_test oom         240 python3 tests/gpu/t_oom.py
 run_test threads     240 python3 tests/gpu/t_threads.py
 run_test multistream 120 python3 tests/gpu/t_multistream.py
+run_test reclaim     120 python3 tests/gpu/t_reclaim.py
 run_test bench       180 python3 tests/gpu/t_bench.py
 run_test libtorch    300 bash -c libtorch_test
 
@@ -87,4 +88,6 @@ run_test libtorch    300 bash -c libtorch_test
   done
   echo "${#NAMES[@]} tests, $FAILED failed; logs in $OUT"
 } | tee "$OUT/summary.txt"
+# The device tool returns at most 8 files: pack the logs into one.
+(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log 2>/dev/null)
 [ "$FAILED" -eq 0 ] && [ ${#NAMES[@]} -gt 0 ]

@@ -54,6 +54,9 @@ def child(mode):
     else:
         torch, tt = install()
         chunk, max_chunks = 4 * GiB, 256
+    # As in a real job, the GPU has computed before it runs out (cuBLAS's
+    # handle, made at the first matmul, takes driver memory of its own).
+    still_works(torch, mode + " before")
     ooms0 = tt.stats()["ooms"]
     held, msg = fill(torch, chunk, max_chunks)
     n = len(held)

@@ -69,6 +69,7 @@ impl Allocator {
                 granule_bytes: self.config.page_size.0,
                 max_handle_bytes: self.config.max_handle_size.0,
                 small_size_bytes: self.config.small_size.0,
+                growth_bytes: self.config.growth_size.0,
                 va_size_bytes: self.config.va_size.0,
                 expandable: self.config.expandable_segments,
                 limit_bytes: limit,

@@ -177,6 +177,10 @@ options! {
     /// won on the shared traces: 4x fewer driver calls than 2 MiB for a
     /// frontier within 0.02 of it (see README, policy notes).
     max_handle_size: Bytes = Bytes(8 << 20);
+    /// Least bytes mapped when a large-arena request under half this size
+    /// misses the cache (PyTorch's 20 MiB segments): fewer, larger growths.
+    /// The extra stays cached for the same stream. 0 maps exact sizes.
+    growth_size: Bytes = Bytes(20 << 20);
     /// Requests of at most this size go to the small pool, packed into their
     /// own granules so that they do not pin granules of large blocks.
     small_size: Bytes = Bytes(1 << 20);

@@ -100,6 +100,7 @@ pub struct PoolSettings {
     pub granule_bytes: u64,
     pub max_handle_bytes: u64,
     pub small_size_bytes: u64,
+    pub growth_bytes: u64,
     pub va_size_bytes: u64,
     pub expandable: bool,
     pub limit_bytes: Option<u64>,
@@ -517,7 +518,18 @@ impl DevicePool {
         };
         let va = self.b(hole).addr;
         let room = self.b(hole).size / g;
-        let mapped_granules = self.map_granules(va, new_granules, room)?;
+        // Small large-arena requests grow by at least growth_bytes, as
+        // PyTorch's segments do, so that their neighbours hit the cache;
+        // when memory is short, exactly what is needed.
+        let growth = if arena == ArenaKind::Large && rounded < self.settings.growth_bytes / 2 {
+            (self.settings.growth_bytes / g).clamp(new_granules, room)
+        } else {
+            new_granules
+        };
+        let mapped_granules = match self.map_granules(va, growth, room) {
+            Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room)?,
+            other => other?,
+        };
         // The hole's front is now mapped: carve it off as a cached block.
         self.unindex(hole);
         let mapped_bytes = mapped_granules * g;

@@ -30,7 +30,7 @@ fn cached_block_is_reused_without_driver_calls() {
 
 #[test]
 fn stats_are_exact_for_a_known_sequence() {
-    let (a, _) = sim("");
+    let (a, _) = sim("growth_size:0");
     let x = a.malloc(1000, 0, 0).unwrap(); // rounds to 1024, small arena
     let y = a.malloc(5 * MIB + 1, 0, 0).unwrap(); // rounds to 5 MiB + 512
     let s = a.stats(0).unwrap();
@@ -82,13 +82,33 @@ fn small_and_large_requests_live_in_separate_arenas() {
 
 #[test]
 fn expandable_growth_extends_a_cached_block_at_the_top() {
-    let (a, _) = sim("");
+    let (a, _) = sim("growth_size:0");
     let p = a.malloc(4 * MIB, 0, 0).unwrap();
     a.free(p, None, 0, None).unwrap();
     // 6 MiB does not fit the cached 4 MiB block; growth maps 2 MiB after it.
     let q = a.malloc(6 * MIB, 0, 0).unwrap();
     assert_eq!(q, p);
     assert_eq!(gauge(&a, G::ReservedBytes), (6 * MIB) as i64);
+    check(&a, 0);
+}
+
+#[test]
+fn small_large_requests_grow_by_growth_size_and_exactly_when_short() {
+    let (a, _) = sim("growth_size:20M,device_capacity:1G");
+    let p = a.malloc(3 * MIB, 0, 0).unwrap();
+    assert_eq!(gauge(&a, G::MappedBytes), (20 * MIB) as i64, "one 20 MiB growth");
+    let q = a.malloc(3 * MIB, 0, 0).unwrap();
+    assert_eq!(q, p + 3 * MIB, "the neighbour hits the cache");
+    assert_eq!(counter(&a, C::CacheHits), 1);
+    let big = a.malloc(30 * MIB, 0, 0).unwrap();
+    // The cached 14 MiB at the top is extended by exactly the 16 MiB missing.
+    assert_eq!(big, p + 6 * MIB);
+    assert_eq!(gauge(&a, G::MappedBytes), (36 * MIB) as i64, "large requests map exactly");
+    a.free(big, None, 0, None).unwrap();
+    check(&a, 0);
+    let (a, _) = sim("growth_size:20M,device_capacity:6M");
+    assert!(a.malloc(3 * MIB, 0, 0).is_ok(), "with 6 MiB only, the growth is exact");
+    assert_eq!(gauge(&a, G::MappedBytes), (4 * MIB) as i64);
     check(&a, 0);
 }
 
@@ -159,7 +179,7 @@ fn fragmented_free_granules_serve_a_large_request() {
     // 64 MiB device filled with 4 MiB blocks; every other one freed leaves
     // 32 MiB free in 4 MiB holes. A 32 MiB request must still succeed: the
     // free granules are unmapped and mapped again where the request is.
-    let (a, _) = sim("device_capacity:64M");
+    let (a, _) = sim("device_capacity:64M,max_handle_size:2M");
     let blocks: Vec<u64> = (0..16).map(|_| a.malloc(4 * MIB, 0, 0).unwrap()).collect();
     for (i, &b) in blocks.iter().enumerate() {
         if i % 2 == 0 {
@@ -177,7 +197,7 @@ fn fragmented_free_granules_serve_a_large_request() {
 
 #[test]
 fn without_expandable_segments_pressure_releases_everything_first() {
-    let (a, _) = sim("device_capacity:64M,expandable_segments:false");
+    let (a, _) = sim("device_capacity:64M,expandable_segments:false,max_handle_size:2M");
     let blocks: Vec<u64> = (0..16).map(|_| a.malloc(4 * MIB, 0, 0).unwrap()).collect();
     for &b in blocks.iter().step_by(2) {
         a.free(b, None, 0, None).unwrap();

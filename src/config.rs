@@ -299,6 +299,14 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_option() {
+        let readme = include_str!("../README.md");
+        for o in OPTIONS {
+            assert!(readme.contains(&format!("| `{}` |", o.name)), "README's configuration table lacks {}", o.name);
+        }
+    }
+
+    #[test]
     fn options_table_lists_every_field() {
         let text = Config::describe();
         for name in ["backend", "expandable_segments", "page_size", "memory_limit", "va_size"] {

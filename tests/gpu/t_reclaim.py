@@ -1,11 +1,11 @@
-"""Reclamation on the real GPU: under a 1 GiB cap, 16 x 64 MiB tensors fill the
-cap; every other one is freed (512 MiB free in 64 MiB holes); a 512 MiB tensor
+"""Reclamation on the real GPU: under a 1 GiB + 16 MiB cap (16 MiB for the small
+temporaries of the checks), 16 x 64 MiB tensors fill the cap; every other one is freed (512 MiB free in 64 MiB holes); a 512 MiB tensor
 must still fit, by unmapping the free granules and mapping them where it goes.
 The survivors keep their data; the new tensor is fully writable."""
 
 from gpu_util import MiB, check, install, note, settle
 
-torch, tt = install(conf="memory_limit:1G")
+torch, tt = install(conf="memory_limit:1040M")
 chunk = 64 * MiB
 held = []
 for i in range(16):
@@ -30,10 +30,10 @@ for i in range(1, 16, 2):
     check(uniform(held[i], i + 1), f"survivor {i} changed after the remap")
 reclaimed = after["reclaimed_granules"] - before["reclaimed_granules"]
 check(reclaimed >= 256, f"expected >= 256 granules reclaimed, got {reclaimed}")
-check(after["reserved_bytes"]["peak"] <= 1024 * MiB, f"peak reserved {after['reserved_bytes']['peak']} over the cap")
+check(after["reserved_bytes"]["peak"] <= 1040 * MiB, f"peak reserved {after['reserved_bytes']['peak']} over the cap")
 try:
     torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
-    raise AssertionError("a 64 MiB tensor fit over a full 1 GiB cap")
+    raise AssertionError("a 64 MiB tensor fit in the 16 MiB left under the cap")
 except RuntimeError as e:
     check(str(e).startswith("CUDA out of memory. Tried to allocate"), f"bad OOM message: {e}")
 del big

@@ -1,0 +1,63 @@
+/* A plain C program against include/tessera.h: configure the host backend,
+ * allocate, write and read every byte, free, read the statistics, and check
+ * that bad input is reported, not fatal. Exit 0 and "C ABI OK" on success. */
+#include "tessera.h"
+#include <stdio.h>
+#include <string.h>
+
+#define CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "FAIL line %d: ", __LINE__); \
+    fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); return 1; } } while (0)
+
+static int find(const char *(*name)(int32_t), int32_t count, const char *wanted) {
+    for (int32_t i = 0; i < count; i++)
+        if (name(i) && strcmp(name(i), wanted) == 0) return i;
+    return -1;
+}
+
+int main(void) {
+    CHECK(strlen(tessera_version()) > 0, "empty version");
+    CHECK(tessera_configure("no_such_key:1") == -1, "bad key accepted");
+    CHECK(strstr(tessera_last_error(), "no_such_key") != NULL, "error does not name the key: %s", tessera_last_error());
+    CHECK(tessera_configure("backend:host,page_size:64K,device_capacity:64M,va_size:1G") == 0, "%s", tessera_last_error());
+    CHECK(tessera_check_config() == 0, "%s", tessera_last_error());
+
+    const size_t sizes[] = {1, 511, 512, 4096, 100000, 1 << 20, 5 << 20};
+    unsigned char *ptrs[7];
+    for (int i = 0; i < 7; i++) {
+        ptrs[i] = tessera_try_malloc((ssize_t)sizes[i], 0, NULL);
+        CHECK(ptrs[i] != NULL, "malloc(%zu): %s", sizes[i], tessera_last_error());
+        memset(ptrs[i], 0x40 + i, sizes[i]);
+    }
+    for (int i = 0; i < 7; i++)
+        for (size_t k = 0; k < sizes[i]; k++)
+            CHECK(ptrs[i][k] == 0x40 + i, "block %d byte %zu overwritten", i, k);
+
+    TesseraStats s;
+    CHECK(tessera_get_stats(0, &s) == 0, "%s", tessera_last_error());
+    int alloc = find(tessera_gauge_name, tessera_gauge_count(), "allocated_bytes");
+    int req = find(tessera_gauge_name, tessera_gauge_count(), "requested_bytes");
+    int invalid = find(tessera_counter_name, tessera_counter_count(), "invalid_frees");
+    CHECK(alloc == TESSERA_GAUGE_ALLOCATED_BYTES && req >= 0 && invalid >= 0, "stat names");
+    size_t total = 0;
+    for (int i = 0; i < 7; i++) total += sizes[i];
+    CHECK(s.gauges[req].current == (int64_t)total, "requested %lld != %zu", (long long)s.gauges[req].current, total);
+
+    for (int i = 0; i < 7; i++) tessera_free(ptrs[i], (ssize_t)sizes[i], 0, NULL);
+    CHECK(tessera_get_stats(0, &s) == 0, "stats");
+    CHECK(s.gauges[alloc].current == 0, "allocated not back to 0");
+
+    /* Bad input: reported and counted, never fatal. */
+    tessera_free(ptrs[0], 1, 0, NULL); /* double free */
+    CHECK(strstr(tessera_last_error(), "not a live tessera allocation") != NULL, "%s", tessera_last_error());
+    CHECK(tessera_try_malloc(-5, 0, NULL) == NULL, "negative size served");
+    CHECK(tessera_try_malloc(100, 9, NULL) == NULL, "device 9 served");
+    CHECK(tessera_try_malloc(1LL << 40, 0, NULL) == NULL, "1 TiB served on a 64 MiB device");
+    CHECK(strncmp(tessera_last_error(), "CUDA out of memory. Tried to allocate", 37) == 0, "%s", tessera_last_error());
+    CHECK(tessera_try_malloc(0, 0, NULL) == NULL, "size 0 gives NULL");
+    CHECK(tessera_get_stats(0, NULL) == -1, "NULL stats accepted");
+    CHECK(tessera_get_stats(0, &s) == 0 && s.counters[invalid] == 1, "invalid_frees not counted");
+    tessera_empty_cache();
+    CHECK(tessera_get_stats(0, &s) == 0 && s.gauges[TESSERA_GAUGE_RESERVED_BYTES].current == 0, "reserved after empty_cache");
+    printf("C ABI OK\n");
+    return 0;
+}

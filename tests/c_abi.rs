@@ -1,0 +1,59 @@
+//! The C ABI from C and C++: compiles tests/c/*.{c,cpp} against
+//! include/tessera.h, links the cdylib that cargo built, runs them (each in
+//! its own process: the global allocator is configured once per process).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn lib_dir() -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    assert!(dir.join("libtessera.so").exists(), "libtessera.so not found in {}", dir.display());
+    dir
+}
+
+fn build_and_run(source: &str, compiler: &str, expect: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = lib_dir();
+    let out = std::env::temp_dir().join(format!("tessera_{}_{}", std::process::id(), source.replace(['/', '.'], "_")));
+    let status = Command::new(compiler)
+        .args(["-Wall", "-Wextra", "-Werror", "-O1", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join(source))
+        .arg("-o")
+        .arg(&out)
+        .arg("-L")
+        .arg(&lib)
+        .arg("-ltessera")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .expect("compiler runs");
+    assert!(status.success(), "{compiler} failed on {source}");
+    let run = Command::new(&out).env_remove("TESSERA_CONF").output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{source}: {:?}\n{stdout}\n{}", run.status, String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains(expect), "{source} printed {stdout}");
+    let _ = std::fs::remove_file(out);
+}
+
+#[test]
+fn c_program_allocates_writes_frees_on_the_host_backend() {
+    build_and_run("tests/c/host_smoke.c", "cc", "C ABI OK");
+}
+
+#[test]
+fn cxx_program_catches_the_oom_exception_and_goes_on() {
+    build_and_run("tests/c/oom_throws.cpp", "c++", "C++ OOM OK");
+}
+
+#[test]
+fn committed_header_matches_the_source() {
+    // build.rs rewrites include/tessera.h when the source changes: a header
+    // that differs from git's copy means it was not committed.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let Ok(out) = Command::new("git").arg("-C").arg(root).args(["diff", "--quiet", "--", "include/tessera.h"]).status() else {
+        panic!("git is needed to check the committed header");
+    };
+    assert!(out.success(), "include/tessera.h differs from the committed one: commit the regenerated header");
+}

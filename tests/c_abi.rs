@@ -9,7 +9,11 @@ fn lib_dir() -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(dir.join("libtessera.so").exists(), "libtessera.so not found in {}", dir.display());
+    assert!(
+        dir.join("libtessera.so").exists(),
+        "libtessera.so not found in {}: run `cargo build --release` first (tests/run.sh does)",
+        dir.display()
+    );
     dir
 }
 

@@ -3,6 +3,6 @@
 # (sim and host backends, the C and C++ programs), then the Python module's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+cargo build --release           # the .so that the C, C++ and Python tests load
 cargo test --release
-cargo build --release --quiet   # the .so the Python tests load
 python3 -m pytest -q tests/python

@@ -19,6 +19,11 @@ typedef struct CUstream_st *cudaStream_t;
 
 
 /*
+ The code of every injected `Error::Driver`.
+ */
+#define INJECTED_CODE -7777
+
+/*
  Number of gauges (entries of `TesseraStats.gauges`).
  */
 #define TESSERA_GAUGE_COUNT 8
@@ -157,6 +162,13 @@ typedef uint32_t TesseraCounter;
 #endif // __cplusplus
 
 /*
+ The calls that can be made to fail.
+ */
+typedef struct FaultPoint FaultPoint;
+
+typedef struct Option_TesseraOomCallback Option_TesseraOomCallback;
+
+/*
  One gauge: current value, peak since the last reset, and the cumulative
  increments and decrements.
  */
@@ -175,6 +187,8 @@ typedef struct TesseraStats {
   struct TesseraStat gauges[TESSERA_GAUGE_COUNT];
   uint64_t counters[TESSERA_COUNTER_COUNT];
 } TesseraStats;
+
+
 
 #ifdef __cplusplus
 extern "C" {
@@ -256,6 +270,42 @@ int32_t tessera_get_stats(int device, struct TesseraStats *out);
  Resets the peaks of `device` to the current values. Returns 0 or -1.
  */
 int32_t tessera_reset_peak_stats(int device);
+
+/*
+ Copies the statistics of one arena of `device` into `*out`: `arena` 0
+ is the small arena (PyTorch's small_pool), 1 the large one. Only the
+ block-level gauges are kept per arena (allocated, requested, active,
+ cached, mapped, pending); the rest are zero. Returns 0 or -1.
+ */
+int32_t tessera_get_arena_stats(int device, int arena, struct TesseraStats *out);
+
+/*
+ Writes every device's memory as JSON in the shape of
+ `torch.cuda.memory._snapshot()` (`segments` with their `blocks`, and
+ `device_traces` when history is recorded) into `buf` if `len` bytes
+ suffice. Returns the bytes needed (call with NULL, 0 to ask), or -1.
+ */
+int64_t tessera_snapshot_json(char *buf, uintptr_t len);
+
+/*
+ Starts (`enabled` non-zero) or stops recording alloc, free, map, unmap
+ and OOM events, at most `max_entries` per device (the oldest go first).
+ Cheap when off. Returns 0 or -1.
+ */
+int32_t tessera_record_history(int enabled, uintptr_t max_entries);
+
+/*
+ Writes the recorded alloc and free events of `device` in the trace
+ format that `tessera-replay` reads (`a|f ADDR SIZE STREAM` lines) into
+ `buf` if `len` bytes suffice. Returns the bytes needed, or -1.
+ */
+int64_t tessera_history_trace(int device, char *buf, uintptr_t len);
+
+/*
+ Registers an OOM callback (called on the allocating thread, with no
+ tessera lock held). Returns 0 or -1.
+ */
+int32_t tessera_register_oom_callback(struct Option_TesseraOomCallback callback, void *user_data);
 
 /*
  Number of entries of `TesseraStats.gauges`.

@@ -9,7 +9,7 @@
 use crate::backend::{self, Backend};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::pool::{DevicePool, PoolSettings};
+use crate::pool::{ArenaKind, DevicePool, PoolSettings};
 use crate::stats::{TesseraCounter, TesseraStats};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -20,10 +20,16 @@ struct Slot {
     fraction: Option<f64>,
 }
 
+/// Called before tessera gives up on a request: (device, bytes requested).
+pub type OomCallback = Box<dyn Fn(i32, u64) + Send + Sync>;
+
 pub struct Allocator {
     config: Config,
     backend: Arc<dyn Backend>,
     slots: Vec<Mutex<Slot>>,
+    oom_callbacks: Mutex<Vec<OomCallback>>,
+    /// History recording asked for: applied to pools made later too.
+    history: Mutex<(bool, usize)>,
 }
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -43,7 +49,13 @@ impl Allocator {
     pub fn with_backend(config: Config, backend: Arc<dyn Backend>) -> Result<Allocator> {
         let count = backend.device_count()?;
         tracing::info!(backend = backend.name(), devices = count, "tessera initialised");
-        Ok(Allocator { config, backend, slots: (0..count).map(|_| Mutex::new(Slot::default())).collect() })
+        Ok(Allocator {
+            config,
+            backend,
+            slots: (0..count).map(|_| Mutex::new(Slot::default())).collect(),
+            oom_callbacks: Mutex::new(Vec::new()),
+            history: Mutex::new((false, 0)),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -74,7 +86,10 @@ impl Allocator {
                 expandable: self.config.expandable_segments,
                 limit_bytes: limit,
             };
-            slot.pool = Some(DevicePool::new(device, self.backend.clone(), settings)?);
+            let mut pool = DevicePool::new(device, self.backend.clone(), settings)?;
+            let (on, entries) = *self.history.lock().unwrap_or_else(|p| p.into_inner());
+            pool.record_history(on, entries);
+            slot.pool = Some(pool);
         }
         f(slot.pool.as_mut().expect("made above"))
     }
@@ -87,8 +102,135 @@ impl Allocator {
         })
     }
 
+    /// Allocates; when memory is short, runs the OOM callbacks (outside the
+    /// device's lock: they may free memory) and retries once before giving up.
     pub fn malloc(&self, size: u64, device: i32, stream: u64) -> Result<u64> {
-        self.with_pool(device, |p| p.malloc(size, stream))
+        let first = self.with_pool(device, |p| p.malloc(size, stream));
+        let Err(Error::OutOfMemory(_)) = first else { return first };
+        let result = {
+            let callbacks = self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner());
+            if callbacks.is_empty() {
+                first
+            } else {
+                for cb in callbacks.iter() {
+                    cb(device, size);
+                }
+                drop(callbacks);
+                self.with_pool(device, |p| p.malloc(size, stream))
+            }
+        };
+        if let Err(Error::OutOfMemory(_)) = &result {
+            if let Some(path) = &self.config.oom_snapshot.0 {
+                match std::fs::write(path, self.snapshot_json()) {
+                    Ok(()) => tracing::info!("tessera: OOM snapshot written to {path}"),
+                    Err(e) => tracing::warn!("tessera: could not write the OOM snapshot to {path}: {e}"),
+                }
+            }
+            self.with_pool(device, |p| {
+                p.on_final_oom(size, stream);
+                Ok(())
+            })?;
+        }
+        result
+    }
+
+    /// Registers a callback run before tessera gives up on a request.
+    pub fn on_oom(&self, callback: OomCallback) {
+        self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).push(callback);
+    }
+
+    /// Starts or stops recording alloc/free/map/unmap/oom events in a ring
+    /// of `max_entries` per device (cheap when off: one branch).
+    pub fn record_history(&self, enabled: bool, max_entries: usize) {
+        *self.history.lock().unwrap_or_else(|p| p.into_inner()) = (enabled, max_entries);
+        for slot in &self.slots {
+            if let Some(pool) = lock(slot).pool.as_mut() {
+                pool.record_history(enabled, max_entries);
+            }
+        }
+    }
+
+    /// The recorded alloc and free events of a device in the trace format of
+    /// design.md §5 (replayable with tessera-replay).
+    pub fn history_trace(&self, device: i32) -> Result<String> {
+        use crate::pool::HistoryAction as H;
+        use crate::trace::{Action, Event};
+        let events: Vec<Event> = lock(self.slot(device)?)
+            .pool
+            .as_ref()
+            .map(|p| p.history())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                let action = match e.action {
+                    H::Alloc => Action::Alloc,
+                    H::Free => Action::Free,
+                    _ => return None,
+                };
+                Some(Event { action, addr: e.addr, size: e.size, stream: e.stream })
+            })
+            .collect();
+        let mut out = format!("# action addr size stream (tessera history, device {device})\n").into_bytes();
+        crate::trace::write(&events, &mut out).expect("writing to memory");
+        Ok(String::from_utf8(out).expect("ASCII"))
+    }
+
+    /// Every device's memory in the shape of `torch.cuda.memory._snapshot()`,
+    /// as JSON: `segments` (maximal mapped ranges with their blocks) and
+    /// `device_traces` (the history ring, when recording).
+    pub fn snapshot_json(&self) -> String {
+        let mut segments = Vec::new();
+        let mut traces = Vec::new();
+        for (device, slot) in self.slots.iter().enumerate() {
+            let slot = lock(slot);
+            let mut trace = Vec::new();
+            if let Some(pool) = slot.pool.as_ref() {
+                for (arena, blocks) in pool.segments() {
+                    let total: u64 = blocks.iter().map(|b| b.size).sum();
+                    let allocated: u64 = blocks.iter().filter(|b| b.state == "active_allocated").map(|b| b.size).sum();
+                    let active: u64 = blocks.iter().filter(|b| b.state != "inactive").map(|b| b.size).sum();
+                    let requested: u64 = blocks.iter().map(|b| b.requested).sum();
+                    let stream = blocks.iter().find(|b| b.state != "inactive").map_or(blocks[0].stream, |b| b.stream);
+                    let block_json: Vec<String> = blocks
+                        .iter()
+                        .map(|b| {
+                            format!(
+                                "{{\"address\":{},\"size\":{},\"requested_size\":{},\"state\":\"{}\",\"frames\":[]}}",
+                                b.addr, b.size, b.requested, b.state
+                            )
+                        })
+                        .collect();
+                    segments.push(format!(
+                        "{{\"device\":{device},\"address\":{},\"total_size\":{total},\"allocated_size\":{allocated},\
+                         \"active_size\":{active},\"requested_size\":{requested},\"stream\":{stream},\
+                         \"segment_type\":\"{}\",\"segment_pool_id\":[0,0],\"is_expandable\":true,\"frames\":[],\
+                         \"blocks\":[{}]}}",
+                        blocks[0].addr,
+                        if arena == ArenaKind::Small { "small" } else { "large" },
+                        block_json.join(",")
+                    ));
+                }
+                for e in pool.history() {
+                    trace.push(format!(
+                        "{{\"action\":\"{}\",\"addr\":{},\"size\":{},\"requested_size\":{},\"stream\":{},\"time_us\":{},\"frames\":[]}}",
+                        e.action.torch_name(),
+                        e.addr,
+                        e.size,
+                        e.requested,
+                        e.stream,
+                        e.time_us
+                    ));
+                }
+            }
+            traces.push(format!("[{}]", trace.join(",")));
+        }
+        format!("{{\"segments\":[{}],\"device_traces\":[{}]}}", segments.join(","), traces.join(","))
+    }
+
+    /// Statistics of one arena of a device (zeros for a device not used yet).
+    pub fn arena_stats(&self, device: i32, arena: ArenaKind) -> Result<TesseraStats> {
+        let slot = lock(self.slot(device)?);
+        Ok(slot.pool.as_ref().map(|p| p.arena_stats(arena)).unwrap_or_default())
     }
 
     /// Frees `ptr`. The pointer is authoritative: if it belongs to another
@@ -162,7 +304,7 @@ impl Allocator {
 
     pub fn reset_peak_stats(&self, device: i32) -> Result<()> {
         if let Some(pool) = lock(self.slot(device)?).pool.as_mut() {
-            pool.stats_mut().reset_peaks();
+            pool.reset_peaks();
         }
         Ok(())
     }
@@ -210,8 +352,51 @@ pub fn global() -> Result<&'static Allocator> {
     GLOBAL
         .get_or_init(|| {
             crate::log::init();
-            Allocator::new(active_config()?)
+            let allocator = Allocator::new(active_config()?)?;
+            if allocator.config.status_interval.0 > 0 {
+                start_status_thread(allocator.config.status_interval.0);
+            }
+            Ok(allocator)
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// One line of memory status per device in use, for logs.
+pub fn status_line(a: &Allocator) -> String {
+    use crate::error::format_bytes;
+    use crate::stats::TesseraGauge as G;
+    let mut parts = Vec::new();
+    for d in 0..a.device_count() {
+        let Ok(s) = a.stats(d) else { continue };
+        let reserved = s.gauge(G::ReservedBytes).current as u64;
+        if reserved == 0 && s.counter(TesseraCounter::CacheMisses) == 0 {
+            continue;
+        }
+        let allocated = s.gauge(G::AllocatedBytes).current as u64;
+        parts.push(format!(
+            "dev{d} allocated {} (peak {}) reserved {} (peak {}) unused {:.1}% ooms {}",
+            format_bytes(allocated),
+            format_bytes(s.gauge(G::AllocatedBytes).peak as u64),
+            format_bytes(reserved),
+            format_bytes(s.gauge(G::ReservedBytes).peak as u64),
+            if reserved > 0 { 100.0 * (reserved.saturating_sub(allocated)) as f64 / reserved as f64 } else { 0.0 },
+            s.counter(TesseraCounter::Ooms),
+        ));
+    }
+    if parts.is_empty() { "tessera: no device used yet".into() } else { format!("tessera: {}", parts.join(" | ")) }
+}
+
+fn start_status_thread(every_s: u64) {
+    let spawned = std::thread::Builder::new().name("tessera-status".into()).spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(every_s));
+            if let Some(Ok(a)) = GLOBAL.get() {
+                eprintln!("{}", status_line(a));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("tessera: could not start the status thread: {e}");
+    }
 }

@@ -113,6 +113,28 @@ impl OptionValue for u32 {
     }
 }
 
+/// An optional file path (no ',' or ':' in it: the syntax uses them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptPath(pub Option<String>);
+
+impl OptionValue for OptPath {
+    const ACCEPTS: &'static str = "a file path";
+    fn parse(text: &str) -> Option<Self> {
+        Some(OptPath(Some(text.to_string())))
+    }
+}
+
+/// A duration in whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub u64);
+
+impl OptionValue for Seconds {
+    const ACCEPTS: &'static str = "a whole number of seconds";
+    fn parse(text: &str) -> Option<Self> {
+        text.trim().parse().ok().map(Seconds)
+    }
+}
+
 /// One row of the options table, for documentation and `--help` output.
 #[derive(Debug)]
 pub struct OptionInfo {
@@ -192,6 +214,12 @@ options! {
     device_capacity: Bytes = Bytes(80 << 30);
     /// Number of devices of the host and sim backends.
     device_count: u32 = 1;
+    /// A file where the snapshot (JSON, in the shape of
+    /// torch.cuda.memory._snapshot()) is written when an allocation fails.
+    oom_snapshot: OptPath = OptPath(None);
+    /// Every this many seconds, one line of memory status per device on
+    /// stderr (0: never). For the logs of long runs.
+    status_interval: Seconds = Seconds(0);
     /// Virtual address space reserved per arena (one small and one large
     /// arena per device). Far larger than the device: addresses are cheap.
     va_size: Bytes = Bytes(1 << 40);

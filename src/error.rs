@@ -29,6 +29,49 @@ pub struct OomInfo {
     pub allocated_bytes: u64,
     pub reserved_bytes: u64,
     pub limit_bytes: Option<u64>,
+    pub live_blocks: u64,
+    /// Free bytes still mapped when the request failed (in partly used handles).
+    pub cached_bytes: u64,
+    pub largest_cached_bytes: u64,
+    /// Bytes freed but waiting for other streams (record_stream).
+    pub pending_bytes: u64,
+    /// The largest live allocations: (bytes, stream).
+    pub largest_allocations: Vec<(u64, u64)>,
+}
+
+impl OomInfo {
+    /// One concrete next step, from what was there when memory ran out.
+    pub fn advice(&self) -> String {
+        let live = self.allocated_bytes + self.requested_bytes;
+        if self.requested_bytes > self.total_capacity_bytes {
+            return "Next step: the request alone is larger than the GPU; split the tensor or the batch.".into();
+        }
+        if let Some(limit) = self.limit_bytes {
+            if self.reserved_bytes + self.requested_bytes > limit && live <= self.total_capacity_bytes {
+                return format!(
+                    "Next step: tessera's memory limit ({}) is what stopped it; raise memory_limit in TESSERA_CONF \
+                     or the fraction given to torch.cuda.set_per_process_memory_fraction.",
+                    format_bytes(limit)
+                );
+            }
+        }
+        if self.pending_bytes >= self.requested_bytes {
+            return "Next step: memory freed with record_stream waits for other streams; synchronize them, or free \
+                    on the stream that uses the tensor."
+                .into();
+        }
+        let held_elsewhere = self.total_capacity_bytes.saturating_sub(self.reserved_bytes + self.driver_free_bytes);
+        if held_elsewhere > self.total_capacity_bytes / 4 {
+            return format!(
+                "Next step: {} of the GPU is held outside tessera (other processes, cudaMalloc users, CUDA \
+                 contexts); check nvidia-smi.",
+                format_bytes(held_elsewhere)
+            );
+        }
+        "Next step: the live tensors need more than the GPU has; reduce the batch size or sequence length, \
+         use activation checkpointing, or free tensors no longer needed."
+            .into()
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -64,10 +107,28 @@ impl fmt::Display for Error {
                     format_bytes(o.allocated_bytes),
                     format_bytes(o.reserved_bytes.saturating_sub(o.allocated_bytes)),
                 )?;
+                write!(
+                    f,
+                    " tessera: {} live in {} blocks; {} cached in partly used handles (largest free block {}); \
+                     {} waiting for other streams",
+                    format_bytes(o.allocated_bytes),
+                    o.live_blocks,
+                    format_bytes(o.cached_bytes),
+                    format_bytes(o.largest_cached_bytes),
+                    format_bytes(o.pending_bytes),
+                )?;
                 if let Some(limit) = o.limit_bytes {
-                    write!(f, " tessera's memory limit is {}.", format_bytes(limit))?;
+                    write!(f, "; memory limit {}", format_bytes(limit))?;
                 }
-                Ok(())
+                if !o.largest_allocations.is_empty() {
+                    let list: Vec<String> = o
+                        .largest_allocations
+                        .iter()
+                        .map(|(size, stream)| format!("{} (stream {stream:#x})", format_bytes(*size)))
+                        .collect();
+                    write!(f, ". Largest allocations: {}", list.join(", "))?;
+                }
+                write!(f, ". {}", o.advice())
             }
             Error::Driver { call, code, message } => {
                 write!(f, "tessera: {call} failed with code {code}: {message}")

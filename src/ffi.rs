@@ -14,6 +14,7 @@
 
 use crate::allocator;
 use crate::error::Error;
+use crate::pool::ArenaKind;
 use crate::stats::{self, COUNTER_COUNT, GAUGE_COUNT, TesseraStats};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -199,6 +200,87 @@ pub extern "C" fn tessera_get_stats(device: c_int, out: *mut TesseraStats) -> i3
 #[unsafe(no_mangle)]
 pub extern "C" fn tessera_reset_peak_stats(device: c_int) -> i32 {
     guarded("reset_peak_stats", -1, || allocator::global()?.reset_peak_stats(device).map(|_| 0))
+}
+
+/// Copies the statistics of one arena of `device` into `*out`: `arena` 0
+/// is the small arena (PyTorch's small_pool), 1 the large one. Only the
+/// block-level gauges are kept per arena (allocated, requested, active,
+/// cached, mapped, pending); the rest are zero. Returns 0 or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_get_arena_stats(device: c_int, arena: c_int, out: *mut TesseraStats) -> i32 {
+    guarded("get_arena_stats", -1, || {
+        if out.is_null() {
+            return Err(Error::InvalidArgument("stats output pointer is NULL".into()));
+        }
+        let kind = match arena {
+            0 => ArenaKind::Small,
+            1 => ArenaKind::Large,
+            _ => return Err(Error::InvalidArgument(format!("arena {arena} is neither 0 (small) nor 1 (large)"))),
+        };
+        let s = allocator::global()?.arena_stats(device, kind)?;
+        // SAFETY: out is non-null and points to a TesseraStats (caller's contract).
+        unsafe { out.write(s) };
+        Ok(0)
+    })
+}
+
+/// Copies `text` and a NUL into `buf` if `len` bytes suffice; returns the
+/// bytes needed (NUL included) either way.
+fn copy_out(text: &str, buf: *mut c_char, len: usize) -> i64 {
+    let needed = text.len() + 1;
+    if !buf.is_null() && len >= needed {
+        // SAFETY: buf holds at least len >= needed bytes (caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf as *mut u8, text.len());
+            *buf.add(text.len()) = 0;
+        }
+    }
+    needed as i64
+}
+
+/// Writes every device's memory as JSON in the shape of
+/// `torch.cuda.memory._snapshot()` (`segments` with their `blocks`, and
+/// `device_traces` when history is recorded) into `buf` if `len` bytes
+/// suffice. Returns the bytes needed (call with NULL, 0 to ask), or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_snapshot_json(buf: *mut c_char, len: usize) -> i64 {
+    guarded("snapshot_json", -1, || Ok(copy_out(&allocator::global()?.snapshot_json(), buf, len)))
+}
+
+/// Starts (`enabled` non-zero) or stops recording alloc, free, map, unmap
+/// and OOM events, at most `max_entries` per device (the oldest go first).
+/// Cheap when off. Returns 0 or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_record_history(enabled: c_int, max_entries: usize) -> i32 {
+    guarded("record_history", -1, || {
+        allocator::global()?.record_history(enabled != 0, max_entries);
+        Ok(0)
+    })
+}
+
+/// Writes the recorded alloc and free events of `device` in the trace
+/// format that `tessera-replay` reads (`a|f ADDR SIZE STREAM` lines) into
+/// `buf` if `len` bytes suffice. Returns the bytes needed, or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_history_trace(device: c_int, buf: *mut c_char, len: usize) -> i64 {
+    guarded("history_trace", -1, || Ok(copy_out(&allocator::global()?.history_trace(device)?, buf, len)))
+}
+
+/// A function tessera calls before it gives up on an allocation:
+/// `(device, bytes requested, user_data)`. It may free memory (e.g. run a
+/// garbage collection); tessera retries once after all callbacks ran.
+pub type TesseraOomCallback = extern "C" fn(device: c_int, size: u64, user_data: *mut c_void);
+
+/// Registers an OOM callback (called on the allocating thread, with no
+/// tessera lock held). Returns 0 or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_register_oom_callback(callback: Option<TesseraOomCallback>, user_data: *mut c_void) -> i32 {
+    guarded("register_oom_callback", -1, || {
+        let cb = callback.ok_or_else(|| Error::InvalidArgument("OOM callback is NULL".into()))?;
+        let data = user_data as usize;
+        allocator::global()?.on_oom(Box::new(move |device, size| cb(device, size, data as *mut c_void)));
+        Ok(0)
+    })
 }
 
 /// Number of entries of `TesseraStats.gauges`.

@@ -22,7 +22,7 @@
 use crate::backend::{Backend, EventId};
 use crate::error::{Error, OomInfo, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Smallest block, and the rounding of every request (as PyTorch's).
@@ -140,8 +140,56 @@ pub struct DevicePool {
     /// Mapped handles by address.
     mapped: BTreeMap<u64, HandleIdx>,
     pending: Vec<PendingFree>,
+    /// All statistics of the device.
     stats: TesseraStats,
+    /// The block-level gauges per arena (small, large); they sum to `stats`'.
+    arena_stats: [TesseraStats; 2],
+    /// The history ring, when recording: (events, capacity).
+    history: Option<(VecDeque<HistoryEvent>, usize)>,
     total_bytes: u64,
+}
+
+/// What the history ring records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryAction {
+    Alloc,
+    Free,
+    /// Handles mapped into an arena (PyTorch's segment_map).
+    Map,
+    /// Handles unmapped (segment_unmap).
+    Unmap,
+    Oom,
+}
+
+impl HistoryAction {
+    /// PyTorch's name of the action, as in `torch.cuda.memory._snapshot()`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            HistoryAction::Alloc => "alloc",
+            HistoryAction::Free => "free_requested",
+            HistoryAction::Map => "segment_map",
+            HistoryAction::Unmap => "segment_unmap",
+            HistoryAction::Oom => "oom",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryEvent {
+    pub action: HistoryAction,
+    pub addr: u64,
+    /// Block size (bytes mapped, for Map/Unmap).
+    pub size: u64,
+    /// Bytes the caller asked for.
+    pub requested: u64,
+    pub stream: u64,
+    /// Microseconds since the process first used tessera.
+    pub time_us: u64,
+}
+
+fn now_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
 }
 
 fn round_up(x: u64, to: u64) -> u64 {
@@ -185,6 +233,8 @@ impl DevicePool {
             mapped: BTreeMap::new(),
             pending: Vec::new(),
             stats: TesseraStats::default(),
+            arena_stats: [TesseraStats::default(); 2],
+            history: None,
             total_bytes,
             settings,
         };
@@ -231,6 +281,57 @@ impl DevicePool {
         self.total_bytes
     }
 
+    /// Statistics of one arena (block-level gauges only: allocated,
+    /// requested, active, cached, mapped, pending).
+    pub fn arena_stats(&self, arena: ArenaKind) -> TesseraStats {
+        self.arena_stats[arena as usize]
+    }
+
+    /// Moves a gauge of the device and of one arena by `delta`.
+    fn gauge(&mut self, arena: ArenaKind, g: G, delta: i64) {
+        for s in [&mut self.stats, &mut self.arena_stats[arena as usize]] {
+            if delta >= 0 {
+                s.gauge_mut(g).add(delta);
+            } else {
+                s.gauge_mut(g).sub(-delta);
+            }
+        }
+    }
+
+    pub fn reset_peaks(&mut self) {
+        self.stats.reset_peaks();
+        for s in &mut self.arena_stats {
+            s.reset_peaks();
+        }
+    }
+
+    fn arena_at(&self, addr: u64) -> ArenaKind {
+        let a = &self.arenas[ArenaKind::Small as usize];
+        if addr >= a.base && addr < a.base + a.size { ArenaKind::Small } else { ArenaKind::Large }
+    }
+
+    // ----- history ----------------------------------------------------------
+
+    /// Starts (with room for `max_entries` events) or stops recording.
+    /// Stopping drops the recorded events.
+    pub fn record_history(&mut self, enabled: bool, max_entries: usize) {
+        self.history = (enabled && max_entries > 0).then(|| (VecDeque::with_capacity(max_entries.min(1 << 16)), max_entries));
+    }
+
+    fn record(&mut self, action: HistoryAction, addr: u64, size: u64, requested: u64, stream: u64) {
+        if let Some((ring, cap)) = self.history.as_mut() {
+            if ring.len() == *cap {
+                ring.pop_front();
+            }
+            ring.push_back(HistoryEvent { action, addr, size, requested, stream, time_us: now_us() });
+        }
+    }
+
+    /// The recorded events, oldest first.
+    pub fn history(&self) -> Vec<HistoryEvent> {
+        self.history.as_ref().map(|(r, _)| r.iter().copied().collect()).unwrap_or_default()
+    }
+
     // ----- slab -------------------------------------------------------------
 
     fn new_block(&mut self, b: Block) -> BlockId {
@@ -265,7 +366,8 @@ impl DevicePool {
             State::Cached => {
                 self.cached_by_stream.remove(&(b.arena, b.stream, b.size, b.addr, id));
                 self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
-                self.stats.gauge_mut(G::CachedBytes).sub(b.size as i64);
+                let (arena, size) = (b.arena, b.size as i64);
+                self.gauge(arena, G::CachedBytes, -size);
             }
             State::Hole => {
                 self.holes.remove(&(b.arena, b.size, b.addr, id));
@@ -280,7 +382,8 @@ impl DevicePool {
             State::Cached => {
                 self.cached_by_stream.insert((b.arena, b.stream, b.size, b.addr, id));
                 self.cached_by_size.insert((b.arena, b.size, b.addr, id));
-                self.stats.gauge_mut(G::CachedBytes).add(b.size as i64);
+                let (arena, size) = (b.arena, b.size as i64);
+                self.gauge(arena, G::CachedBytes, size);
             }
             State::Hole => {
                 self.holes.insert((b.arena, b.size, b.addr, id));
@@ -391,18 +494,22 @@ impl DevicePool {
         }
         match self.grow(arena, rounded, stream) {
             Ok(id) => Ok(self.hand_out(id, rounded, size, stream)),
-            Err(Error::OutOfMemory(_)) => {
-                self.stats.bump(C::Ooms, 1);
-                let info = self.oom_info(size);
-                // As PyTorch's allocator does: give cached memory back to the
-                // driver, so that other users of the device (cuBLAS, NCCL,
-                // other processes) can have it while the caller recovers.
-                if let Err(e) = self.release_cached() {
-                    tracing::warn!("releasing the cache after an OOM failed: {e}");
-                }
-                Err(Error::OutOfMemory(info))
-            }
+            Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(self.oom_info(size))),
             Err(e) => Err(self.driver_error(e)),
+        }
+    }
+
+    /// The caller gives up on a request that ran out of memory (after any
+    /// OOM callbacks): count it, record it, and, as PyTorch's allocator
+    /// does, give cached memory back to the driver so that other users of
+    /// the device (cuBLAS, NCCL, other processes) can have it.
+    pub fn on_final_oom(&mut self, requested_bytes: u64, stream: u64) {
+        self.stats.bump(C::Ooms, 1);
+        if self.history.is_some() {
+            self.record(HistoryAction::Oom, 0, requested_bytes, requested_bytes, stream);
+        }
+        if let Err(e) = self.release_cached() {
+            tracing::warn!("releasing the cache after an OOM failed: {e}");
         }
     }
 
@@ -413,8 +520,27 @@ impl DevicePool {
         e
     }
 
+    /// What the pool knows at an OOM: for the message and the report.
     pub fn oom_info(&self, requested_bytes: u64) -> OomInfo {
         let (free, total) = self.backend.mem_info(self.device).unwrap_or((0, self.total_bytes));
+        let mut pending_bytes = 0;
+        let mut largest: Vec<(u64, u64)> = Vec::new(); // (size, stream) of the largest live blocks
+        for &id in self.live.values() {
+            let b = self.b(id);
+            match b.state {
+                State::Pending => pending_bytes += b.size,
+                State::Allocated => {
+                    largest.push((b.size, b.stream));
+                    if largest.len() > 64 {
+                        largest.sort_unstable_by(|x, y| y.cmp(x));
+                        largest.truncate(5);
+                    }
+                }
+                _ => {}
+            }
+        }
+        largest.sort_unstable_by(|x, y| y.cmp(x));
+        largest.truncate(5);
         OomInfo {
             device: self.device,
             requested_bytes,
@@ -423,6 +549,11 @@ impl DevicePool {
             allocated_bytes: self.stats.gauge(G::AllocatedBytes).current as u64,
             reserved_bytes: self.stats.gauge(G::ReservedBytes).current as u64,
             limit_bytes: self.settings.limit_bytes,
+            live_blocks: self.stats.gauge(G::ActiveBlocks).current as u64,
+            cached_bytes: self.stats.gauge(G::CachedBytes).current as u64,
+            largest_cached_bytes: self.largest_cached_bytes(),
+            pending_bytes,
+            largest_allocations: largest,
         }
     }
 
@@ -472,11 +603,14 @@ impl DevicePool {
             self.bm(rest).requested = 0;
             self.coalesce_and_index(rest);
         }
-        let (addr, size) = (self.b(id).addr, self.b(id).size);
+        let (addr, size, arena) = (self.b(id).addr, self.b(id).size, self.b(id).arena);
         self.live.insert(addr, id);
-        self.stats.gauge_mut(G::AllocatedBytes).add(size as i64);
-        self.stats.gauge_mut(G::RequestedBytes).add(requested as i64);
-        self.stats.gauge_mut(G::ActiveBlocks).add(1);
+        self.gauge(arena, G::AllocatedBytes, size as i64);
+        self.gauge(arena, G::RequestedBytes, requested as i64);
+        self.gauge(arena, G::ActiveBlocks, 1);
+        if self.history.is_some() {
+            self.record(HistoryAction::Alloc, addr, size, requested, stream);
+        }
         addr
     }
 
@@ -613,11 +747,15 @@ impl DevicePool {
             self.stats.bump(C::DriverMapCalls, 1);
             self.handles[h as usize].as_mut().expect("live handle").va = Some(at);
             self.mapped.insert(at, h);
-            self.stats.gauge_mut(G::MappedBytes).add((n * g) as i64);
+            let arena = self.arena_at(at);
+            self.gauge(arena, G::MappedBytes, (n * g) as i64);
             at += n * g;
         }
         if result.is_ok() {
             result = self.backend.set_access(self.device, va, at - va);
+            if result.is_ok() && self.history.is_some() {
+                self.record(HistoryAction::Map, va, at - va, at - va, 0);
+            }
         }
         if let Err(e) = result {
             // Leave no half-mapped range behind: the hole stays a hole.
@@ -696,7 +834,11 @@ impl DevicePool {
             let n = handle.granules;
             self.free_handles.insert((n, h));
         }
-        self.stats.gauge_mut(G::MappedBytes).sub((hi - lo) as i64);
+        let arena = self.arena_at(lo);
+        self.gauge(arena, G::MappedBytes, -((hi - lo) as i64));
+        if self.history.is_some() {
+            self.record(HistoryAction::Unmap, lo, hi - lo, hi - lo, 0);
+        }
         Ok(())
     }
 
@@ -844,9 +986,12 @@ impl DevicePool {
         self.live.remove(&addr);
         let b = self.b(id).clone();
         let mismatch = size.is_some_and(|s| s != b.requested && s != b.size) || stream.is_some_and(|s| s != b.stream);
-        self.stats.gauge_mut(G::AllocatedBytes).sub(b.size as i64);
-        self.stats.gauge_mut(G::RequestedBytes).sub(b.requested as i64);
-        self.stats.gauge_mut(G::ActiveBlocks).sub(1);
+        self.gauge(b.arena, G::AllocatedBytes, -(b.size as i64));
+        self.gauge(b.arena, G::RequestedBytes, -(b.requested as i64));
+        self.gauge(b.arena, G::ActiveBlocks, -1);
+        if self.history.is_some() {
+            self.record(HistoryAction::Free, addr, b.size, b.requested, b.stream);
+        }
         self.bm(id).requested = 0;
         let uses = std::mem::take(&mut self.bm(id).stream_uses);
         if uses.is_empty() {
@@ -876,7 +1021,7 @@ impl DevicePool {
             } else {
                 self.bm(id).state = State::Pending;
                 self.live.insert(addr, id);
-                self.stats.gauge_mut(G::PendingFreeBlocks).add(1);
+                self.gauge(b.arena, G::PendingFreeBlocks, 1);
                 self.pending.push(PendingFree { block: id, events });
             }
         }
@@ -930,7 +1075,8 @@ impl DevicePool {
             let addr = self.b(p.block).addr;
             self.live.remove(&addr);
             self.bm(p.block).state = State::Cached;
-            self.stats.gauge_mut(G::PendingFreeBlocks).sub(1);
+            let arena = self.b(p.block).arena;
+            self.gauge(arena, G::PendingFreeBlocks, -1);
             self.coalesce_and_index(p.block);
         }
         Ok(())
@@ -963,6 +1109,21 @@ impl DevicePool {
                 }
                 id = b.next;
             }
+        }
+        out
+    }
+
+    /// Segments in PyTorch's sense: the maximal runs of mapped (non-hole)
+    /// blocks of each arena, with their blocks.
+    pub fn segments(&self) -> Vec<(ArenaKind, Vec<BlockView>)> {
+        let mut out: Vec<(ArenaKind, Vec<BlockView>)> = Vec::new();
+        let mut last_end = None;
+        for v in self.blocks() {
+            match out.last_mut() {
+                Some((arena, blocks)) if last_end == Some(v.addr) && *arena == v.arena => blocks.push(v.clone()),
+                _ => out.push((v.arena, vec![v.clone()])),
+            }
+            last_end = Some(v.addr + v.size);
         }
         out
     }
@@ -1077,6 +1238,10 @@ impl DevicePool {
         for (gauge, value) in checks {
             assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");
             assert!(s.gauge(gauge).peak >= s.gauge(gauge).current);
+        }
+        for gauge in [G::AllocatedBytes, G::RequestedBytes, G::ActiveBlocks, G::CachedBytes, G::MappedBytes, G::PendingFreeBlocks] {
+            let sum: i64 = self.arena_stats.iter().map(|a| a.gauge(gauge).current).sum();
+            assert_eq!(sum, s.gauge(gauge).current, "arena gauges of {gauge:?} do not sum to the device's");
         }
     }
 }

@@ -82,6 +82,8 @@ impl Allocator {
                 max_handle_bytes: self.config.max_handle_size.0,
                 small_size_bytes: self.config.small_size.0,
                 growth_bytes: self.config.growth_size.0,
+                cached_fraction: self.config.max_cached_fraction.0,
+                gc_threshold: self.config.garbage_collection_threshold.0,
                 va_size_bytes: self.config.va_size.0,
                 expandable: self.config.expandable_segments,
                 limit_bytes: limit,

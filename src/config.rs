@@ -113,6 +113,18 @@ impl OptionValue for u32 {
     }
 }
 
+/// A number in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fraction(pub f64);
+
+impl OptionValue for Fraction {
+    const ACCEPTS: &'static str = "a number from 0 to 1, such as 0.8";
+    fn parse(text: &str) -> Option<Self> {
+        let f: f64 = text.trim().parse().ok()?;
+        (0.0..=1.0).contains(&f).then_some(Fraction(f))
+    }
+}
+
 /// An optional file path (no ',' or ':' in it: the syntax uses them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptPath(pub Option<String>);
@@ -203,6 +215,16 @@ options! {
     /// misses the cache (PyTorch's 20 MiB segments): fewer, larger growths.
     /// The extra stays cached for the same stream. 0 maps exact sizes.
     growth_size: Bytes = Bytes(20 << 20);
+    /// While cached (free but mapped) bytes exceed this fraction of the
+    /// reserved bytes, growth first unmaps cached memory that the device is
+    /// done with and maps it where it is needed, instead of taking more from
+    /// the driver. Keeps what nvidia-smi shows near what is live. 1 turns
+    /// this off (cache everything until memory is short).
+    max_cached_fraction: Fraction = Fraction(0.1);
+    /// PyTorch's name: while reserved memory exceeds this fraction of the
+    /// allowed memory (memory_limit, else the device), growth recycles
+    /// cached memory first, whatever max_cached_fraction says. 0: off.
+    garbage_collection_threshold: Fraction = Fraction(0.0);
     /// Requests of at most this size go to the small pool, packed into their
     /// own granules so that they do not pin granules of large blocks.
     small_size: Bytes = Bytes(1 << 20);

@@ -68,6 +68,10 @@ struct Block {
     next: BlockId,
     /// Streams other than `stream` that used the block (record_stream).
     stream_uses: Vec<u64>,
+    /// Cached blocks: the free sequence number when `stream` last freed it
+    /// (0: never used by the device). The device is done with the block once
+    /// its stream's epoch event recorded at a later number has completed.
+    freed_seq: u64,
 }
 
 /// One physical handle of `granules` granules, mapped whole at `va` or not
@@ -101,6 +105,12 @@ pub struct PoolSettings {
     pub max_handle_bytes: u64,
     pub small_size_bytes: u64,
     pub growth_bytes: u64,
+    /// Growth recycles device-done cached memory first while cached bytes
+    /// exceed this fraction of reserved bytes.
+    pub cached_fraction: f64,
+    /// PyTorch's garbage_collection_threshold: growth recycles first while
+    /// reserved bytes exceed this fraction of the allowed memory (0: off).
+    pub gc_threshold: f64,
     pub va_size_bytes: u64,
     pub expandable: bool,
     pub limit_bytes: Option<u64>,
@@ -144,9 +154,23 @@ pub struct DevicePool {
     stats: TesseraStats,
     /// The block-level gauges per arena (small, large); they sum to `stats`'.
     arena_stats: [TesseraStats; 2],
+    /// Counts frees that cache a block (see `Block::freed_seq`).
+    free_seq: u64,
+    /// Per stream that freed blocks: its outstanding epoch event, recorded
+    /// when `free_seq` was the second field, and the highest free number the
+    /// device has passed on it.
+    epochs: HashMap<u64, Epoch>,
+    /// The stream of the last free, to skip the map on the hot path.
+    last_free_stream: Option<u64>,
     /// The history ring, when recording: (events, capacity).
     history: Option<(VecDeque<HistoryEvent>, usize)>,
     total_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Epoch {
+    event: Option<(EventId, u64)>,
+    done_seq: u64,
 }
 
 /// What the history ring records.
@@ -234,6 +258,9 @@ impl DevicePool {
             pending: Vec::new(),
             stats: TesseraStats::default(),
             arena_stats: [TesseraStats::default(); 2],
+            free_seq: 0,
+            epochs: HashMap::new(),
+            last_free_stream: None,
             history: None,
             total_bytes,
             settings,
@@ -254,6 +281,7 @@ impl DevicePool {
                 prev: NIL,
                 next: NIL,
                 stream_uses: Vec::new(),
+                freed_seq: 0,
             });
             pool.holes.insert((kind, size, base, id));
             pool.arenas.push(Arena { base, size, head: id });
@@ -407,6 +435,7 @@ impl DevicePool {
             prev: id,
             next: b.next,
             stream_uses: Vec::new(),
+            freed_seq: b.freed_seq,
         });
         if b.next != NIL {
             self.bm(b.next).prev = rest;
@@ -447,7 +476,9 @@ impl DevicePool {
     /// Block `id` swallows its next neighbour (both unindexed).
     fn absorb_next(&mut self, id: BlockId) {
         let next = self.b(id).next;
-        let (nsize, nnext) = (self.b(next).size, self.b(next).next);
+        let (nsize, nnext, nseq) = (self.b(next).size, self.b(next).next, self.b(next).freed_seq);
+        let blk = self.bm(id);
+        blk.freed_seq = blk.freed_seq.max(nseq);
         self.bm(id).size += nsize;
         self.bm(id).next = nnext;
         if nnext != NIL {
@@ -624,6 +655,9 @@ impl DevicePool {
     fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<BlockId> {
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
+        if self.settings.expandable {
+            self.recycle_before_growth(fresh_granules)?;
+        }
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
         if self.settings.expandable {
             for &(_, _, size, _, id) in
@@ -847,9 +881,10 @@ impl DevicePool {
     /// turning that range into a hole; the handles that straddle the run's
     /// ends stay mapped and their part of the run stays cached. The caller has made sure the device is done
     /// with every cached block. Returns the granules freed.
-    fn unmap_cached_run(&mut self, id: BlockId) -> Result<u64> {
+    fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool) -> Result<u64> {
         let g = self.settings.granule_bytes;
-        let cached = |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached;
+        let cached =
+            |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && (!only_device_done || p.device_done(x));
         let (mut first, mut last) = (id, id);
         while cached(self, self.b(first).prev) {
             first = self.b(first).prev;
@@ -925,7 +960,7 @@ impl DevicePool {
             }
             // An earlier unmap may have merged this block away.
             if self.is_indexed_cached(id) {
-                self.unmap_cached_run(id)?;
+                self.unmap_cached_run(id, false)?;
             }
         }
         Ok(())
@@ -939,7 +974,7 @@ impl DevicePool {
         let ids: Vec<BlockId> = self.cached_by_size.iter().map(|&(_, _, _, id)| id).collect();
         for id in ids {
             if self.is_indexed_cached(id) {
-                self.unmap_cached_run(id)?;
+                self.unmap_cached_run(id, false)?;
             }
         }
         while let Some((n, h)) = self.free_handles.pop_first() {
@@ -995,7 +1030,7 @@ impl DevicePool {
         self.bm(id).requested = 0;
         let uses = std::mem::take(&mut self.bm(id).stream_uses);
         if uses.is_empty() {
-            self.bm(id).state = State::Cached;
+            self.stamp_free(id);
             self.coalesce_and_index(id);
         } else {
             let mut events = Vec::with_capacity(uses.len());
@@ -1016,7 +1051,7 @@ impl DevicePool {
                 }
             }
             if events.is_empty() {
-                self.bm(id).state = State::Cached;
+                self.stamp_free(id);
                 self.coalesce_and_index(id);
             } else {
                 self.bm(id).state = State::Pending;
@@ -1032,6 +1067,109 @@ impl DevicePool {
                  size {} on stream {:#x}; freed it as allocated",
                 b.requested, b.stream
             )));
+        }
+        Ok(())
+    }
+
+    /// Block `id` (unindexed) becomes cached for its stream, stamped with a
+    /// new free number.
+    fn stamp_free(&mut self, id: BlockId) {
+        self.free_seq += 1;
+        let stream = self.b(id).stream;
+        let seq = self.free_seq;
+        let b = self.bm(id);
+        b.state = State::Cached;
+        b.freed_seq = seq;
+        if self.last_free_stream != Some(stream) {
+            self.epochs.entry(stream).or_default();
+            self.last_free_stream = Some(stream);
+        }
+    }
+
+    /// Polls each stream's epoch event (advancing what the device is known
+    /// to have passed) and records a new one where none is outstanding. Off
+    /// the hot path: called when the pool must grow.
+    fn advance_epochs(&mut self) -> Result<()> {
+        let streams: Vec<u64> = self.epochs.keys().copied().collect();
+        for stream in streams {
+            let epoch = &self.epochs[&stream];
+            if let Some((event, seq)) = epoch.event {
+                if !self.backend.event_done(self.device, event)? {
+                    continue;
+                }
+                self.backend.destroy_event(self.device, event)?;
+                let e = self.epochs.get_mut(&stream).expect("listed");
+                e.done_seq = seq;
+                e.event = None;
+            }
+            if self.epochs[&stream].done_seq < self.free_seq {
+                let event = self.backend.record_event(self.device, stream)?;
+                self.epochs.get_mut(&stream).expect("listed").event = Some((event, self.free_seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the device is known to be done with cached block `id`.
+    fn device_done(&self, id: BlockId) -> bool {
+        let b = self.b(id);
+        b.freed_seq == 0 || self.epochs.get(&b.stream).is_some_and(|e| b.freed_seq <= e.done_seq)
+    }
+
+    /// Before growing by `need` granules: when too much is cached (see
+    /// `cached_fraction` and `gc_threshold`), unmap cached handles the
+    /// device is done with, so that growth maps them again instead of
+    /// taking new memory. No synchronization: epoch events tell what is done.
+    fn recycle_before_growth(&mut self, need: u64) -> Result<()> {
+        let free = self.free_handle_granules();
+        if free >= need || self.cached_by_size.is_empty() {
+            return Ok(());
+        }
+        let g = self.settings.granule_bytes;
+        let reserved = self.physical_bytes() as f64;
+        let cached = self.stats.gauge(G::CachedBytes).current as f64;
+        let allowed = self.settings.limit_bytes.unwrap_or(self.total_bytes) as f64;
+        let over_gc = self.settings.gc_threshold > 0.0 && reserved + (need * g) as f64 > self.settings.gc_threshold * allowed;
+        if cached <= self.settings.cached_fraction * reserved && !over_gc {
+            return Ok(());
+        }
+        self.advance_epochs()?;
+        self.recycle_device_done(need)?;
+        if self.free_handle_granules() < need {
+            // Not enough known done: wait for the streams that hold the
+            // largest cached blocks to pass their frees (a wait on one
+            // stream's event, not a device synchronize), then try again.
+            self.wait_epochs()?;
+            self.recycle_device_done(need)?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps cached handles the device is done with, largest blocks first,
+    /// until `need` granules of handles are free.
+    fn recycle_device_done(&mut self, need: u64) -> Result<()> {
+        let mut order: Vec<(u64, BlockId)> = self.cached_by_size.iter().map(|&(_, s, _, id)| (s, id)).collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, id) in order {
+            if self.free_handle_granules() >= need {
+                break;
+            }
+            if self.is_indexed_cached(id) && self.device_done(id) {
+                self.unmap_cached_run(id, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every stream's outstanding epoch event (recorded by
+    /// `advance_epochs`) and marks its frees done.
+    fn wait_epochs(&mut self) -> Result<()> {
+        for epoch in self.epochs.values_mut() {
+            if let Some((event, seq)) = epoch.event.take() {
+                self.backend.event_synchronize(self.device, event)?;
+                self.backend.destroy_event(self.device, event)?;
+                epoch.done_seq = seq;
+            }
         }
         Ok(())
     }
@@ -1074,7 +1212,7 @@ impl DevicePool {
             }
             let addr = self.b(p.block).addr;
             self.live.remove(&addr);
-            self.bm(p.block).state = State::Cached;
+            self.stamp_free(p.block);
             let arena = self.b(p.block).arena;
             self.gauge(arena, G::PendingFreeBlocks, -1);
             self.coalesce_and_index(p.block);

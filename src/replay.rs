@@ -52,6 +52,39 @@ pub fn peak_live_bytes(events: &[Event]) -> u64 {
 /// first out-of-memory. A free of an address the trace never allocated is
 /// an error naming the event.
 pub fn replay(events: &[Event], config: &Config, capacity_bytes: Option<u64>) -> Result<ReplayResult, String> {
+    replay_with_timeline(events, config, capacity_bytes, 0, &mut |_| {})
+}
+
+/// One sample of the pool's state during a replay.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub event: usize,
+    pub live_bytes: u64,
+    pub reserved_bytes: u64,
+    pub cached_bytes: u64,
+    pub largest_cached_bytes: u64,
+    pub small_mapped_bytes: u64,
+    pub large_mapped_bytes: u64,
+}
+
+impl Sample {
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"event\":{},\"live_bytes\":{},\"reserved_bytes\":{},\"cached_bytes\":{},\"largest_cached_bytes\":{},\"small_mapped_bytes\":{},\"large_mapped_bytes\":{}}}",
+            self.event, self.live_bytes, self.reserved_bytes, self.cached_bytes, self.largest_cached_bytes, self.small_mapped_bytes, self.large_mapped_bytes
+        )
+    }
+}
+
+/// `replay`, calling `sample` every `every` events (0: never) with the
+/// pool's state: fragmentation over time.
+pub fn replay_with_timeline(
+    events: &[Event],
+    config: &Config,
+    capacity_bytes: Option<u64>,
+    every: usize,
+    sample: &mut dyn FnMut(Sample),
+) -> Result<ReplayResult, String> {
     let mut config = config.clone();
     config.backend = crate::config::BackendKind::Sim;
     if let Some(c) = capacity_bytes {
@@ -62,7 +95,16 @@ pub fn replay(events: &[Event], config: &Config, capacity_bytes: Option<u64>) ->
     let mut addrs: HashMap<u64, u64> = HashMap::with_capacity(4096);
     let mut result = ReplayResult { events: events.len(), peak_live_bytes: peak_live_bytes(events), ..Default::default() };
     let start = std::time::Instant::now();
+    let mut live = 0u64;
     for (i, e) in events.iter().enumerate() {
+        if every > 0 && i % every == 0 {
+            let s = take_sample(&alloc, i, live).map_err(|e| e.to_string())?;
+            sample(s);
+        }
+        match e.action {
+            Action::Alloc => live += e.size,
+            Action::Free => live = live.saturating_sub(e.size),
+        }
         match e.action {
             Action::Alloc => match alloc.malloc(e.size, 0, e.stream) {
                 Ok(p) => {
@@ -84,6 +126,22 @@ pub fn replay(events: &[Event], config: &Config, capacity_bytes: Option<u64>) ->
     result.elapsed_ns = start.elapsed().as_nanos();
     result.stats = alloc.stats(0).map_err(|e| e.to_string())?;
     Ok(result)
+}
+
+fn take_sample(alloc: &Allocator, event: usize, live_bytes: u64) -> crate::error::Result<Sample> {
+    use crate::pool::ArenaKind;
+    alloc.with_pool(0, |p| {
+        let s = p.stats();
+        Ok(Sample {
+            event,
+            live_bytes,
+            reserved_bytes: s.gauge(G::ReservedBytes).current as u64,
+            cached_bytes: s.gauge(G::CachedBytes).current as u64,
+            largest_cached_bytes: p.largest_cached_bytes(),
+            small_mapped_bytes: p.arena_stats(ArenaKind::Small).gauge(G::MappedBytes).current as u64,
+            large_mapped_bytes: p.arena_stats(ArenaKind::Large).gauge(G::MappedBytes).current as u64,
+        })
+    })
 }
 
 /// The least capacity, to `step_bytes`, with which the replay completes,

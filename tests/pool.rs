@@ -114,7 +114,8 @@ fn small_large_requests_grow_by_growth_size_and_exactly_when_short() {
 
 #[test]
 fn other_streams_wait_for_cached_blocks_until_memory_is_short() {
-    let (a, _) = sim("device_capacity:8M");
+    // Recycling off (max_cached_fraction:1): this is about the pressure path.
+    let (a, _) = sim("device_capacity:8M,max_cached_fraction:1");
     let p = a.malloc(8 * MIB, 0, 1).unwrap();
     a.free(p, None, 0, Some(1)).unwrap();
     // Stream 2 gets the block only because nothing else is left, and only
@@ -125,12 +126,50 @@ fn other_streams_wait_for_cached_blocks_until_memory_is_short() {
     a.free(q, None, 0, Some(2)).unwrap();
     check(&a, 0);
 
-    let (a, _) = sim("device_capacity:64M");
+    let (a, _) = sim("device_capacity:64M,max_cached_fraction:1");
     let p = a.malloc(8 * MIB, 0, 1).unwrap();
     a.free(p, None, 0, Some(1)).unwrap();
     let q = a.malloc(8 * MIB, 0, 2).unwrap();
     assert_ne!(p, q, "with memory to spare, another stream gets fresh memory");
     assert_eq!(counter(&a, C::CrossStreamReuses), 0);
+    check(&a, 0);
+}
+
+#[test]
+fn growth_recycles_cached_memory_once_the_device_is_done_with_it() {
+    // A KV-cache-like pattern: each step allocates a larger buffer and frees
+    // the old one. With recycling, reserved stays near live; without, the
+    // cache balloons.
+    let run = |conf: &str| {
+        let (a, backend) = sim(&format!("growth_size:0,{conf}"));
+        let mut old = a.malloc(4 * MIB, 0, 0).unwrap();
+        for step in 1..40u64 {
+            let new = a.malloc((4 + 2 * step) * MIB, 0, 0).unwrap();
+            a.free(old, None, 0, None).unwrap();
+            old = new;
+            check(&a, 0);
+        }
+        let s = a.stats(0).unwrap();
+        (s.gauge(G::ReservedBytes).peak, s.gauge(G::AllocatedBytes).peak, backend.live(0).1)
+    };
+    let (reserved, live, events) = run("");
+    assert!(reserved as f64 <= 1.10 * live as f64, "reserved {reserved} vs live {live}");
+    assert!(events <= 1, "epoch events are reused, not leaked: {events} live");
+    let (reserved, live, _) = run("max_cached_fraction:1");
+    assert!(reserved as f64 > 1.3 * live as f64, "without recycling the cache grows: {reserved} vs {live}");
+}
+
+#[test]
+fn recycling_waits_for_the_stream_that_freed() {
+    let (a, backend) = sim("growth_size:0,device_capacity:1G");
+    let p = a.malloc(64 * MIB, 0, 1).unwrap();
+    backend.hold_events(true); // the device is still running stream 1's work
+    a.free(p, None, 0, Some(1)).unwrap();
+    let q = a.malloc(96 * MIB, 0, 2).unwrap();
+    // The 64 MiB cached for stream 1 was recycled for stream 2 only after a
+    // wait on stream 1's event (in the sim, that wait releases the device).
+    assert!(a.stats(0).unwrap().gauge(G::ReservedBytes).current <= (96 * MIB) as i64);
+    a.free(q, None, 0, Some(2)).unwrap();
     check(&a, 0);
 }
 

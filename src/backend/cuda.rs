@@ -248,6 +248,10 @@ impl Backend for CudaBackend {
             }
         })
     }
+    fn event_synchronize(&self, device: i32, event: EventId) -> Result<()> {
+        // SAFETY: event is a live event made by record_event.
+        self.in_context(device, || check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event as sys::CUevent) }))
+    }
     fn destroy_event(&self, device: i32, event: EventId) -> Result<()> {
         // SAFETY: event is live and destroyed once.
         self.in_context(device, || check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(event as sys::CUevent) }))

@@ -191,6 +191,9 @@ impl Backend for HostBackend {
     fn event_done(&self, _device: i32, _event: EventId) -> Result<bool> {
         Ok(true)
     }
+    fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
+        Ok(())
+    }
     fn destroy_event(&self, _device: i32, _event: EventId) -> Result<()> {
         Ok(())
     }

@@ -57,6 +57,8 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self, device: i32) -> Result<()>;
     fn record_event(&self, device: i32, stream: u64) -> Result<EventId>;
     fn event_done(&self, device: i32, event: EventId) -> Result<bool>;
+    /// Blocks the calling thread until the device has passed `event`.
+    fn event_synchronize(&self, device: i32, event: EventId) -> Result<()>;
     fn destroy_event(&self, device: i32, event: EventId) -> Result<()>;
     fn stream_wait_event(&self, device: i32, stream: u64, event: EventId) -> Result<()>;
 }

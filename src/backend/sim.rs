@@ -139,6 +139,11 @@ impl Backend for SimBackend {
     fn event_done(&self, _device: i32, _event: EventId) -> Result<bool> {
         Ok(!self.held.load(Ordering::SeqCst))
     }
+    fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
+        // Waiting for the simulated device: held events complete now.
+        self.held.store(false, Ordering::SeqCst);
+        Ok(())
+    }
     fn destroy_event(&self, device: i32, _event: EventId) -> Result<()> {
         self.dev(device)?.live_events -= 1;
         Ok(())

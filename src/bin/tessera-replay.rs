@@ -2,7 +2,7 @@
 //! or .gz) on the sim backend and prints one JSON line. A stable interface:
 //! it is how policies are compared on a CPU.
 //!
-//!   tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES]
+//!   tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES] [--timeline N]
 
 use tessera::config::{Bytes, Config, OptionValue};
 use tessera::replay;
@@ -11,7 +11,9 @@ const USAGE: &str = "usage: tessera-replay TRACE [--conf STRING] [--frontier] [-
   TRACE           a trace file, plain or gzip ('a|f ADDR SIZE STREAM' lines)
   --conf STRING   tessera configuration (TESSERA_CONF syntax); default: TESSERA_CONF
   --frontier      also find the least capacity (to 2 MiB) with which the trace completes
-  --capacity B    replay under a fixed device capacity (bytes, or 40G) and report the first OOM";
+  --capacity B    replay under a fixed device capacity (bytes, or 40G) and report the first OOM
+  --timeline N    before the report, one JSON line every N events: live, reserved, cached and
+                  largest cached bytes, mapped bytes per arena (fragmentation over time)";
 
 fn main() {
     match run(std::env::args().skip(1).collect()) {
@@ -24,12 +26,16 @@ fn main() {
 }
 
 fn run(args: Vec<String>) -> Result<String, String> {
-    let (mut trace, mut conf, mut frontier, mut capacity) = (None, None, false, None);
+    let (mut trace, mut conf, mut frontier, mut capacity, mut timeline) = (None, None, false, None, 0usize);
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--conf" => conf = Some(it.next().ok_or("--conf needs a value")?),
             "--frontier" => frontier = true,
+            "--timeline" => {
+                let v = it.next().ok_or("--timeline needs a value")?;
+                timeline = v.parse().map_err(|_| format!("bad --timeline '{v}'"))?;
+            }
             "--capacity" => {
                 let v = it.next().ok_or("--capacity needs a value")?;
                 capacity = Some(Bytes::parse(&v).ok_or(format!("bad --capacity '{v}'"))?.0);
@@ -47,7 +53,7 @@ fn run(args: Vec<String>) -> Result<String, String> {
     }
     .map_err(|e| e.to_string())?;
     let events = tessera::trace::read_file(std::path::Path::new(&trace))?;
-    let result = replay::replay(&events, &config, capacity)?;
+    let result = replay::replay_with_timeline(&events, &config, capacity, timeline, &mut |s| println!("{}", s.to_json()))?;
     let frontier_bytes = if frontier {
         Some(replay::frontier(&events, &config, 2 << 20)?.0)
     } else {

@@ -18,6 +18,10 @@ fn lib_dir() -> PathBuf {
 }
 
 fn build_and_run(source: &str, compiler: &str, expect: &str) {
+    build_and_run_with(source, compiler, expect, &[]);
+}
+
+fn build_and_run_with(source: &str, compiler: &str, expect: &str, args: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = lib_dir();
     let out = std::env::temp_dir().join(format!("tessera_{}_{}", std::process::id(), source.replace(['/', '.'], "_")));
@@ -31,10 +35,11 @@ fn build_and_run(source: &str, compiler: &str, expect: &str) {
         .arg(&lib)
         .arg("-ltessera")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-ldl")
         .status()
         .expect("compiler runs");
     assert!(status.success(), "{compiler} failed on {source}");
-    let run = Command::new(&out).env_remove("TESSERA_CONF").output().unwrap();
+    let run = Command::new(&out).args(args).env_remove("TESSERA_CONF").output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{source}: {:?}\n{stdout}\n{}", run.status, String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains(expect), "{source} printed {stdout}");
@@ -49,6 +54,20 @@ fn c_program_allocates_writes_frees_on_the_host_backend() {
 #[test]
 fn cxx_program_catches_the_oom_exception_and_goes_on() {
     build_and_run("tests/c/oom_throws.cpp", "c++", "C++ OOM OK");
+}
+
+#[test]
+fn without_the_driver_the_error_is_clear_and_calm() {
+    build_and_run("tests/c/no_driver.c", "cc", "NO DRIVER OK");
+}
+
+#[test]
+fn two_copies_of_the_library_stay_independent() {
+    let lib = lib_dir().join("libtessera.so");
+    let copy = std::env::temp_dir().join(format!("libtessera_copy_{}.so", std::process::id()));
+    std::fs::copy(&lib, &copy).unwrap();
+    build_and_run_with("tests/c/loaded_twice.c", "cc", "LOADED TWICE OK", &[lib.to_str().unwrap(), copy.to_str().unwrap()]);
+    let _ = std::fs::remove_file(copy);
 }
 
 #[test]

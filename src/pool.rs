@@ -506,13 +506,19 @@ impl DevicePool {
             return Ok(self.hand_out(id, rounded, size, stream));
         }
         self.stats.bump(C::CacheMisses, 1);
-        match self.grow(arena, rounded, stream) {
+        // Nothing may wait on the device while the stream captures a graph
+        // (the capture would break): grow, or fail, without waiting.
+        let capturing = self.backend.is_capturing(self.device, stream)?;
+        match self.grow(arena, rounded, stream, capturing) {
             Ok(id) => return Ok(self.hand_out(id, rounded, size, stream)),
             Err(Error::OutOfMemory(_)) => {}
             Err(e) => return Err(self.driver_error(e)),
         }
         // Under pressure: memory cached for other streams, then reclaimed
         // granules, then whatever the driver gives back after a full release.
+        if capturing {
+            return Err(Error::OutOfMemory(self.oom_info(size)));
+        }
         self.stats.bump(C::AllocRetries, 1);
         if let Some(id) = self.find_cached_other_stream(arena, rounded, stream)? {
             return Ok(self.hand_out(id, rounded, size, stream));
@@ -523,7 +529,7 @@ impl DevicePool {
         } else {
             self.release_cached()?;
         }
-        match self.grow(arena, rounded, stream) {
+        match self.grow(arena, rounded, stream, false) {
             Ok(id) => Ok(self.hand_out(id, rounded, size, stream)),
             Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(self.oom_info(size))),
             Err(e) => Err(self.driver_error(e)),
@@ -538,6 +544,10 @@ impl DevicePool {
         self.stats.bump(C::Ooms, 1);
         if self.history.is_some() {
             self.record(HistoryAction::Oom, 0, requested_bytes, requested_bytes, stream);
+        }
+        // Releasing waits for the device, which a capturing stream forbids.
+        if self.backend.is_capturing(self.device, stream).unwrap_or(true) {
+            return;
         }
         if let Err(e) = self.release_cached() {
             tracing::warn!("releasing the cache after an OOM failed: {e}");
@@ -652,10 +662,10 @@ impl DevicePool {
     /// begins is extended into the hole when that needs fewer new granules
     /// than a fresh range (the expandable-segment case); otherwise the best
     /// fitting hole takes a fresh range.
-    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<BlockId> {
+    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64, capturing: bool) -> Result<BlockId> {
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
-        if self.settings.expandable {
+        if self.settings.expandable && !capturing {
             self.recycle_before_growth(fresh_granules)?;
         }
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
@@ -1092,6 +1102,9 @@ impl DevicePool {
     fn advance_epochs(&mut self) -> Result<()> {
         let streams: Vec<u64> = self.epochs.keys().copied().collect();
         for stream in streams {
+            if self.backend.is_capturing(self.device, stream)? {
+                continue; // an event recorded now would belong to the graph
+            }
             let epoch = &self.epochs[&stream];
             if let Some((event, seq)) = epoch.event {
                 if !self.backend.event_done(self.device, event)? {

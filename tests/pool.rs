@@ -314,3 +314,23 @@ fn free_on_the_wrong_device_frees_where_the_pointer_lives() {
     check(&a, 0);
     check(&a, 1);
 }
+
+#[test]
+fn a_capturing_stream_never_waits_and_fails_cleanly_under_pressure() {
+    let (a, backend) = sim("device_capacity:16M,growth_size:0");
+    let p = a.malloc(8 * MIB, 0, 1).unwrap();
+    backend.hold_events(true);
+    a.free(p, None, 0, Some(1)).unwrap();
+    backend.set_capturing(Some(2));
+    // Growth during capture takes fresh memory and waits for nothing.
+    let q = a.malloc(8 * MIB, 0, 2).unwrap();
+    assert_ne!(p, q);
+    // Under pressure, no wait (it would break the capture): a clean OOM.
+    assert!(matches!(a.malloc(4 * MIB, 0, 2), Err(tessera::error::Error::OutOfMemory(_))));
+    assert_eq!(a.stats(0).unwrap().counter(C::CrossStreamReuses), 0);
+    assert_eq!(a.stats(0).unwrap().counter(C::DriverReleaseCalls), 0, "no release (it waits) during capture");
+    backend.set_capturing(None);
+    backend.hold_events(false);
+    assert!(a.malloc(4 * MIB, 0, 2).is_ok(), "after the capture, the pressure path works again");
+    check(&a, 0);
+}

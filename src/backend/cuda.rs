@@ -128,6 +128,20 @@ impl CudaBackend {
         result
     }
 
+    /// Runs `f` with this thread's stream-capture mode relaxed, so that a
+    /// wait or an event query made while another thread captures a graph
+    /// (PyTorch captures in global mode) neither fails nor breaks that
+    /// capture; the mode is restored after.
+    fn relaxed<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: exchanges this thread's capture mode through a local.
+        check("cuThreadExchangeStreamCaptureMode", unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) })?;
+        let result = f();
+        // SAFETY: puts the previous mode back.
+        unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) };
+        result
+    }
+
     fn location(device: i32) -> sys::CUmemLocation {
         sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device }
     }
@@ -221,7 +235,7 @@ impl Backend for CudaBackend {
     }
     fn synchronize(&self, device: i32) -> Result<()> {
         // SAFETY: waits for the current (primary) context.
-        self.in_context(device, || check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() }))
+        self.in_context(device, || Self::relaxed(|| check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })))
     }
     fn record_event(&self, device: i32, stream: u64) -> Result<EventId> {
         let mut event: sys::CUevent = std::ptr::null_mut();
@@ -240,17 +254,29 @@ impl Backend for CudaBackend {
     }
     fn event_done(&self, device: i32, event: EventId) -> Result<bool> {
         self.in_context(device, || {
-            // SAFETY: event is a live event made by record_event.
-            match unsafe { sys::cuEventQuery(event as sys::CUevent) } {
-                CUresult::CUDA_SUCCESS => Ok(true),
-                CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-                r => check("cuEventQuery", r).map(|_| false),
-            }
+            Self::relaxed(|| {
+                // SAFETY: event is a live event made by record_event.
+                match unsafe { sys::cuEventQuery(event as sys::CUevent) } {
+                    CUresult::CUDA_SUCCESS => Ok(true),
+                    CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+                    r => check("cuEventQuery", r).map(|_| false),
+                }
+            })
         })
+    }
+    fn is_capturing(&self, device: i32, stream: u64) -> Result<bool> {
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: writes a local; the stream is the caller's live stream.
+        self.in_context(device, || {
+            check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) })
+        })?;
+        Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
     fn event_synchronize(&self, device: i32, event: EventId) -> Result<()> {
         // SAFETY: event is a live event made by record_event.
-        self.in_context(device, || check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event as sys::CUevent) }))
+        self.in_context(device, || {
+            Self::relaxed(|| check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event as sys::CUevent) }))
+        })
     }
     fn destroy_event(&self, device: i32, event: EventId) -> Result<()> {
         // SAFETY: event is live and destroyed once.

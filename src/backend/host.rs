@@ -191,6 +191,9 @@ impl Backend for HostBackend {
     fn event_done(&self, _device: i32, _event: EventId) -> Result<bool> {
         Ok(true)
     }
+    fn is_capturing(&self, _device: i32, _stream: u64) -> Result<bool> {
+        Ok(false)
+    }
     fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
         Ok(())
     }

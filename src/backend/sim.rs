@@ -8,7 +8,7 @@ use super::{Backend, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const GRANULARITY: u64 = 4096;
 
@@ -29,6 +29,8 @@ pub struct SimBackend {
     capacity_bytes: u64,
     devices: Vec<Mutex<SimDevice>>,
     held: AtomicBool,
+    /// The stream that captures a graph, plus one (0: none).
+    capturing: AtomicU64,
 }
 
 impl SimBackend {
@@ -36,12 +38,17 @@ impl SimBackend {
         let devices = (0..device_count)
             .map(|d| Mutex::new(SimDevice { next_va: 0x7e00_0000_0000 + ((d as u64) << 44), ..Default::default() }))
             .collect();
-        SimBackend { capacity_bytes, devices, held: AtomicBool::new(false) }
+        SimBackend { capacity_bytes, devices, held: AtomicBool::new(false), capturing: AtomicU64::new(0) }
     }
 
     /// While held, no event completes: the simulated device is still busy.
     pub fn hold_events(&self, held: bool) {
         self.held.store(held, Ordering::SeqCst);
+    }
+
+    /// Marks `stream` as capturing a graph (None: no stream captures).
+    pub fn set_capturing(&self, stream: Option<u64>) {
+        self.capturing.store(stream.map_or(0, |s| s.wrapping_add(1)), Ordering::SeqCst);
     }
 
     /// `(live handles, live events, mapped bytes)`, for leak checks.
@@ -138,6 +145,9 @@ impl Backend for SimBackend {
     }
     fn event_done(&self, _device: i32, _event: EventId) -> Result<bool> {
         Ok(!self.held.load(Ordering::SeqCst))
+    }
+    fn is_capturing(&self, _device: i32, stream: u64) -> Result<bool> {
+        Ok(self.capturing.load(Ordering::SeqCst) == stream.wrapping_add(1))
     }
     fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
         // Waiting for the simulated device: held events complete now.

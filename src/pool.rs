@@ -136,11 +136,9 @@ pub struct DevicePool {
     blocks: Vec<Block>,
     free_slots: Vec<BlockId>,
     /// Allocated and pending blocks by address.
-    live: HashMap<u64, BlockId>,
+    live: HashMap<u64, BlockId, AddrHash>,
     /// Cached blocks by (arena, stream, size, addr): best fit per stream.
     cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
-    /// Cached blocks by (arena, size, addr): best fit across streams.
-    cached_by_size: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
     /// Holes by (arena, size, addr).
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
     /// Slab of physical handles (None: released slot).
@@ -216,6 +214,36 @@ fn now_us() -> u64 {
     START.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
 }
 
+/// Hashes block addresses for the `live` map: one multiply (Fibonacci
+/// hashing). Addresses are not attacker-chosen, and SipHash's cost is most
+/// of a cached malloc+free pair.
+#[derive(Clone, Copy, Default)]
+struct AddrHash;
+
+struct AddrHasher(u64);
+
+impl std::hash::BuildHasher for AddrHash {
+    type Hasher = AddrHasher;
+    fn build_hasher(&self) -> AddrHasher {
+        AddrHasher(0)
+    }
+}
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        // Blocks are 512-aligned: drop the zero bits, then spread.
+        self.0 = (x >> 9).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+}
+
 fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
@@ -248,9 +276,8 @@ impl DevicePool {
             arenas: Vec::new(),
             blocks: Vec::new(),
             free_slots: Vec::new(),
-            live: HashMap::new(),
+            live: HashMap::with_hasher(AddrHash),
             cached_by_stream: BTreeSet::new(),
-            cached_by_size: BTreeSet::new(),
             holes: BTreeSet::new(),
             handles: Vec::new(),
             free_handles: BTreeSet::new(),
@@ -393,7 +420,6 @@ impl DevicePool {
         match b.state {
             State::Cached => {
                 self.cached_by_stream.remove(&(b.arena, b.stream, b.size, b.addr, id));
-                self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, -size);
             }
@@ -409,7 +435,6 @@ impl DevicePool {
         match b.state {
             State::Cached => {
                 self.cached_by_stream.insert((b.arena, b.stream, b.size, b.addr, id));
-                self.cached_by_size.insert((b.arena, b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, size);
             }
@@ -611,10 +636,14 @@ impl DevicePool {
     /// waits (on the device, not the host) for the freeing stream to pass
     /// the point of the free, so the block is safe to reuse in stream order.
     fn find_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        let Some(&(_, _, _, id)) = self
-            .cached_by_size
-            .range((arena, rounded, 0, 0)..)
-            .find(|&&(a, _, _, id)| a == arena && self.b(id).stream != stream)
+        // A scan of every cached block: this is the pressure path only, and
+        // one index (by stream) keeps the hot path to half the tree updates.
+        let Some((_, id)) = self
+            .cached_by_stream
+            .iter()
+            .filter(|&&(a, s, size, _, _)| a == arena && s != stream && size >= rounded)
+            .map(|&(_, _, size, _, id)| (size, id))
+            .min()
         else {
             return Ok(None);
         };
@@ -950,19 +979,19 @@ impl DevicePool {
 
     fn is_indexed_cached(&self, id: BlockId) -> bool {
         let b = self.b(id);
-        b.state == State::Cached && self.cached_by_size.contains(&(b.arena, b.size, b.addr, id))
+        b.state == State::Cached && self.cached_by_stream.contains(&(b.arena, b.stream, b.size, b.addr, id))
     }
 
     /// Under pressure: makes at least `need` granules free by unmapping
     /// cached granules, largest blocks first, after the device is done with
     /// them. Stops early when enough are free.
     fn reclaim(&mut self, need: u64) -> Result<()> {
-        if self.free_handle_granules() >= need || self.cached_by_size.is_empty() {
+        if self.free_handle_granules() >= need || self.cached_by_stream.is_empty() {
             return Ok(());
         }
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
-        let mut order: Vec<(u64, BlockId)> = self.cached_by_size.iter().map(|&(_, s, _, id)| (s, id)).collect();
+        let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
         order.sort_unstable_by(|a, b| b.cmp(a));
         for (_, id) in order {
             if self.free_handle_granules() >= need {
@@ -981,7 +1010,7 @@ impl DevicePool {
     pub fn release_cached(&mut self) -> Result<()> {
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
-        let ids: Vec<BlockId> = self.cached_by_size.iter().map(|&(_, _, _, id)| id).collect();
+        let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
         for id in ids {
             if self.is_indexed_cached(id) {
                 self.unmap_cached_run(id, false)?;
@@ -1135,7 +1164,7 @@ impl DevicePool {
     /// taking new memory. No synchronization: epoch events tell what is done.
     fn recycle_before_growth(&mut self, need: u64) -> Result<()> {
         let free = self.free_handle_granules();
-        if free >= need || self.cached_by_size.is_empty() {
+        if free >= need || self.cached_by_stream.is_empty() {
             return Ok(());
         }
         let g = self.settings.granule_bytes;
@@ -1161,7 +1190,7 @@ impl DevicePool {
     /// Unmaps cached handles the device is done with, largest blocks first,
     /// until `need` granules of handles are free.
     fn recycle_device_done(&mut self, need: u64) -> Result<()> {
-        let mut order: Vec<(u64, BlockId)> = self.cached_by_size.iter().map(|&(_, s, _, id)| (s, id)).collect();
+        let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
         order.sort_unstable_by(|a, b| b.cmp(a));
         for (_, id) in order {
             if self.free_handle_granules() >= need {
@@ -1281,7 +1310,7 @@ impl DevicePool {
 
     /// Size of the largest cached block, in bytes.
     pub fn largest_cached_bytes(&self) -> u64 {
-        self.cached_by_size.iter().map(|k| k.1).max().unwrap_or(0)
+        self.cached_by_stream.iter().map(|k| k.2).max().unwrap_or(0)
     }
 
     /// Checks every invariant of the module doc; panics with a description
@@ -1289,6 +1318,7 @@ impl DevicePool {
     pub fn check_invariants(&self) {
         let g = self.settings.granule_bytes;
         let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
+        let mut cached_blocks = 0i64;
         let mut chain_blocks = 0usize;
         // Maximal runs of non-hole blocks: what the mapped handles must tile.
         let mut used_runs: Vec<(u64, u64)> = Vec::new();
@@ -1329,8 +1359,8 @@ impl DevicePool {
                             }
                             State::Cached => {
                                 cached += b.size as i64;
+                                cached_blocks += 1;
                                 assert!(self.cached_by_stream.contains(&(b.arena, b.stream, b.size, b.addr, id)));
-                                assert!(self.cached_by_size.contains(&(b.arena, b.size, b.addr, id)));
                             }
                             State::Hole => unreachable!(),
                         }
@@ -1363,7 +1393,7 @@ impl DevicePool {
         used_runs.sort_unstable();
         assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
-        assert_eq!(self.cached_by_size.len(), self.cached_by_stream.len());
+        assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
         assert_eq!(self.live.len() as i64, active + pending);
         let (mut physical, mut handles) = (0i64, 0usize);
         for (h, handle) in self.handles.iter().enumerate() {

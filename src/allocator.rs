@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pool::{ArenaKind, DevicePool, PoolSettings};
 use crate::stats::{TesseraCounter, TesseraStats};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 #[derive(Default)]
@@ -348,13 +349,31 @@ pub fn active_config() -> Result<Config> {
     }
 }
 
+/// Set in a child process forked after tessera started: the CUDA driver
+/// cannot be used there, and neither can the parent's mappings.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_forked_child() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
 /// The global allocator, built on first use. A bad configuration or a
-/// missing driver is an error for every call, with the same message.
+/// missing driver is an error for every call, with the same message; so is
+/// any use from a child forked after tessera started, as with PyTorch.
 pub fn global() -> Result<&'static Allocator> {
+    if FORKED.load(Ordering::Relaxed) {
+        return Err(Error::InvalidArgument(
+            "Cannot use tessera (CUDA) in a process forked after it started: the driver does not survive \
+             fork. To use CUDA with multiprocessing, use the 'spawn' start method."
+                .into(),
+        ));
+    }
     GLOBAL
         .get_or_init(|| {
             crate::log::init();
             let allocator = Allocator::new(active_config()?)?;
+            // SAFETY: registers a handler that only stores to an atomic.
+            unsafe { libc::pthread_atfork(None, None, Some(mark_forked_child)) };
             if allocator.config.status_interval.0 > 0 {
                 start_status_thread(allocator.config.status_interval.0);
             }

@@ -71,6 +71,11 @@ fn two_copies_of_the_library_stay_independent() {
 }
 
 #[test]
+fn a_forked_child_gets_a_clear_error() {
+    build_and_run("tests/c/fork_child.c", "cc", "FORK OK");
+}
+
+#[test]
 fn committed_header_matches_the_source() {
     // build.rs rewrites include/tessera.h when the source changes: a header
     // that differs from git's copy means it was not committed.

@@ -300,6 +300,8 @@ fn bad_frees_are_counted_and_change_nothing() {
     assert_eq!(counter(&a, C::MismatchedFrees), 1);
     assert_eq!(gauge(&a, G::AllocatedBytes), 0);
     assert!(a.malloc(MIB, 5, 0).is_err(), "device out of range");
+    assert!(a.record_stream(q, 9).is_err(), "record_stream on a freed pointer");
+    assert_eq!(counter(&a, C::InvalidRequests), 1);
     check(&a, 0);
 }
 

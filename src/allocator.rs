@@ -270,6 +270,13 @@ impl Allocator {
                 return pool.record_stream(ptr, stream);
             }
         }
+        // No device is named: count it on the first device in use.
+        for slot in &self.slots {
+            if let Some(pool) = lock(slot).pool.as_mut() {
+                pool.stats_mut().bump(TesseraCounter::InvalidRequests, 1);
+                break;
+            }
+        }
         Err(Error::InvalidArgument(format!("record_stream on {ptr:#x}, which is not a live tessera allocation")))
     }
 

@@ -75,7 +75,12 @@ run_test oom         240 python3 tests/gpu/t_oom.py
 run_test threads     240 python3 tests/gpu/t_threads.py
 run_test multistream 120 python3 tests/gpu/t_multistream.py
 run_test reclaim     120 python3 tests/gpu/t_reclaim.py
+run_test shutdown    120 python3 tests/gpu/t_shutdown.py
 run_test bench       180 python3 tests/gpu/t_bench.py
+run_test stats       240 python3 tests/gpu/t_stats.py
+run_test viz         180 python3 tests/gpu/t_viz.py
+run_test batchfinder 240 python3 tests/gpu/t_batchfinder.py
+run_test oom_report  120 python3 tests/gpu/t_oom_report.py
 run_test libtorch    300 bash -c libtorch_test
 
 # --- summary ---

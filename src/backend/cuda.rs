@@ -16,6 +16,9 @@ const MIN_DRIVER_VERSION: i32 = 12000;
 pub struct CudaBackend {
     /// Primary context of each device, retained once on first use.
     contexts: Vec<OnceLock<usize>>,
+    /// Per device: the devices that may map its memory (itself first, then
+    /// every peer the driver says can access it), found once.
+    accessors: Vec<OnceLock<Vec<i32>>>,
     device_count: i32,
 }
 
@@ -87,7 +90,11 @@ impl CudaBackend {
         let mut count = 0;
         // SAFETY: the driver is loaded and initialised.
         check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
-        Ok(CudaBackend { contexts: (0..count).map(|_| OnceLock::new()).collect(), device_count: count })
+        Ok(CudaBackend {
+            contexts: (0..count).map(|_| OnceLock::new()).collect(),
+            accessors: (0..count).map(|_| OnceLock::new()).collect(),
+            device_count: count,
+        })
     }
 
     fn context(&self, device: i32) -> Result<sys::CUcontext> {
@@ -108,6 +115,33 @@ impl CudaBackend {
         // Two threads may retain at once; the loser's extra retain is harmless
         // (primary contexts are reference counted and never released here).
         Ok(*slot.get_or_init(|| ctx as usize) as sys::CUcontext)
+    }
+
+    fn accessors(&self, device: i32) -> Result<&[i32]> {
+        let slot = usize::try_from(device)
+            .ok()
+            .and_then(|i| self.accessors.get(i))
+            .ok_or_else(|| Error::InvalidArgument(format!("device {device} does not exist")))?;
+        if let Some(list) = slot.get() {
+            return Ok(list);
+        }
+        let handle = |ordinal: i32| -> Result<sys::CUdevice> {
+            let mut dev: sys::CUdevice = 0;
+            // SAFETY: a valid ordinal; writes a local.
+            check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut dev, ordinal) })?;
+            Ok(dev)
+        };
+        let owner = handle(device)?;
+        let mut list = vec![device];
+        for peer in (0..self.device_count).filter(|&p| p != device) {
+            let mut can = 0;
+            // SAFETY: both are device handles from cuDeviceGet; writes a local.
+            check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, handle(peer)?, owner) })?;
+            if can != 0 {
+                list.push(peer);
+            }
+        }
+        Ok(slot.get_or_init(|| list))
     }
 
     /// Runs `f` with the device's primary context current on this thread.
@@ -221,13 +255,23 @@ impl Backend for CudaBackend {
             check("cuMemMap", unsafe { sys::cuMemMap(va, size_bytes as usize, 0, handle, 0) })
         })
     }
+    /// Grants access to the owning device and to every device that can
+    /// reach it as a peer: memory from cuMemCreate is not covered by
+    /// cudaDeviceEnablePeerAccess, so without this a copy or kernel from
+    /// another GPU (DDP, model parallel, `tensor.to("cuda:1")`) fails.
     fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
-        let desc = sys::CUmemAccessDesc {
-            location: Self::location(device),
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        // SAFETY: the range is fully mapped (contract); desc lives across the call.
-        self.in_context(device, || check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(va, size_bytes as usize, &desc, 1) }))
+        let descs: Vec<sys::CUmemAccessDesc> = self
+            .accessors(device)?
+            .iter()
+            .map(|&d| sys::CUmemAccessDesc {
+                location: Self::location(d),
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            })
+            .collect();
+        self.in_context(device, || {
+            // SAFETY: the range is fully mapped (contract); descs lives across the call.
+            check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(va, size_bytes as usize, descs.as_ptr(), descs.len()) })
+        })
     }
     fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
         // SAFETY: the range is mapped and no queued work uses it (contract).

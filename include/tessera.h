@@ -251,6 +251,8 @@ void tessera_set_memory_fraction(double fraction, int device);
  Sets the configuration (the `TESSERA_CONF` syntax), in place of the
  environment, before the first allocation. Returns 0, or -1 with a message
  naming the bad key or value.
+ # Safety
+ `conf` is NULL or a NUL-terminated string.
  */
 int32_t tessera_configure(const char *conf);
 
@@ -263,6 +265,8 @@ int32_t tessera_check_config(void);
 /*
  Copies the statistics of `device` into `*out`. Returns 0, or -1 with a
  message (bad device, NULL `out`).
+ # Safety
+ `out` is NULL or points to writable memory for one `TesseraStats`.
  */
 int32_t tessera_get_stats(int device, struct TesseraStats *out);
 
@@ -276,6 +280,8 @@ int32_t tessera_reset_peak_stats(int device);
  is the small arena (PyTorch's small_pool), 1 the large one. Only the
  block-level gauges are kept per arena (allocated, requested, active,
  cached, mapped, pending); the rest are zero. Returns 0 or -1.
+ # Safety
+ `out` is NULL or points to writable memory for one `TesseraStats`.
  */
 int32_t tessera_get_arena_stats(int device, int arena, struct TesseraStats *out);
 
@@ -284,6 +290,8 @@ int32_t tessera_get_arena_stats(int device, int arena, struct TesseraStats *out)
  `torch.cuda.memory._snapshot()` (`segments` with their `blocks`, and
  `device_traces` when history is recorded) into `buf` if `len` bytes
  suffice. Returns the bytes needed (call with NULL, 0 to ask), or -1.
+ # Safety
+ `buf` is NULL or points to `len` writable bytes.
  */
 int64_t tessera_snapshot_json(char *buf, uintptr_t len);
 
@@ -298,6 +306,8 @@ int32_t tessera_record_history(int enabled, uintptr_t max_entries);
  Writes the recorded alloc and free events of `device` in the trace
  format that `tessera-replay` reads (`a|f ADDR SIZE STREAM` lines) into
  `buf` if `len` bytes suffice. Returns the bytes needed, or -1.
+ # Safety
+ `buf` is NULL or points to `len` writable bytes.
  */
 int64_t tessera_history_trace(int device, char *buf, uintptr_t len);
 

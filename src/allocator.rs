@@ -240,11 +240,10 @@ impl Allocator {
     /// device than the one named, it is freed there and the mismatch counted.
     pub fn free(&self, ptr: u64, size: Option<u64>, device: i32, stream: Option<u64>) -> Result<()> {
         let named = self.slot(device).ok();
-        if let Some(slot) = named {
-            if let Some(pool) = lock(slot).pool.as_mut().filter(|p| p.owns(ptr)) {
+        if let Some(slot) = named
+            && let Some(pool) = lock(slot).pool.as_mut().filter(|p| p.owns(ptr)) {
                 return pool.free(ptr, size, stream);
             }
-        }
         for (d, slot) in self.slots.iter().enumerate() {
             if let Some(pool) = lock(slot).pool.as_mut().filter(|p| p.owns(ptr)) {
                 pool.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
@@ -284,11 +283,10 @@ impl Allocator {
     pub fn empty_cache(&self) -> Result<()> {
         let mut first_error = None;
         for slot in &self.slots {
-            if let Some(pool) = lock(slot).pool.as_mut() {
-                if let Err(e) = pool.empty_cache() {
+            if let Some(pool) = lock(slot).pool.as_mut()
+                && let Err(e) = pool.empty_cache() {
                     first_error.get_or_insert(e);
                 }
-            }
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -321,11 +319,10 @@ impl Allocator {
 
     /// Counts a rejected request on a device, where the device is valid.
     pub fn count_invalid_request(&self, device: i32) {
-        if let Ok(slot) = self.slot(device) {
-            if let Some(pool) = lock(slot).pool.as_mut() {
+        if let Ok(slot) = self.slot(device)
+            && let Some(pool) = lock(slot).pool.as_mut() {
                 pool.stats_mut().bump(TesseraCounter::InvalidRequests, 1);
             }
-        }
     }
 }
 

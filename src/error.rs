@@ -46,15 +46,14 @@ impl OomInfo {
         if self.requested_bytes > self.total_capacity_bytes {
             return "Next step: the request alone is larger than the GPU; split the tensor or the batch.".into();
         }
-        if let Some(limit) = self.limit_bytes {
-            if self.reserved_bytes + self.requested_bytes > limit && live <= self.total_capacity_bytes {
+        if let Some(limit) = self.limit_bytes
+            && self.reserved_bytes + self.requested_bytes > limit && live <= self.total_capacity_bytes {
                 return format!(
                     "Next step: tessera's memory limit ({}) is what stopped it; raise memory_limit in TESSERA_CONF \
                      or the fraction given to torch.cuda.set_per_process_memory_fraction.",
                     format_bytes(limit)
                 );
             }
-        }
         if self.pending_bytes >= self.requested_bytes {
             return "Next step: memory freed with record_stream waits for other streams; synchronize them, or free \
                     on the stream that uses the tensor."

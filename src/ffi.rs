@@ -159,8 +159,10 @@ pub extern "C" fn tessera_set_memory_fraction(fraction: f64, device: c_int) {
 /// Sets the configuration (the `TESSERA_CONF` syntax), in place of the
 /// environment, before the first allocation. Returns 0, or -1 with a message
 /// naming the bad key or value.
+/// # Safety
+/// `conf` is NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
-pub extern "C" fn tessera_configure(conf: *const c_char) -> i32 {
+pub unsafe extern "C" fn tessera_configure(conf: *const c_char) -> i32 {
     guarded("configure", -1, || {
         if conf.is_null() {
             return Err(Error::InvalidArgument("configuration string is NULL".into()));
@@ -183,8 +185,10 @@ pub extern "C" fn tessera_check_config() -> i32 {
 
 /// Copies the statistics of `device` into `*out`. Returns 0, or -1 with a
 /// message (bad device, NULL `out`).
+/// # Safety
+/// `out` is NULL or points to writable memory for one `TesseraStats`.
 #[unsafe(no_mangle)]
-pub extern "C" fn tessera_get_stats(device: c_int, out: *mut TesseraStats) -> i32 {
+pub unsafe extern "C" fn tessera_get_stats(device: c_int, out: *mut TesseraStats) -> i32 {
     guarded("get_stats", -1, || {
         if out.is_null() {
             return Err(Error::InvalidArgument("stats output pointer is NULL".into()));
@@ -206,8 +210,10 @@ pub extern "C" fn tessera_reset_peak_stats(device: c_int) -> i32 {
 /// is the small arena (PyTorch's small_pool), 1 the large one. Only the
 /// block-level gauges are kept per arena (allocated, requested, active,
 /// cached, mapped, pending); the rest are zero. Returns 0 or -1.
+/// # Safety
+/// `out` is NULL or points to writable memory for one `TesseraStats`.
 #[unsafe(no_mangle)]
-pub extern "C" fn tessera_get_arena_stats(device: c_int, arena: c_int, out: *mut TesseraStats) -> i32 {
+pub unsafe extern "C" fn tessera_get_arena_stats(device: c_int, arena: c_int, out: *mut TesseraStats) -> i32 {
     guarded("get_arena_stats", -1, || {
         if out.is_null() {
             return Err(Error::InvalidArgument("stats output pointer is NULL".into()));
@@ -242,8 +248,10 @@ fn copy_out(text: &str, buf: *mut c_char, len: usize) -> i64 {
 /// `torch.cuda.memory._snapshot()` (`segments` with their `blocks`, and
 /// `device_traces` when history is recorded) into `buf` if `len` bytes
 /// suffice. Returns the bytes needed (call with NULL, 0 to ask), or -1.
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
 #[unsafe(no_mangle)]
-pub extern "C" fn tessera_snapshot_json(buf: *mut c_char, len: usize) -> i64 {
+pub unsafe extern "C" fn tessera_snapshot_json(buf: *mut c_char, len: usize) -> i64 {
     guarded("snapshot_json", -1, || Ok(copy_out(&allocator::global()?.snapshot_json(), buf, len)))
 }
 
@@ -261,8 +269,10 @@ pub extern "C" fn tessera_record_history(enabled: c_int, max_entries: usize) -> 
 /// Writes the recorded alloc and free events of `device` in the trace
 /// format that `tessera-replay` reads (`a|f ADDR SIZE STREAM` lines) into
 /// `buf` if `len` bytes suffice. Returns the bytes needed, or -1.
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
 #[unsafe(no_mangle)]
-pub extern "C" fn tessera_history_trace(device: c_int, buf: *mut c_char, len: usize) -> i64 {
+pub unsafe extern "C" fn tessera_history_trace(device: c_int, buf: *mut c_char, len: usize) -> i64 {
     guarded("history_trace", -1, || Ok(copy_out(&allocator::global()?.history_trace(device)?, buf, len)))
 }
 

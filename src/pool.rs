@@ -258,7 +258,7 @@ impl DevicePool {
     /// backend cannot reserve address space.
     pub fn new(device: i32, backend: Arc<dyn Backend>, mut settings: PoolSettings) -> Result<Self> {
         let backend_granule = backend.granularity(device)?;
-        if settings.granule_bytes % backend_granule != 0 {
+        if !settings.granule_bytes.is_multiple_of(backend_granule) {
             return Err(Error::Config(format!(
                 "page_size {} is not a multiple of the {} backend's granularity {}",
                 settings.granule_bytes,
@@ -854,11 +854,10 @@ impl DevicePool {
     /// so far stay free for later use.
     fn create_handles(&mut self, granules: u64) -> Result<Vec<HandleIdx>> {
         let g = self.settings.granule_bytes;
-        if let Some(limit) = self.settings.limit_bytes {
-            if self.physical_bytes() + granules * g > limit {
+        if let Some(limit) = self.settings.limit_bytes
+            && self.physical_bytes() + granules * g > limit {
                 return Err(Error::OutOfMemory(OomInfo::default()));
             }
-        }
         let per_handle = self.settings.max_handle_bytes / g;
         let mut made = Vec::new();
         let mut left = granules;
@@ -1331,7 +1330,7 @@ impl DevicePool {
                 chain_blocks += 1;
                 assert_eq!(b.addr, expect_addr, "chain gap or overlap at block {id}");
                 assert_eq!(b.prev, prev, "bad prev link at block {id}");
-                assert!(b.size >= MIN_BLOCK_BYTES && b.size % MIN_BLOCK_BYTES == 0, "bad size {}", b.size);
+                assert!(b.size >= MIN_BLOCK_BYTES && b.size.is_multiple_of(MIN_BLOCK_BYTES), "bad size {}", b.size);
                 if prev != NIL {
                     assert!(!self.mergeable(prev, id), "unmerged neighbours {prev} and {id}");
                 }

@@ -2,21 +2,45 @@
 
     import tessera_torch
     tessera_torch.install(conf="expandable_segments:true")   # before any CUDA use
-    print(tessera_torch.stats())                               # torch.cuda.memory_stats() raises with a pluggable allocator
+    print(tessera_torch.memory_summary())                      # torch.cuda.memory_summary() raises with a pluggable allocator
+
+With a pluggable allocator, torch.cuda.memory_stats, memory_allocated, max_memory_reserved,
+memory_summary and memory._snapshot all raise; this module gives them back, with the same
+names, signatures and shapes:
+
+    memory_stats(device)            the keys of torch.cuda.memory_stats(), plus "tessera.*" keys
+    memory_allocated / max_memory_allocated / memory_reserved / max_memory_reserved
+    reset_peak_memory_stats(device)
+    memory_summary(device, abbreviated)   torch.cuda.memory_summary()'s table
+    snapshot() / dump_snapshot(path)      torch.cuda.memory._snapshot() / _dump_snapshot():
+                                          python -m torch.cuda._memory_viz trace_plot snap.pickle -o out.html
+    record_memory_history(enabled, max_entries), history_trace(device), dump_history_trace(path, device)
+                                          (the trace replays with target/release/tessera-replay FILE)
+    on_oom(fn)                      fn(device, size) runs before tessera gives up on a request; it retries once
+    monitor(interval_s)             a daemon thread printing one status line per interval; returns stop()
+    stats(device)                   tessera's own gauges and counters, by tessera's names
 
 Importing this module does not import torch; only install() does. The library is
 looked up in $TESSERA_LIB, then <repo>/target/release/libtessera.so, then next to
-this file.
+this file. `python -m tessera_torch` prints this text and the configuration options.
 """
 
+import collections
 import ctypes
+import json
 import os
+import pickle
 import sys
 import threading
+import traceback
 
 __all__ = [
     "find_library", "load", "install", "stats", "reset_peak_stats",
     "empty_cache", "version", "configure", "check_config", "last_error",
+    "memory_stats", "memory_allocated", "max_memory_allocated", "memory_reserved",
+    "max_memory_reserved", "reset_peak_memory_stats", "memory_summary",
+    "snapshot", "dump_snapshot", "record_memory_history", "history_trace", "dump_history_trace",
+    "on_oom", "monitor", "status_line", "OPTIONS",
 ]
 
 _LIB_NAME = "libtessera.so"
@@ -26,6 +50,11 @@ _lock = threading.Lock()
 _lib = None          # the singleton CDLL
 _lib_path = None     # the path it was loaded from
 _allocator = None    # the CUDAPluggableAllocator that install() swapped in
+_conf = None         # the string given to configure(), if any
+
+# void (*)(int device, uint64_t size, void* user_data): see on_oom().
+_OOM_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p)
+_oom_callbacks = []  # (fn, CFUNCTYPE object): the library keeps the pointers forever, so do we
 
 
 class TesseraStat(ctypes.Structure):
@@ -94,8 +123,18 @@ def _declare(lib):
         fn = getattr(lib, name)  # AttributeError names the missing symbol
         fn.restype, fn.argtypes = restype, argtypes
     TesseraStats = _stats_type(lib.tessera_gauge_count(), lib.tessera_counter_count())
-    lib.tessera_get_stats.restype = c_i32
-    lib.tessera_get_stats.argtypes = [c_i32, ctypes.POINTER(TesseraStats)]
+    i64, usize = ctypes.c_int64, ctypes.c_size_t
+    more = {
+        "tessera_get_stats": (c_i32, [c_i32, ctypes.POINTER(TesseraStats)]),
+        "tessera_get_arena_stats": (c_i32, [c_int, c_int, ctypes.POINTER(TesseraStats)]),
+        "tessera_snapshot_json": (i64, [vp, usize]),
+        "tessera_record_history": (c_i32, [c_int, usize]),
+        "tessera_history_trace": (i64, [c_int, vp, usize]),
+        "tessera_register_oom_callback": (c_i32, [_OOM_CALLBACK, vp]),
+    }
+    for name, (restype, argtypes) in more.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
 
 
 def load(lib_path=None):
@@ -123,8 +162,10 @@ def version():
 
 def configure(conf):
     """Set the config ("key:value,key:value", TESSERA_CONF syntax); only before the first allocation."""
+    global _conf
     if load().tessera_configure(conf.encode()) != 0:
         raise ValueError(f"tessera_configure({conf!r}) failed: {last_error()}")
+    _conf = conf
 
 
 def check_config():
@@ -170,7 +211,11 @@ def install(lib_path=None, conf=None):
 
 
 def _default_device(device):
-    if device is not None and not isinstance(device, int):
+    """Device index of an int, a torch.device, "cuda[:N]" or None (the current device, else 0)."""
+    if isinstance(device, str):
+        _, _, index = device.partition(":")
+        device = int(index) if index else None
+    elif device is not None and not isinstance(device, int):
         device = device.index  # a torch.device; "cuda" without index means the current one
     if device is not None:
         return device
@@ -180,23 +225,37 @@ def _default_device(device):
     return 0
 
 
-def stats(device=None):
-    """{gauge: {"current", "peak", "allocated", "freed"}, counter: int} for one device.
-
-    Names come from the library (tessera_gauge_name / tessera_counter_name)."""
-    lib = load()
-    dev = _default_device(device)
+def _raw_stats(getter, *args):
     out = TesseraStats()
-    if lib.tessera_get_stats(dev, ctypes.byref(out)) != 0:
-        raise RuntimeError(f"tessera_get_stats({dev}) failed: {last_error()}")
+    if getter(*args, ctypes.byref(out)) != 0:
+        raise RuntimeError(f"{getter.__name__}{args} failed: {last_error()}")
+    return out
+
+
+def _stats_dict(out, lib, counters=True):
     result = {}
     for i in range(len(out.gauges)):
         g = out.gauges[i]
         result[lib.tessera_gauge_name(i).decode()] = {
             "current": g.current, "peak": g.peak, "allocated": g.allocated, "freed": g.freed}
-    for i in range(len(out.counters)):
-        result[lib.tessera_counter_name(i).decode()] = int(out.counters[i])
+    if counters:
+        for i in range(len(out.counters)):
+            result[lib.tessera_counter_name(i).decode()] = int(out.counters[i])
     return result
+
+
+def stats(device=None):
+    """{gauge: {"current", "peak", "allocated", "freed"}, counter: int} for one device.
+
+    Names come from the library (tessera_gauge_name / tessera_counter_name)."""
+    lib = load()
+    return _stats_dict(_raw_stats(lib.tessera_get_stats, _default_device(device)), lib)
+
+
+def _arena_stats(device, arena):
+    """The block-level gauges of one arena (0: small pool, 1: large pool); the others are 0."""
+    lib = load()
+    return _stats_dict(_raw_stats(lib.tessera_get_arena_stats, device, arena), lib, counters=False)
 
 
 def reset_peak_stats(device=None):
@@ -209,3 +268,412 @@ def reset_peak_stats(device=None):
 def empty_cache():
     """Release cached memory to the device (what torch.cuda.empty_cache() does once installed)."""
     load().tessera_empty_cache()
+
+
+# ----- torch.cuda.memory_stats() and friends ---------------------------------------------
+
+_FIELDS = ("current", "peak", "allocated", "freed")
+_POOLS = (("all", None), ("small_pool", 0), ("large_pool", 1))  # torch's pool name, tessera's arena
+
+
+def _read_text(fn, *args):
+    """Call a (..., char* buf, size_t len) -> int64 function of the library; return the text."""
+    size = fn(*args, None, 0)
+    while True:
+        if size < 0:
+            raise RuntimeError(f"{fn.__name__}{args} failed: {last_error()}")
+        buf = ctypes.create_string_buffer(size)
+        needed = fn(*args, buf, size)
+        if 0 <= needed <= size:
+            return buf.value.decode()
+        size = needed  # it grew between the two calls
+
+
+def _stat(current=0, peak=0, allocated=0, freed=0):
+    return {"current": current, "peak": peak, "allocated": allocated, "freed": freed}
+
+
+def _segment_facts(device):
+    """Per pool ("all", "small_pool", "large_pool"): segments, inactive blocks, pending bytes and
+    blocks, largest inactive block; from the snapshot (the mapped runs of each arena)."""
+    facts = {pool: dict(segments=0, inactive_blocks=0, pending_bytes=0, largest_free=0)
+             for pool, _ in _POOLS}
+    for seg in json.loads(_read_text(load().tessera_snapshot_json))["segments"]:
+        if seg["device"] != device:
+            continue
+        pool = "small_pool" if seg["segment_type"] == "small" else "large_pool"
+        for f in (facts["all"], facts[pool]):
+            f["segments"] += 1
+            for b in seg["blocks"]:
+                if b["state"] == "inactive":
+                    f["inactive_blocks"] += 1
+                    f["largest_free"] = max(f["largest_free"], b["size"])
+                elif b["state"] != "active_allocated":  # active_pending_free: waiting for streams
+                    f["pending_bytes"] += b["size"]
+    return facts
+
+
+def memory_stats(device=None):
+    """torch.cuda.memory_stats() for tessera: an OrderedDict, sorted, with every key of
+    PyTorch's native allocator, plus tessera's own under "tessera.".
+
+    How tessera fills PyTorch's keys ({pool} is all, small_pool or large_pool; small_pool is
+    tessera's small arena, requests up to small_size):
+      allocated_bytes, requested_bytes   the gauges of the same name
+      allocation                         active_blocks (blocks handed out)
+      active, active_bytes               as allocation / allocated_bytes, plus the blocks freed
+                                         with record_stream and still waiting for other streams
+      inactive_split_bytes               cached_bytes (free and mapped, ready for reuse)
+      reserved_bytes.all                 reserved_bytes: physical memory held, what nvidia-smi shows
+      reserved_bytes.{small,large}_pool  mapped_bytes of that arena
+      segment, inactive_split            current only: mapped runs of the arena and the free blocks
+                                         in them (from the snapshot); peak/allocated/freed are 0
+      num_alloc_retries, num_ooms        alloc_retries, ooms
+      num_device_alloc, num_device_free  driver_map_calls, driver_unmap_calls (torch: "includes cuMemMap")
+      max_split_size                     -1 (tessera splits every block, as native's default)
+      num_sync_all_streams, oversize_*   0 (no such thing in tessera)
+    The extras: tessera.<gauge>.<field> and tessera.<counter> for every gauge and counter, and
+    tessera.segments, .inactive_blocks, .largest_free_block, .pending_free_bytes,
+    .unmapped_reserved_bytes (physical memory held but mapped nowhere: reserved - mapped) and
+    .reserved_unallocated_bytes (reserved - allocated).
+    Each part is read under tessera's lock, but not all at one instant: while other threads
+    allocate, derived keys may disagree slightly."""
+    device = _default_device(device)
+    dev = stats(device)
+    arenas = {pool: _arena_stats(device, arena) for pool, arena in _POOLS if arena is not None}
+    facts = _segment_facts(device)
+
+    def gauge(pool, name):
+        return (dev if pool == "all" else arenas[pool])[name]
+
+    result = {}
+
+    def put(name, pool, stat):
+        for field in _FIELDS:
+            result[f"{name}.{pool}.{field}"] = int(stat[field])
+
+    for pool, _ in _POOLS:
+        f = facts[pool]
+        for name, source in (("allocated_bytes", "allocated_bytes"), ("requested_bytes", "requested_bytes"),
+                             ("allocation", "active_blocks"), ("inactive_split_bytes", "cached_bytes")):
+            put(name, pool, gauge(pool, source))
+        put("reserved_bytes", pool, gauge(pool, "reserved_bytes" if pool == "all" else "mapped_bytes"))
+        # Active: allocated, or freed but waiting for other streams (counted as freed once done).
+        for name, base, extra in (("active_bytes", gauge(pool, "allocated_bytes"), f["pending_bytes"]),
+                                  ("active", gauge(pool, "active_blocks"),
+                                   gauge(pool, "pending_free_blocks")["current"])):
+            current = base["current"] + extra
+            put(name, pool, _stat(current, max(base["peak"], current), base["allocated"],
+                                  base["allocated"] - current))
+        put("segment", pool, _stat(current=f["segments"]))
+        put("inactive_split", pool, _stat(current=f["inactive_blocks"]))
+    for name in ("oversize_allocations", "oversize_segments"):
+        for field in _FIELDS:
+            result[f"{name}.{field}"] = 0
+    result.update({
+        "num_alloc_retries": dev["alloc_retries"], "num_ooms": dev["ooms"],
+        "num_device_alloc": dev["driver_map_calls"], "num_device_free": dev["driver_unmap_calls"],
+        "num_sync_all_streams": 0, "max_split_size": -1,
+    })
+    for name, value in dev.items():
+        if isinstance(value, dict):
+            for field in _FIELDS:
+                result[f"tessera.{name}.{field}"] = value[field]
+        else:
+            result[f"tessera.{name}"] = value
+    f = facts["all"]
+    result.update({
+        "tessera.segments": f["segments"],
+        "tessera.inactive_blocks": f["inactive_blocks"],
+        "tessera.largest_free_block": f["largest_free"],
+        "tessera.pending_free_bytes": f["pending_bytes"],
+        "tessera.unmapped_reserved_bytes": max(
+            0, dev["reserved_bytes"]["current"] - dev["mapped_bytes"]["current"]),
+        "tessera.reserved_unallocated_bytes": max(
+            0, dev["reserved_bytes"]["current"] - dev["allocated_bytes"]["current"]),
+    })
+    return collections.OrderedDict(sorted(result.items()))
+
+
+def memory_allocated(device=None):
+    """Bytes in allocated blocks now (torch.cuda.memory_allocated)."""
+    return stats(device)["allocated_bytes"]["current"]
+
+
+def max_memory_allocated(device=None):
+    """Peak of memory_allocated() since the start or reset_peak_memory_stats()."""
+    return stats(device)["allocated_bytes"]["peak"]
+
+
+def memory_reserved(device=None):
+    """Physical memory tessera holds now (torch.cuda.memory_reserved): what nvidia-smi counts."""
+    return stats(device)["reserved_bytes"]["current"]
+
+
+def max_memory_reserved(device=None):
+    """Peak of memory_reserved() since the start or reset_peak_memory_stats()."""
+    return stats(device)["reserved_bytes"]["peak"]
+
+
+def reset_peak_memory_stats(device=None):
+    """Set every peak to its current value (torch.cuda.reset_peak_memory_stats)."""
+    reset_peak_stats(device)
+
+
+def _fmt_size(value, scale_by):
+    """A byte count in the unit that suits scale_by (the row's "all" value), PyTorch's format."""
+    units = ("B  ", "KiB", "MiB", "GiB", "TiB", "PiB")
+    unit = 0
+    while unit + 1 < len(units) and scale_by >= 768 * 1024:
+        value, scale_by, unit = value // 1024, scale_by / 1024, unit + 1
+    return f"{value:6d} {units[unit]}"
+
+
+def _fmt_count(value, scale_by):
+    units = (" ", "K", "M")
+    unit = 0
+    while unit + 1 < len(units) and scale_by >= 750 * 1000:
+        value, scale_by, unit = value // 1000, scale_by / 1000, unit + 1
+    return f"{value:7d} {units[unit]} "
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def memory_summary(device=None, abbreviated=False):
+    """torch.cuda.memory_summary() for tessera: the same table, filled from memory_stats(),
+    with a few lines of tessera's own at the end. Returns the text."""
+    device = _default_device(device)
+    s = memory_stats(device)
+    width = 75
+    rule, double = "-" * width, "=" * width
+    lines = [double,
+             f" {'':16} tessera CUDA memory summary, device ID {device:<17d} ",
+             rule,
+             f"  {'':9} CUDA OOMs: {s['num_ooms']:<12d} | {'':6} cudaMalloc retries: {s['num_alloc_retries']:<8d}  ",
+             double,
+             "        Metric         | Cur Usage  | Peak Usage | Tot Alloc  | Tot Freed  "]
+    rows = (("allocated_bytes", "Allocated memory", _fmt_size),
+            ("active_bytes", "Active memory", _fmt_size),
+            ("requested_bytes", "Requested memory", _fmt_size),
+            ("reserved_bytes", "GPU reserved memory", _fmt_size),
+            ("inactive_split_bytes", "Non-releasable memory", _fmt_size),
+            ("allocation", "Allocations", _fmt_count),
+            ("active", "Active allocs", _fmt_count),
+            ("segment", "GPU reserved segments", _fmt_count),
+            ("inactive_split", "Non-releasable allocs", _fmt_count))
+    pools = [("all", None)] + ([] if abbreviated else [("large_pool", "      from large pool"),
+                                                      ("small_pool", "      from small pool")])
+    for key, title, fmt in rows:
+        lines.append(rule)
+        scale = {f: s[f"{key}.all.{f}"] for f in _FIELDS}
+        for pool, label in pools:
+            cells = " | ".join(fmt(s[f"{key}.{pool}.{f}"], scale[f]) for f in _FIELDS)
+            lines.append(f" {label or title:<21} | {cells} ")
+    for key, title in (("oversize_allocations", "Oversize allocations"),
+                       ("oversize_segments", "Oversize GPU segments")):
+        lines.append(rule)
+        cells = " | ".join(_fmt_count(s[f"{key}.{f}"], s[f"{key}.{f}"]) for f in _FIELDS)
+        lines.append(f" {title:<21} | {cells} ")
+    lines.append(double)
+    # tessera's lines: what PyTorch's table has no row for.
+    extra = [
+        f"tessera: {s['tessera.handles.current']} physical handles, "
+        f"{_human(s['tessera.unmapped_reserved_bytes'])} held unmapped",
+        f"largest free block {_human(s['tessera.largest_free_block'])} "
+        f"in {s['tessera.inactive_blocks']} free blocks, {s['tessera.segments']} mapped runs",
+        f"cache hits {s['tessera.cache_hits']}, misses {s['tessera.cache_misses']}, "
+        f"cross-stream {s['tessera.cross_stream_reuses']}, reclaimed granules {s['tessera.reclaimed_granules']}",
+        f"driver calls: create {s['tessera.driver_create_calls']}, release {s['tessera.driver_release_calls']}, "
+        f"map {s['tessera.driver_map_calls']}, unmap {s['tessera.driver_unmap_calls']}",
+    ]
+    lines += [f" {text:<{width - 1}}"[:width] for text in extra]
+    lines.append(double)
+    return "|" + "|\n|".join(lines) + "|\n"
+
+
+# ----- snapshots and history --------------------------------------------------------------
+
+def snapshot():
+    """torch.cuda.memory._snapshot() for tessera: {"segments": [...], "device_traces": [[...], ...],
+    "allocator_settings": {...}, "external_annotations": []} for every device, in PyTorch's
+    format, so that torch.cuda._memory_viz (segment_plot, trace_plot, stats, trace) and
+    pytorch.org/memory_viz read it.
+
+    Segments are the maximal mapped runs of each arena (is_expandable: true, as native
+    expandable segments). device_traces holds the events recorded since
+    record_memory_history(True), segment_map/segment_unmap included. tessera's frees complete
+    at once, so each "free_requested" is followed by a "free_completed" (the viewers count that
+    as the free; a block freed with record_stream completes later, which is not recorded).
+    Frames are empty: tessera records no stack traces."""
+    data = json.loads(_read_text(load().tessera_snapshot_json))
+    for seg in data["segments"]:
+        seg["segment_pool_id"] = tuple(seg["segment_pool_id"])
+    traces = []
+    for trace in data["device_traces"]:
+        events = []
+        for e in trace:
+            e.setdefault("compile_context", "N/A")
+            e.setdefault("user_metadata", "")
+            events.append(e)
+            if e["action"] == "free_requested":
+                events.append(dict(e, action="free_completed"))
+            elif e["action"] == "oom":
+                e.setdefault("device_free", 0)  # torch's key; tessera's OOM message has the number
+        traces.append(events)
+    data["device_traces"] = traces
+    conf = _conf if _conf is not None else os.environ.get("TESSERA_CONF", "")
+    data["allocator_settings"] = {"allocator": f"tessera {version()}", "TESSERA_CONF": conf,
+                                  "max_split_size": -1}
+    data["external_annotations"] = []
+    return data
+
+
+def dump_snapshot(filename="dump_snapshot.pickle"):
+    """Pickle snapshot() to a file (torch.cuda.memory._dump_snapshot): what
+    `python -m torch.cuda._memory_viz trace_plot FILE -o out.html` and pytorch.org/memory_viz read."""
+    data = snapshot()
+    with open(filename, "wb") as f:
+        pickle.dump(data, f)
+    return data
+
+
+def record_memory_history(enabled=True, max_entries=100000):
+    """Start (enabled: True, "all" or "state") or stop (False or None) recording alloc, free,
+    map, unmap and OOM events, keeping the last max_entries per device. Stopping drops them."""
+    on = enabled not in (None, False, 0)
+    if load().tessera_record_history(1 if on else 0, int(max_entries)) != 0:
+        raise RuntimeError(f"tessera_record_history failed: {last_error()}")
+
+
+def history_trace(device=None):
+    """The recorded allocs and frees of a device as an allocation trace: `a|f ADDR SIZE STREAM`
+    lines after a `#` header, replayable with `target/release/tessera-replay FILE`."""
+    return _read_text(load().tessera_history_trace, _default_device(device))
+
+
+def dump_history_trace(path, device=None):
+    """Write history_trace(device) to path; returns the number of events written."""
+    text = history_trace(device)
+    with open(path, "w") as f:
+        f.write(text)
+    return sum(1 for line in text.splitlines() if line[:1] in ("a", "f"))
+
+
+# ----- out of memory --------------------------------------------------------------------
+
+def on_oom(fn):
+    """Register fn(device, size): tessera calls it when a request of size bytes cannot be met,
+    on the allocating thread, with no tessera lock held (it may free tensors, gc.collect(),
+    empty_cache()); after every callback ran, tessera tries the request once more. An exception
+    in fn is printed to stderr and ignored. Callbacks stay registered for the process's life.
+    Returns fn, so it works as a decorator."""
+    if not callable(fn):
+        raise TypeError(f"on_oom needs a callable, not {fn!r}")
+
+    def trampoline(device, size, _user_data):
+        try:
+            fn(device, size)
+        except BaseException:  # never let anything unwind into the library
+            print(f"tessera_torch: exception in OOM callback {fn!r} (ignored):", file=sys.stderr)
+            traceback.print_exc()
+
+    callback = _OOM_CALLBACK(trampoline)
+    with _lock:
+        _oom_callbacks.append((fn, callback))  # the library holds the pointer forever
+    if load().tessera_register_oom_callback(callback, None) != 0:
+        raise RuntimeError(f"tessera_register_oom_callback failed: {last_error()}")
+    return fn
+
+
+# ----- monitoring --------------------------------------------------------------------------
+
+def status_line(device=None):
+    """One line: allocated, reserved, fragmentation (1 - allocated / reserved), OOMs."""
+    device = _default_device(device)
+    s = stats(device)
+    allocated, reserved = s["allocated_bytes"]["current"], s["reserved_bytes"]["current"]
+    frag = 1 - allocated / reserved if reserved else 0.0
+    return (f"tessera device {device}: allocated {_human(allocated)} (peak "
+            f"{_human(s['allocated_bytes']['peak'])}), reserved {_human(reserved)} (peak "
+            f"{_human(s['reserved_bytes']['peak'])}), fragmentation {frag:.1%}, ooms {s['ooms']}")
+
+
+def monitor(interval_s=10, file=None, device=None):
+    """Print status_line(device) to file (default: sys.stderr) every interval_s seconds from a
+    daemon thread. Returns stop(), which ends the thread (idempotent). From another process,
+    use TESSERA_CONF's status_interval:N instead."""
+    if interval_s <= 0:
+        raise ValueError(f"interval_s must be positive, not {interval_s}")
+    device = _default_device(device)  # resolved here: the current device is per thread
+    done = threading.Event()
+
+    def run():
+        while not done.wait(interval_s):
+            try:
+                line = status_line(device)
+            except Exception as e:  # keep monitoring through a transient failure
+                line = f"tessera device {device}: status unavailable: {e}"
+            print(line, file=file or sys.stderr, flush=True)
+
+    thread = threading.Thread(target=run, name="tessera-monitor", daemon=True)
+    thread.start()
+
+    def stop():
+        done.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=max(1.0, 2 * interval_s))
+
+    return stop
+
+
+# ----- configuration options and `python -m tessera_torch` ------------------------------------
+
+# TESSERA_CONF keys: (name, default, meaning). The library's own list is the authority
+# (tests/python checks that the two agree).
+OPTIONS = (
+    ("backend", "cuda", "cuda (the driver), host (real host memory, for tests), sim (counted, no memory)"),
+    ("expandable_segments", "true", "grow on demand and remap cached memory under pressure"),
+    ("page_size", "2M", "the granule: unit of mapping and accounting"),
+    ("max_handle_size", "8M", "largest physical handle; handles map whole"),
+    ("growth_size", "20M", "least bytes mapped when a small large-arena request grows it"),
+    ("max_cached_fraction", "0.1", "while cached bytes exceed this fraction of reserved, growth first "
+     "remaps cached memory the GPU is done with; 1: cache everything until memory is short"),
+    ("garbage_collection_threshold", "0", "while reserved exceeds this fraction of the allowed memory, "
+     "growth recycles cached memory first; 0: off"),
+    ("small_size", "1M", "requests up to this go to the small arena"),
+    ("memory_limit", "none", "cap on physical memory: bytes (40G) or a fraction (0.8)"),
+    ("device_capacity", "80G", "memory of a host or sim device"),
+    ("device_count", "1", "devices of the host and sim backends"),
+    ("oom_snapshot", "none", "file where the snapshot JSON is written when an allocation fails"),
+    ("status_interval", "0", "every N seconds, one status line per device on stderr (0: never)"),
+    ("va_size", "1T", "address space reserved per arena"),
+)
+
+
+def _usage():
+    width = max(len(name) for name, _, _ in OPTIONS)
+    dwidth = max(len("default"), *(len(default) for _, default, _ in OPTIONS))
+    table = "\n".join(f"  {name:<{width}}  {default:<{dwidth}}  {meaning}" for name, default, meaning in OPTIONS)
+    return (f"{__doc__.strip()}\n\n"
+            "Configuration: TESSERA_CONF=\"key:value,key:value\" (PyTorch's PYTORCH_CUDA_ALLOC_CONF syntax),\n"
+            "or install(conf=...), read once at the first allocation. Byte values take K, M, G, T.\n\n"
+            f"  {'key':<{width}}  {'default':<{dwidth}}  meaning\n{table}\n")
+
+
+def _main(argv):
+    out = _usage()
+    if "--status" in argv:
+        out = ("tessera_torch: --status cannot attach to another process. In the process itself, call\n"
+               "tessera_torch.monitor(interval_s) or print(tessera_torch.memory_summary()); from outside,\n"
+               "start it with TESSERA_CONF=status_interval:N (a status line every N s on stderr).\n\n" + out)
+    sys.stdout.write(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -33,6 +33,9 @@ pub struct OomInfo {
     /// Free bytes still mapped when the request failed (in partly used handles).
     pub cached_bytes: u64,
     pub largest_cached_bytes: u64,
+    /// Physical memory held in handles that are not mapped (free, reusable
+    /// anywhere), but too little for the request.
+    pub free_handle_bytes: u64,
     /// Bytes freed but waiting for other streams (record_stream).
     pub pending_bytes: u64,
     /// The largest live allocations: (bytes, stream).
@@ -109,11 +112,12 @@ impl fmt::Display for Error {
                 write!(
                     f,
                     " tessera: {} live in {} blocks; {} cached in partly used handles (largest free block {}); \
-                     {} waiting for other streams",
+                     {} in unmapped handles, ready for any request; {} waiting for other streams",
                     format_bytes(o.allocated_bytes),
                     o.live_blocks,
                     format_bytes(o.cached_bytes),
                     format_bytes(o.largest_cached_bytes),
+                    format_bytes(o.free_handle_bytes),
                     format_bytes(o.pending_bytes),
                 )?;
                 if let Some(limit) = o.limit_bytes {

@@ -618,6 +618,7 @@ impl DevicePool {
             live_blocks: self.stats.gauge(G::ActiveBlocks).current as u64,
             cached_bytes: self.stats.gauge(G::CachedBytes).current as u64,
             largest_cached_bytes: self.largest_cached_bytes(),
+            free_handle_bytes: self.free_handle_granules() * self.settings.granule_bytes,
             pending_bytes,
             largest_allocations: largest,
         }

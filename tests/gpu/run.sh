@@ -4,6 +4,10 @@
 #   bash tests/gpu/run.sh smoke oom  # only the tests named
 # Runs every test (each its own process, with a timeout), never stops at a failure,
 # prints a table last and exits non-zero if any test failed.
+# Diagnostics and benchmarks (not in the test list; run by hand, -h for options):
+#   python3 tests/gpu/record_trace.py mixed|multistream|infer_varbatch OUT.trace.gz  # native-allocator trace (<1 min)
+#   python3 tests/gpu/bench_frontier.py   # OOM frontier, tessera/native/expandable/async x 4 workloads (~5-8 min)
+#   python3 tests/gpu/bench_capped.py     # GPT-2 steps/s, tessera uncapped vs memory_limit = frontier+5% (~2 min)
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD

@@ -24,6 +24,7 @@
 //! - Every method may be called from any thread; implementations are Sync.
 
 pub mod cuda;
+pub mod faulty;
 pub mod host;
 pub mod sim;
 

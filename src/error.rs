@@ -9,13 +9,16 @@ use std::fmt;
 pub enum Error {
     /// The request cannot be served: the physical memory (or the configured
     /// limit) is not there even after reclaiming every cached granule.
-    OutOfMemory(OomInfo),
+    OutOfMemory(Box<OomInfo>),
     /// The backend (CUDA driver, OS) failed for another reason.
     Driver { call: &'static str, code: i64, message: String },
     /// The caller passed something invalid (bad pointer, size, device...).
     InvalidArgument(String),
     /// The configuration (`TESSERA_CONF`) is invalid.
     Config(String),
+    /// Internal to the pool: a map failed and its rollback too, but the first
+    /// `mapped_bytes` are mapped and accessible; `cause` is the first error.
+    PartialMap { mapped_bytes: u64, cause: Box<Error> },
 }
 
 /// What the allocator knew when it ran out of memory: enough for PyTorch's
@@ -138,6 +141,7 @@ impl fmt::Display for Error {
             }
             Error::InvalidArgument(m) => write!(f, "tessera: invalid argument: {m}"),
             Error::Config(m) => write!(f, "tessera: bad TESSERA_CONF: {m}"),
+            Error::PartialMap { cause, .. } => cause.fmt(f),
         }
     }
 }
@@ -150,12 +154,12 @@ mod tests {
 
     #[test]
     fn oom_message_uses_pytorch_wording() {
-        let e = Error::OutOfMemory(OomInfo {
+        let e = Error::OutOfMemory(Box::new(OomInfo {
             device: 0,
             requested_bytes: 20 << 20,
             total_capacity_bytes: 80 << 30,
             ..Default::default()
-        });
+        }));
         let s = e.to_string();
         assert!(s.starts_with("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 80.00 GiB"), "{s}");
     }

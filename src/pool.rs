@@ -96,6 +96,9 @@ struct Arena {
 struct PendingFree {
     block: BlockId,
     events: Vec<EventId>,
+    /// Recording an event failed: the block waits for a successful
+    /// device synchronize instead.
+    needs_sync: bool,
 }
 
 /// Settings of one pool, resolved from the configuration and the backend.
@@ -160,6 +163,11 @@ pub struct DevicePool {
     epochs: HashMap<u64, Epoch>,
     /// The stream of the last free, to skip the map on the hot path.
     last_free_stream: Option<u64>,
+    /// Events whose destroy failed, to destroy later.
+    stale_events: Vec<EventId>,
+    /// Set after driver failures that left the mapping state unknown: from
+    /// then on the pool serves nothing (fail-stop, never corrupt).
+    poisoned: Option<String>,
     /// The history ring, when recording: (events, capacity).
     history: Option<(VecDeque<HistoryEvent>, usize)>,
     total_bytes: u64,
@@ -244,6 +252,44 @@ impl std::hash::Hasher for AddrHasher {
     }
 }
 
+impl Drop for DevicePool {
+    /// A pool dropped with nothing live (tests, replays; never the global
+    /// one, which lives until exit) gives its memory and address space back.
+    /// With live blocks it leaks on purpose: someone may still use them.
+    fn drop(&mut self) {
+        if !self.live.is_empty() || self.poisoned.is_some() {
+            return;
+        }
+        let mapped: Vec<u64> = self.mapped.keys().copied().collect();
+        for va in mapped {
+            let h = self.mapped[&va];
+            let size = self.handles[h as usize].as_ref().map_or(0, |h| h.granules * self.settings.granule_bytes);
+            if self.backend.unmap(self.device, va, size).is_ok() {
+                self.mapped.remove(&va);
+                if let Some(handle) = self.handles[h as usize].as_mut() {
+                    handle.va = None;
+                }
+            }
+        }
+        for handle in self.handles.iter().flatten().filter(|h| h.va.is_none()) {
+            let _ = self.backend.release(self.device, handle.backend_id);
+        }
+        for epoch in self.epochs.values() {
+            if let Some((event, _)) = epoch.event {
+                let _ = self.backend.destroy_event(self.device, event);
+            }
+        }
+        for &event in &self.stale_events {
+            let _ = self.backend.destroy_event(self.device, event);
+        }
+        if self.mapped.is_empty() {
+            for arena in &self.arenas {
+                let _ = self.backend.unreserve(self.device, arena.base, arena.size);
+            }
+        }
+    }
+}
+
 fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
@@ -288,6 +334,8 @@ impl DevicePool {
             free_seq: 0,
             epochs: HashMap::new(),
             last_free_stream: None,
+            stale_events: Vec::new(),
+            poisoned: None,
             history: None,
             total_bytes,
             settings,
@@ -297,7 +345,16 @@ impl DevicePool {
                 ArenaKind::Small => round_up(pool.settings.va_size_bytes / 4, g),
                 ArenaKind::Large => pool.settings.va_size_bytes,
             };
-            let base = pool.backend.reserve(device, size, g)?;
+            let base = match pool.backend.reserve(device, size, g) {
+                Ok(base) => base,
+                Err(e) => {
+                    for arena in &pool.arenas {
+                        let _ = pool.backend.unreserve(device, arena.base, arena.size);
+                    }
+                    pool.arenas.clear();
+                    return Err(e);
+                }
+            };
             let id = pool.new_block(Block {
                 addr: base,
                 size,
@@ -318,6 +375,12 @@ impl DevicePool {
 
     pub fn device(&self) -> i32 {
         self.device
+    }
+
+    /// Why the pool stopped serving, after driver failures that left its
+    /// mapping state unknown (fail-stop); None while healthy.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
     }
 
     pub fn stats(&self) -> TesseraStats {
@@ -521,6 +584,13 @@ impl DevicePool {
     /// Allocates `size` bytes for `stream`. Size 0 is the caller's business
     /// (the C ABI returns NULL for it, as PyTorch's own allocator does).
     pub fn malloc(&mut self, size: u64, stream: u64) -> Result<u64> {
+        self.malloc_inner(size, stream).map_err(|e| self.driver_error(e))
+    }
+
+    fn malloc_inner(&mut self, size: u64, stream: u64) -> Result<u64> {
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Driver { call: "malloc", code: -1, message: format!("device {} disabled: {why}", self.device) });
+        }
         if !self.pending.is_empty() {
             self.process_pending()?;
         }
@@ -537,12 +607,12 @@ impl DevicePool {
         match self.grow(arena, rounded, stream, capturing) {
             Ok(id) => return Ok(self.hand_out(id, rounded, size, stream)),
             Err(Error::OutOfMemory(_)) => {}
-            Err(e) => return Err(self.driver_error(e)),
+            Err(e) => return Err(e),
         }
         // Under pressure: memory cached for other streams, then reclaimed
         // granules, then whatever the driver gives back after a full release.
         if capturing {
-            return Err(Error::OutOfMemory(self.oom_info(size)));
+            return Err(Error::OutOfMemory(Box::new(self.oom_info(size))));
         }
         self.stats.bump(C::AllocRetries, 1);
         if let Some(id) = self.find_cached_other_stream(arena, rounded, stream)? {
@@ -556,8 +626,8 @@ impl DevicePool {
         }
         match self.grow(arena, rounded, stream, false) {
             Ok(id) => Ok(self.hand_out(id, rounded, size, stream)),
-            Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(self.oom_info(size))),
-            Err(e) => Err(self.driver_error(e)),
+            Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(Box::new(self.oom_info(size)))),
+            Err(e) => Err(e),
         }
     }
 
@@ -651,7 +721,7 @@ impl DevicePool {
         let from = self.b(id).stream;
         let event = self.backend.record_event(self.device, from)?;
         let waited = self.backend.stream_wait_event(self.device, stream, event);
-        self.backend.destroy_event(self.device, event)?;
+        self.destroy_event_or_keep(event);
         waited?;
         self.unindex(id);
         self.bm(id).stream = stream;
@@ -720,7 +790,7 @@ impl DevicePool {
                     .holes
                     .range((arena, fresh_granules * g, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL))
                     .next()
-                    .ok_or_else(|| Error::OutOfMemory(OomInfo::default()))?;
+                    .ok_or_else(|| Error::OutOfMemory(Box::default()))?;
                 (None, hole, fresh_granules)
             }
         };
@@ -734,9 +804,26 @@ impl DevicePool {
         } else {
             new_granules
         };
-        let mapped_granules = match self.map_granules(va, growth, room) {
-            Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room)?,
-            other => other?,
+        let mapped = match self.map_granules(va, growth, room) {
+            Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room),
+            other => other,
+        };
+        let mapped_granules = match mapped {
+            Ok(n) => n,
+            Err(Error::PartialMap { mapped_bytes, cause }) => {
+                // Keep the mapped prefix as a cached block: the tiling holds.
+                self.unindex(hole);
+                if self.b(hole).size > mapped_bytes {
+                    let rest = self.split_front(hole, mapped_bytes);
+                    self.index(rest);
+                }
+                self.bm(hole).state = State::Cached;
+                self.bm(hole).stream = stream;
+                self.bm(hole).freed_seq = 0;
+                self.coalesce_and_index(hole);
+                return Err(*cause);
+            }
+            Err(e) => return Err(e),
         };
         // The hole's front is now mapped: carve it off as a cached block.
         self.unindex(hole);
@@ -833,7 +920,19 @@ impl DevicePool {
         }
         if let Err(e) = result {
             // Leave no half-mapped range behind: the hole stays a hole.
-            self.unmap_handles(va, at)?;
+            if let Err(rollback) = self.unmap_handles(va, at) {
+                // The mapped prefix cannot go: make it usable instead, and
+                // report it to the caller as what was mapped.
+                self.stats.bump(C::DriverErrors, 1);
+                tracing::warn!("unmapping after a failed map failed too ({rollback}); keeping the prefix");
+                if at > va && self.backend.set_access(self.device, va, at - va).is_ok() {
+                    return Err(Error::PartialMap { mapped_bytes: at - va, cause: Box::new(e) });
+                }
+                if self.unmap_handles(va, at).is_err() {
+                    self.poisoned = Some(format!("unrecoverable driver failures while mapping: {e}; then {rollback}"));
+                    tracing::error!("tessera: device {} disabled: {}", self.device, self.poisoned.as_deref().unwrap_or(""));
+                }
+            }
             return Err(e);
         }
         Ok(covered)
@@ -857,7 +956,7 @@ impl DevicePool {
         let g = self.settings.granule_bytes;
         if let Some(limit) = self.settings.limit_bytes
             && self.physical_bytes() + granules * g > limit {
-                return Err(Error::OutOfMemory(OomInfo::default()));
+                return Err(Error::OutOfMemory(Box::default()));
             }
         let per_handle = self.settings.max_handle_bytes / g;
         let mut made = Vec::new();
@@ -1008,6 +1107,7 @@ impl DevicePool {
     /// Unmaps every cached granule and releases every handle with nothing
     /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
     pub fn release_cached(&mut self) -> Result<()> {
+        self.retry_stale_events();
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
         let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
@@ -1073,30 +1173,27 @@ impl DevicePool {
             self.coalesce_and_index(id);
         } else {
             let mut events = Vec::with_capacity(uses.len());
+            let mut needs_sync = false;
             for s in uses {
                 match self.backend.record_event(self.device, s) {
                     Ok(e) => events.push(e),
                     Err(e) => {
                         // Without an event the device may still use the
-                        // block: wait for it instead of risking reuse.
+                        // block: it waits for a synchronize instead (tried
+                        // now, and again at later allocations if it fails).
                         self.stats.bump(C::DriverErrors, 1);
-                        for ev in events.drain(..) {
-                            let _ = self.backend.destroy_event(self.device, ev);
-                        }
-                        self.backend.synchronize(self.device)?;
-                        tracing::warn!("record_event failed ({e}); synchronized instead");
+                        tracing::warn!("record_event failed ({e}); the freed block waits for a synchronize");
+                        needs_sync = true;
                         break;
                     }
                 }
             }
-            if events.is_empty() {
-                self.stamp_free(id);
-                self.coalesce_and_index(id);
-            } else {
-                self.bm(id).state = State::Pending;
-                self.live.insert(addr, id);
-                self.gauge(b.arena, G::PendingFreeBlocks, 1);
-                self.pending.push(PendingFree { block: id, events });
+            self.bm(id).state = State::Pending;
+            self.live.insert(addr, id);
+            self.gauge(b.arena, G::PendingFreeBlocks, 1);
+            self.pending.push(PendingFree { block: id, events, needs_sync });
+            if needs_sync {
+                self.process_pending().map_err(|e| self.driver_error(e))?;
             }
         }
         if mismatch {
@@ -1129,20 +1226,20 @@ impl DevicePool {
     /// to have passed) and records a new one where none is outstanding. Off
     /// the hot path: called when the pool must grow.
     fn advance_epochs(&mut self) -> Result<()> {
+        self.retry_stale_events();
         let streams: Vec<u64> = self.epochs.keys().copied().collect();
         for stream in streams {
             if self.backend.is_capturing(self.device, stream)? {
                 continue; // an event recorded now would belong to the graph
             }
-            let epoch = &self.epochs[&stream];
-            if let Some((event, seq)) = epoch.event {
+            if let Some((event, seq)) = self.epochs[&stream].event {
                 if !self.backend.event_done(self.device, event)? {
                     continue;
                 }
-                self.backend.destroy_event(self.device, event)?;
-                let e = self.epochs.get_mut(&stream).expect("listed");
-                e.done_seq = seq;
-                e.event = None;
+                self.retire_epoch_event(stream, event, seq);
+                if self.epochs[&stream].event.is_some() {
+                    continue; // not destroyed: retried at the next poll
+                }
             }
             if self.epochs[&stream].done_seq < self.free_seq {
                 let event = self.backend.record_event(self.device, stream)?;
@@ -1206,14 +1303,51 @@ impl DevicePool {
     /// Waits for every stream's outstanding epoch event (recorded by
     /// `advance_epochs`) and marks its frees done.
     fn wait_epochs(&mut self) -> Result<()> {
-        for epoch in self.epochs.values_mut() {
-            if let Some((event, seq)) = epoch.event.take() {
+        let streams: Vec<u64> = self.epochs.keys().copied().collect();
+        for stream in streams {
+            if let Some((event, seq)) = self.epochs[&stream].event {
                 self.backend.event_synchronize(self.device, event)?;
-                self.backend.destroy_event(self.device, event)?;
-                epoch.done_seq = seq;
+                self.retire_epoch_event(stream, event, seq);
             }
         }
         Ok(())
+    }
+
+    /// Destroys `event`; if the driver refuses, keeps it in `stale_events`
+    /// to try again later (at growth, empty_cache and drop): no event is
+    /// ever forgotten.
+    fn destroy_event_or_keep(&mut self, event: EventId) {
+        if let Err(e) = self.backend.destroy_event(self.device, event) {
+            self.stats.bump(C::DriverErrors, 1);
+            tracing::warn!("destroying an event failed ({e}); will retry");
+            self.stale_events.push(event);
+        }
+    }
+
+    fn retry_stale_events(&mut self) {
+        let (backend, device) = (self.backend.clone(), self.device);
+        self.stale_events.retain(|&e| backend.destroy_event(device, e).is_err());
+    }
+
+    /// Events kept after a failed destroy, waiting for another try.
+    pub fn stale_events(&self) -> usize {
+        self.stale_events.len()
+    }
+
+    /// The device passed `stream`'s epoch event: its frees up to `seq` are
+    /// done. The event is destroyed; if that fails it stays, already known
+    /// done, and is destroyed at a later poll (no leak, no lost progress).
+    fn retire_epoch_event(&mut self, stream: u64, event: EventId, seq: u64) {
+        let destroyed = self.backend.destroy_event(self.device, event);
+        let epoch = self.epochs.get_mut(&stream).expect("listed");
+        epoch.done_seq = epoch.done_seq.max(seq);
+        match destroyed {
+            Ok(()) => epoch.event = None,
+            Err(e) => {
+                self.stats.bump(C::DriverErrors, 1);
+                tracing::warn!("destroying an epoch event failed: {e}");
+            }
+        }
     }
 
     /// Marks the allocation at `addr` as used by `stream` too: its memory is
@@ -1238,10 +1372,14 @@ impl DevicePool {
         let mut i = 0;
         while i < self.pending.len() {
             let mut done = true;
-            for &e in &self.pending[i].events {
-                if !self.backend.event_done(self.device, e)? {
-                    done = false;
-                    break;
+            if self.pending[i].needs_sync {
+                done = self.backend.synchronize(self.device).is_ok();
+            } else {
+                for &e in &self.pending[i].events {
+                    if !self.backend.event_done(self.device, e)? {
+                        done = false;
+                        break;
+                    }
                 }
             }
             if !done {
@@ -1250,7 +1388,9 @@ impl DevicePool {
             }
             let p = self.pending.swap_remove(i);
             for e in p.events {
-                self.backend.destroy_event(self.device, e)?;
+                // The block is free either way; an event that fails to go
+                // is kept and destroyed later, never the block held back.
+                self.destroy_event_or_keep(e);
             }
             let addr = self.b(p.block).addr;
             self.live.remove(&addr);
@@ -1316,6 +1456,9 @@ impl DevicePool {
     /// Checks every invariant of the module doc; panics with a description
     /// of the first one broken. For tests and fuzzers.
     pub fn check_invariants(&self) {
+        if self.poisoned.is_some() {
+            return; // fail-stop: the mapping state is unknown by definition
+        }
         let g = self.settings.granule_bytes;
         let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
         let mut cached_blocks = 0i64;

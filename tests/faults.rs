@@ -72,14 +72,12 @@ fn random_operations_under_single_faults() {
 }
 
 #[test]
-#[ignore = "bug: a second fault during the recovery from a first breaks the pool's invariants (map+unmap, record_event+synchronize), see report"]
 fn random_operations_under_multiple_faults() {
     let seed = env_u64("TESSERA_SOAK_SEED", 0x07e5_5e7a);
     soak(seed, env_u64("TESSERA_SOAK_OPS", 120_000), false, None);
 }
 
 #[test]
-#[ignore = "bug: single faults in event_synchronize / destroy_event leak events or pending blocks (see the targeted tests), see report"]
 fn random_operations_under_single_faults_at_every_point() {
     let seed = env_u64("TESSERA_SOAK_SEED", 0x07e5_5e7a);
     let every: Vec<FaultPoint> = FaultPoint::ALL.into_iter().filter(|&p| p != FaultPoint::Reserve).collect();
@@ -90,9 +88,15 @@ fn random_operations_under_single_faults_at_every_point() {
 fn replay_one_input() {
     // TESSERA_FAULT_INPUT=<hex> replays one input (a failure printed by the
     // soak, or a fuzz artifact); TESSERA_FAULT_MULTI=1 allows multiple faults.
-    let Ok(text) = std::env::var("TESSERA_FAULT_INPUT") else { return };
+    // Without it, the input that found the map-then-unmap rollback bug is
+    // replayed with multiple faults, as a regression test.
+    const FOUND: &str = "69be2ce888989ad3cd4873053fedaa1862bffe266eab498a5f93a8fcd442b10ed543f4a68e3417c94ab142f3446f745c8a5c6ddbe97cdcd9f8c3bedb81094cfa2c4f570e707a4d20922cae8200be557d2193728f4bd804abac61cd390cb2dbdb41970b91510fbaccd012ce8aaeda02";
+    let (text, multi) = match std::env::var("TESSERA_FAULT_INPUT") {
+        Ok(text) => (text, std::env::var("TESSERA_FAULT_MULTI").is_ok()),
+        Err(_) => (FOUND.to_string(), true),
+    };
     let (mut setup, ops) = decode(&unhex(&text));
-    setup.single_fault = std::env::var("TESSERA_FAULT_MULTI").is_err();
+    setup.single_fault = !multi;
     eprintln!("{setup:?}\n{ops:?}");
     let s = run(&setup, &ops);
     eprintln!("{s:?}");
@@ -386,7 +390,6 @@ fn synchronize_failure_in_reclaim_is_a_driver_error() {
 // ----- faults that show bugs (ignored until fixed; see the report) ----------
 
 #[test]
-#[ignore = "bug: unmap failing while map_granules rolls back a failed map leaves handles mapped inside a hole, see report"]
 fn map_failure_then_unmap_failure_in_rollback() {
     let (a, f) = faulty("max_handle_size:64K");
     f.fail_at(FaultPoint::Map, f.calls(FaultPoint::Map) + 3);
@@ -400,20 +403,23 @@ fn map_failure_then_unmap_failure_in_rollback() {
 }
 
 #[test]
-#[ignore = "bug: free with record_stream uses, when record_event and then synchronize fail, forgets the block but leaves it allocated, see report"]
 fn record_event_and_synchronize_failures_on_free() {
     let (a, f) = faulty("");
     let p = a.malloc(K, 0, 0).unwrap();
     a.record_stream(p, 1).unwrap();
     f.fail_next(FaultPoint::RecordEvent, 1);
     f.fail_next(FaultPoint::Synchronize, 1);
-    assert!(a.free(p, None, 0, None).is_err());
-    check_consistent(&a, &f, "after the failed free");
-    finish(a, &f, &[]);
+    // The free succeeds: the block waits, pending, for a synchronize that
+    // works (the next allocation tries again), and is never reused before.
+    assert!(a.free(p, None, 0, None).is_ok());
+    assert_eq!(gauge(&a, G::PendingFreeBlocks), 1);
+    check_consistent(&a, &f, "after the failed record_event and synchronize");
+    let q = a.malloc(K, 0, 0).unwrap();
+    assert_eq!(gauge(&a, G::PendingFreeBlocks), 0, "the next allocation synchronized and freed it");
+    finish(a, &f, &[(q, 0)]);
 }
 
 #[test]
-#[ignore = "bug: destroy_event failing in process_pending drops the pending entry; the block stays pending forever (leak), see report"]
 fn destroy_event_failure_loses_the_pending_block() {
     let (a, f) = faulty("");
     let p = a.malloc(K, 0, 0).unwrap();
@@ -428,7 +434,6 @@ fn destroy_event_failure_loses_the_pending_block() {
 }
 
 #[test]
-#[ignore = "bug: DevicePool::new leaks the small arena's reservation when the large one fails (every retry leaks another), see report"]
 fn reserve_failure_leaves_no_reservation() {
     let (a, f) = faulty_host("backend:host,page_size:64K,va_size:64M,device_capacity:4M", 1);
     f.fail_at(FaultPoint::Reserve, 2);
@@ -440,7 +445,6 @@ fn reserve_failure_leaves_no_reservation() {
 }
 
 #[test]
-#[ignore = "bug: event_synchronize failing in wait_epochs leaks the epoch event it took (one more live event per failure), see report"]
 fn event_synchronize_failure_in_recycling_leaks_no_event() {
     let (a, f) = faulty("max_handle_size:64K");
     // Half the reserved memory cached on stream 0, not yet known done.
@@ -498,16 +502,17 @@ fn faults_while_recycling_before_growth_are_clean() {
 }
 
 #[test]
-#[ignore = "bug: destroy_event failing in wait_epochs leaks the epoch event it took, see report"]
 fn destroy_event_failure_in_recycling_leaks_no_event() {
     let (a, f) = faulty("max_handle_size:64K");
     let kept = half_cached(&a);
     // The first destroy_event of the miss is in wait_epochs.
     f.fail_next(FaultPoint::DestroyEvent, 1);
-    let r = a.malloc(8 * K, 0, 0);
-    assert!(matches!(r, Err(Error::Driver { call: "destroy_event", .. })), "{r:?}");
+    // The epoch is done whether or not its event could be destroyed: the
+    // allocation succeeds, and the event stays known (destroyed at a later
+    // poll or when the pool goes), never forgotten.
+    let r = a.malloc(8 * K, 0, 0).unwrap();
     check_consistent(&a, &f, "after destroy_event failed");
-    let p = a.malloc(8 * K, 0, 0).unwrap();
-    assert_eq!(f.live_events(0), 0, "an event the pool forgot is still live");
-    finish(a, &f, &[(kept[0], 0), (kept[1], 0), (p, 0)]);
+    assert!(f.live_events(0) <= 1, "{} events live", f.live_events(0));
+    finish(a, &f, &[(kept[0], 0), (kept[1], 0), (r, 0)]);
+    assert_eq!(f.live_events(0), 0, "the pool's drop destroyed the kept event");
 }

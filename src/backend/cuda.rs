@@ -36,7 +36,7 @@ fn check(call: &'static str, r: CUresult) -> Result<()> {
         unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned()
     };
     if r == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        return Err(Error::OutOfMemory(OomInfo::default()));
+        return Err(Error::OutOfMemory(Box::default()));
     }
     Err(Error::Driver { call, code: r as i64, message })
 }
@@ -240,7 +240,7 @@ impl Backend for CudaBackend {
             check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, size_bytes as usize, &prop, 0) })
         })
         .map_err(|e| match e {
-            Error::OutOfMemory(_) => Error::OutOfMemory(OomInfo { device, requested_bytes: size_bytes, ..Default::default() }),
+            Error::OutOfMemory(_) => Error::OutOfMemory(Box::new(OomInfo { device, requested_bytes: size_bytes, ..Default::default() })),
             e => e,
         })?;
         Ok(handle)

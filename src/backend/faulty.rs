@@ -410,7 +410,7 @@ impl<B: Backend> Backend for FaultyBackend<B> {
             };
             drop(s);
             return Err(if oom {
-                Error::OutOfMemory(OomInfo { device, requested_bytes: size_bytes, ..Default::default() })
+                Error::OutOfMemory(Box::new(OomInfo { device, requested_bytes: size_bytes, ..Default::default() }))
             } else {
                 self.injected_error(FaultPoint::Create)
             });

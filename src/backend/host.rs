@@ -108,7 +108,7 @@ impl Backend for HostBackend {
     fn create(&self, device: i32, size_bytes: u64) -> Result<HandleId> {
         let mut d = self.dev(device)?;
         if d.used_bytes + size_bytes > self.capacity_bytes {
-            return Err(Error::OutOfMemory(OomInfo { device, requested_bytes: size_bytes, ..Default::default() }));
+            return Err(Error::OutOfMemory(Box::new(OomInfo { device, requested_bytes: size_bytes, ..Default::default() })));
         }
         // SAFETY: the name is a valid NUL-terminated string.
         let fd = unsafe { libc::memfd_create(c"tessera".as_ptr(), libc::MFD_CLOEXEC) };

@@ -96,7 +96,7 @@ impl Backend for SimBackend {
     fn create(&self, device: i32, size_bytes: u64) -> Result<HandleId> {
         let mut d = self.dev(device)?;
         if d.used_bytes + size_bytes > self.capacity_bytes {
-            return Err(Error::OutOfMemory(OomInfo { device, requested_bytes: size_bytes, ..Default::default() }));
+            return Err(Error::OutOfMemory(Box::new(OomInfo { device, requested_bytes: size_bytes, ..Default::default() })));
         }
         d.used_bytes += size_bytes;
         d.next_id += 1;

@@ -19,7 +19,7 @@ use tessera::stats::TesseraGauge as G;
 /// The points that random runs fail. Reserve has a targeted test only;
 /// event_synchronize and destroy_event are left out while single faults
 /// there are known bugs (ignored tests in tests/faults.rs).
-pub const RANDOM_POINTS: [FaultPoint; 10] = [
+pub const RANDOM_POINTS: [FaultPoint; 12] = [
     FaultPoint::Create,
     FaultPoint::Map,
     FaultPoint::SetAccess,
@@ -30,6 +30,8 @@ pub const RANDOM_POINTS: [FaultPoint; 10] = [
     FaultPoint::StreamWaitEvent,
     FaultPoint::Synchronize,
     FaultPoint::IsCapturing,
+    FaultPoint::EventSynchronize,
+    FaultPoint::DestroyEvent,
 ];
 
 pub const STREAMS: u64 = 3;
@@ -162,6 +164,8 @@ pub struct Summary {
     pub ooms: u64,
     pub driver_errors: u64,
     pub injected: u64,
+    /// Runs that ended with the pool disabled (fail-stop).
+    pub poisoned: u64,
 }
 
 impl std::ops::AddAssign for Summary {
@@ -169,6 +173,7 @@ impl std::ops::AddAssign for Summary {
         self.ops += o.ops;
         self.allocs += o.allocs;
         self.ooms += o.ooms;
+        self.poisoned += o.poisoned;
         self.driver_errors += o.driver_errors;
         self.injected += o.injected;
     }
@@ -208,6 +213,9 @@ fn merge_runs(mut spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 /// Every check of a step, with injection paused. Panics with `what` on the
 /// first one broken.
 pub fn check_consistent(a: &Allocator, f: &Faulty, what: &str) {
+    if poisoned(a) {
+        return; // fail-stop after unrecoverable driver failures: nothing to compare
+    }
     let (stats, blocks) = a
         .with_pool(0, |p| {
             p.check_invariants();
@@ -226,7 +234,13 @@ pub fn check_consistent(a: &Allocator, f: &Faulty, what: &str) {
     // Events: those of pending frees (one per other stream), plus at most
     // one epoch event per stream.
     let pending = stats.gauge(G::PendingFreeBlocks).current as u64;
-    assert!(f.live_events(0) <= STREAMS * (pending + 1), "{what}: {} events live for {pending} pending blocks", f.live_events(0));
+    // Plus the events whose destroy failed, kept by the pool for a retry.
+    let stale = a.with_pool(0, |p| Ok(p.stale_events() as u64)).unwrap();
+    assert!(
+        f.live_events(0) <= STREAMS * (pending + 1) + stale,
+        "{what}: {} events live for {pending} pending blocks and {stale} kept",
+        f.live_events(0)
+    );
 }
 
 fn check_live(live: &[Live], what: &str) {
@@ -307,6 +321,12 @@ pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
         }
         sum.ops += 1;
         f.set_enabled(false);
+        if poisoned(&a) {
+            // Fail-stop: every later allocation is refused, nothing is reused.
+            assert!(a.malloc(512, 0, 0).is_err(), "{what}: a poisoned pool served an allocation");
+            sum.poisoned += 1;
+            return sum;
+        }
         check_consistent(&a, &f, &what);
         check_live(&live, &what);
         f.set_enabled(faults_on);
@@ -335,6 +355,11 @@ pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
     // up address space and mappings.
     f.unreserve_all(0).unwrap();
     sum
+}
+
+/// Whether device 0's pool stopped serving after unrecoverable faults.
+pub fn poisoned(a: &Allocator) -> bool {
+    a.with_pool(0, |p| Ok(p.poisoned().is_some())).unwrap_or(false)
 }
 
 /// Hex of an input, for failure messages and TESSERA_FAULT_INPUT.

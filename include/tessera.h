@@ -318,6 +318,15 @@ int64_t tessera_history_trace(int device, char *buf, uintptr_t len);
 int32_t tessera_register_oom_callback(struct Option_TesseraOomCallback callback, void *user_data);
 
 /*
+ Declares that every CUDA graph captured so far has been destroyed: the
+ memory tessera kept private to those captures (allocated during capture,
+ or freed while its stream captured) becomes reusable. Call it after
+ deleting the graphs (torch.cuda.CUDAGraph) and never while one may still
+ replay. Returns the bytes released, or -1.
+ */
+int64_t tessera_release_graph_pools(void);
+
+/*
  Number of entries of `TesseraStats.gauges`.
  */
 int32_t tessera_gauge_count(void);

@@ -35,6 +35,7 @@ import threading
 import traceback
 
 __all__ = [
+    "release_graph_memory",
     "find_library", "load", "install", "stats", "reset_peak_stats",
     "empty_cache", "version", "configure", "check_config", "last_error",
     "memory_stats", "memory_allocated", "max_memory_allocated", "memory_reserved",
@@ -131,6 +132,7 @@ def _declare(lib):
         "tessera_record_history": (c_i32, [c_int, usize]),
         "tessera_history_trace": (i64, [c_int, vp, usize]),
         "tessera_register_oom_callback": (c_i32, [_OOM_CALLBACK, vp]),
+        "tessera_release_graph_pools": (i64, []),
     }
     for name, (restype, argtypes) in more.items():
         fn = getattr(lib, name)
@@ -268,6 +270,15 @@ def reset_peak_stats(device=None):
 def empty_cache():
     """Release cached memory to the device (what torch.cuda.empty_cache() does once installed)."""
     load().tessera_empty_cache()
+
+
+def release_graph_memory():
+    """Declare that every CUDA graph captured so far is destroyed (del the torch.cuda.CUDAGraph
+    objects first): the memory tessera kept private to them becomes reusable. Returns the bytes."""
+    n = load().tessera_release_graph_pools()
+    if n < 0:
+        raise RuntimeError(last_error())
+    return n
 
 
 # ----- torch.cuda.memory_stats() and friends ---------------------------------------------

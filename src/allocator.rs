@@ -137,6 +137,12 @@ impl Allocator {
         result
     }
 
+    /// Declares that the CUDA graphs captured so far are destroyed: the
+    /// memory kept private to them becomes reusable. Returns the bytes.
+    pub fn release_graph_pools(&self) -> u64 {
+        self.slots.iter().map(|slot| lock(slot).pool.as_mut().map_or(0, |p| p.release_graph_pools())).sum()
+    }
+
     /// Registers a callback run before tessera gives up on a request.
     pub fn on_oom(&self, callback: OomCallback) {
         self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).push(callback);

@@ -293,6 +293,16 @@ pub extern "C" fn tessera_register_oom_callback(callback: Option<TesseraOomCallb
     })
 }
 
+/// Declares that every CUDA graph captured so far has been destroyed: the
+/// memory tessera kept private to those captures (allocated during capture,
+/// or freed while its stream captured) becomes reusable. Call it after
+/// deleting the graphs (torch.cuda.CUDAGraph) and never while one may still
+/// replay. Returns the bytes released, or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_release_graph_pools() -> i64 {
+    guarded("release_graph_pools", -1, || Ok(allocator::global()?.release_graph_pools() as i64))
+}
+
 /// Number of entries of `TesseraStats.gauges`.
 #[unsafe(no_mangle)]
 pub extern "C" fn tessera_gauge_count() -> i32 {

@@ -68,6 +68,11 @@ struct Block {
     next: BlockId,
     /// Streams other than `stream` that used the block (record_stream).
     stream_uses: Vec<u64>,
+    /// The CUDA graph capture that owns the block (0: none). Memory a
+    /// capture allocated, or freed while it captured, may be touched by every
+    /// replay of the graph: it is cached only for that capture, never reused
+    /// outside it nor unmapped, until `release_graph_pools`.
+    graph: u64,
     /// Cached blocks: the free sequence number when `stream` last freed it
     /// (0: never used by the device). The device is done with the block once
     /// its stream's epoch event recorded at a later number has completed.
@@ -294,6 +299,18 @@ fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
+/// Cache keys with this bit set name a graph capture's private cache.
+const GRAPH_KEY: u64 = 1 << 63;
+/// The capture of a block freed when the driver could not say whether its
+/// stream was capturing.
+const UNKNOWN_CAPTURE: u64 = 1 << 62;
+
+/// The key under which a cached block waits: its stream, or its capture's
+/// private cache.
+fn cache_key(b: &Block) -> u64 {
+    if b.graph != 0 { GRAPH_KEY | b.graph } else { b.stream }
+}
+
 /// PyTorch's rounding: at least 512 bytes, a multiple of 512.
 pub fn round_size(size: u64) -> u64 {
     round_up(size.max(1), MIN_BLOCK_BYTES)
@@ -366,6 +383,7 @@ impl DevicePool {
                 next: NIL,
                 stream_uses: Vec::new(),
                 freed_seq: 0,
+                graph: 0,
             });
             pool.holes.insert((kind, size, base, id));
             pool.arenas.push(Arena { base, size, head: id });
@@ -482,7 +500,7 @@ impl DevicePool {
         let b = &self.blocks[id as usize];
         match b.state {
             State::Cached => {
-                self.cached_by_stream.remove(&(b.arena, b.stream, b.size, b.addr, id));
+                self.cached_by_stream.remove(&(b.arena, cache_key(b), b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, -size);
             }
@@ -497,7 +515,7 @@ impl DevicePool {
         let b = &self.blocks[id as usize];
         match b.state {
             State::Cached => {
-                self.cached_by_stream.insert((b.arena, b.stream, b.size, b.addr, id));
+                self.cached_by_stream.insert((b.arena, cache_key(b), b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, size);
             }
@@ -524,6 +542,7 @@ impl DevicePool {
             next: b.next,
             stream_uses: Vec::new(),
             freed_seq: b.freed_seq,
+            graph: b.graph,
         });
         if b.next != NIL {
             self.bm(b.next).prev = rest;
@@ -538,7 +557,7 @@ impl DevicePool {
         let (x, y) = (self.b(a), self.b(b));
         match (x.state, y.state) {
             (State::Hole, State::Hole) => true,
-            (State::Cached, State::Cached) => x.stream == y.stream,
+            (State::Cached, State::Cached) => cache_key(x) == cache_key(y),
             _ => false,
         }
     }
@@ -596,16 +615,20 @@ impl DevicePool {
         }
         let rounded = round_size(size);
         let arena = self.arena_of(rounded);
-        if let Some(id) = self.find_cached(arena, stream, rounded) {
+        // During a graph capture, memory comes from and goes to the
+        // capture's private cache (see `Block::graph`).
+        let graph = self.backend.capture_id(self.device, stream)?.unwrap_or(0);
+        let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
+        if let Some(id) = self.find_cached(arena, key, rounded) {
             self.stats.bump(C::CacheHits, 1);
-            return Ok(self.hand_out(id, rounded, size, stream));
+            return Ok(self.hand_out(id, rounded, size, stream, graph));
         }
         self.stats.bump(C::CacheMisses, 1);
         // Nothing may wait on the device while the stream captures a graph
         // (the capture would break): grow, or fail, without waiting.
-        let capturing = self.backend.is_capturing(self.device, stream)?;
-        match self.grow(arena, rounded, stream, capturing) {
-            Ok(id) => return Ok(self.hand_out(id, rounded, size, stream)),
+        let capturing = graph != 0;
+        match self.grow(arena, rounded, stream, graph) {
+            Ok(id) => return Ok(self.hand_out(id, rounded, size, stream, graph)),
             Err(Error::OutOfMemory(_)) => {}
             Err(e) => return Err(e),
         }
@@ -616,7 +639,7 @@ impl DevicePool {
         }
         self.stats.bump(C::AllocRetries, 1);
         if let Some(id) = self.find_cached_other_stream(arena, rounded, stream)? {
-            return Ok(self.hand_out(id, rounded, size, stream));
+            return Ok(self.hand_out(id, rounded, size, stream, 0));
         }
         let need = round_up(rounded, self.settings.granule_bytes) / self.settings.granule_bytes;
         if self.settings.expandable {
@@ -624,8 +647,8 @@ impl DevicePool {
         } else {
             self.release_cached()?;
         }
-        match self.grow(arena, rounded, stream, false) {
-            Ok(id) => Ok(self.hand_out(id, rounded, size, stream)),
+        match self.grow(arena, rounded, stream, 0) {
+            Ok(id) => Ok(self.hand_out(id, rounded, size, stream, 0)),
             Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(Box::new(self.oom_info(size)))),
             Err(e) => Err(e),
         }
@@ -712,7 +735,7 @@ impl DevicePool {
         let Some((_, id)) = self
             .cached_by_stream
             .iter()
-            .filter(|&&(a, s, size, _, _)| a == arena && s != stream && size >= rounded)
+            .filter(|&&(a, s, size, _, _)| a == arena && s != stream && s & GRAPH_KEY == 0 && size >= rounded)
             .map(|&(_, _, size, _, id)| (size, id))
             .min()
         else {
@@ -731,17 +754,20 @@ impl DevicePool {
 
     /// Turns unindexed free block `id` (cached, at least `rounded` bytes)
     /// into an allocated block, splitting off the rest.
-    fn hand_out(&mut self, id: BlockId, rounded: u64, requested: u64, stream: u64) -> u64 {
+    fn hand_out(&mut self, id: BlockId, rounded: u64, requested: u64, stream: u64, graph: u64) -> u64 {
         let b = self.bm(id);
         b.state = State::Allocated;
         b.stream = stream;
         b.requested = requested;
+        let rest_graph = b.graph;
+        b.graph = graph;
         if b.size - rounded >= MIN_BLOCK_BYTES {
             // The rest may touch a block cached for the same stream when `id`
             // came from another stream: merge, not just index.
             let rest = self.split_front(id, rounded);
             self.bm(rest).state = State::Cached;
             self.bm(rest).requested = 0;
+            self.bm(rest).graph = rest_graph;
             self.coalesce_and_index(rest);
         }
         let (addr, size, arena) = (self.b(id).addr, self.b(id).size, self.b(id).arena);
@@ -762,7 +788,9 @@ impl DevicePool {
     /// begins is extended into the hole when that needs fewer new granules
     /// than a fresh range (the expandable-segment case); otherwise the best
     /// fitting hole takes a fresh range.
-    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64, capturing: bool) -> Result<BlockId> {
+    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64, graph: u64) -> Result<BlockId> {
+        let capturing = graph != 0;
+        let key = if capturing { GRAPH_KEY | graph } else { stream };
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
         if self.settings.expandable && !capturing {
@@ -771,7 +799,7 @@ impl DevicePool {
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
         if self.settings.expandable {
             for &(_, _, size, _, id) in
-                self.cached_by_stream.range((arena, stream, 0, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL))
+                self.cached_by_stream.range((arena, key, 0, 0, 0)..=(arena, key, u64::MAX, u64::MAX, NIL))
             {
                 let next = self.b(id).next;
                 if next == NIL || self.b(next).state != State::Hole {
@@ -819,6 +847,7 @@ impl DevicePool {
                 }
                 self.bm(hole).state = State::Cached;
                 self.bm(hole).stream = stream;
+                self.bm(hole).graph = graph;
                 self.bm(hole).freed_seq = 0;
                 self.coalesce_and_index(hole);
                 return Err(*cause);
@@ -834,6 +863,7 @@ impl DevicePool {
         }
         self.bm(hole).state = State::Cached;
         self.bm(hole).stream = stream;
+        self.bm(hole).graph = graph;
         let id = match start_block {
             Some(cached) => {
                 self.unindex(cached);
@@ -1021,8 +1051,12 @@ impl DevicePool {
     /// with every cached block. Returns the granules freed.
     fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool) -> Result<u64> {
         let g = self.settings.granule_bytes;
-        let cached =
-            |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && (!only_device_done || p.device_done(x));
+        let cached = |p: &Self, x: BlockId| {
+            x != NIL && p.b(x).state == State::Cached && p.b(x).graph == 0 && (!only_device_done || p.device_done(x))
+        };
+        if !cached(self, id) {
+            return Ok(0);
+        }
         let (mut first, mut last) = (id, id);
         while cached(self, self.b(first).prev) {
             first = self.b(first).prev;
@@ -1078,7 +1112,7 @@ impl DevicePool {
 
     fn is_indexed_cached(&self, id: BlockId) -> bool {
         let b = self.b(id);
-        b.state == State::Cached && self.cached_by_stream.contains(&(b.arena, b.stream, b.size, b.addr, id))
+        b.state == State::Cached && self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id))
     }
 
     /// Under pressure: makes at least `need` granules free by unmapping
@@ -1157,6 +1191,21 @@ impl DevicePool {
                 )));
             }
         };
+        // Freed while its stream captures a graph: the graph's replays may
+        // still use it, so it joins that capture's private cache.
+        if self.b(id).graph == 0 {
+            match self.backend.capture_id(self.device, self.b(id).stream) {
+                Ok(Some(graph)) => self.bm(id).graph = graph,
+                Ok(None) => {}
+                Err(e) => {
+                    // Unknown: assume the worst. Private to no capture in
+                    // particular, it waits for release_graph_pools.
+                    self.stats.bump(C::DriverErrors, 1);
+                    tracing::warn!("asking whether a stream captures failed ({e}); keeping the block aside");
+                    self.bm(id).graph = UNKNOWN_CAPTURE;
+                }
+            }
+        }
         self.live.remove(&addr);
         let b = self.b(id).clone();
         let mismatch = size.is_some_and(|s| s != b.requested && s != b.size) || stream.is_some_and(|s| s != b.stream);
@@ -1252,6 +1301,9 @@ impl DevicePool {
     /// Whether the device is known to be done with cached block `id`.
     fn device_done(&self, id: BlockId) -> bool {
         let b = self.b(id);
+        if b.graph != 0 {
+            return false; // a graph may replay over it at any time
+        }
         b.freed_seq == 0 || self.epochs.get(&b.stream).is_some_and(|e| b.freed_seq <= e.done_seq)
     }
 
@@ -1348,6 +1400,33 @@ impl DevicePool {
                 tracing::warn!("destroying an epoch event failed: {e}");
             }
         }
+    }
+
+    /// The graphs captured so far are gone (their memory is no longer
+    /// replayed into): their private caches join the general cache, and
+    /// their live blocks will when freed. Returns the bytes released.
+    pub fn release_graph_pools(&mut self) -> u64 {
+        let private: Vec<BlockId> = self
+            .cached_by_stream
+            .iter()
+            .filter(|k| k.1 & GRAPH_KEY != 0)
+            .map(|k| k.4)
+            .collect();
+        let mut bytes = 0;
+        for id in private {
+            if !self.is_indexed_cached(id) {
+                continue; // merged away by an earlier one
+            }
+            self.unindex(id);
+            bytes += self.b(id).size;
+            self.bm(id).graph = 0;
+            self.coalesce_and_index(id);
+        }
+        let live: Vec<BlockId> = self.live.values().copied().collect();
+        for id in live {
+            self.bm(id).graph = 0;
+        }
+        bytes
     }
 
     /// Marks the allocation at `addr` as used by `stream` too: its memory is
@@ -1503,7 +1582,7 @@ impl DevicePool {
                             State::Cached => {
                                 cached += b.size as i64;
                                 cached_blocks += 1;
-                                assert!(self.cached_by_stream.contains(&(b.arena, b.stream, b.size, b.addr, id)));
+                                assert!(self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)));
                             }
                             State::Hole => unreachable!(),
                         }

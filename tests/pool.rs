@@ -336,3 +336,43 @@ fn a_capturing_stream_never_waits_and_fails_cleanly_under_pressure() {
     assert!(a.malloc(4 * MIB, 0, 2).is_ok(), "after the capture, the pressure path works again");
     check(&a, 0);
 }
+
+#[test]
+fn memory_of_a_graph_capture_stays_private_to_it_until_released() {
+    let (a, backend) = sim("device_capacity:1G,growth_size:0");
+    let before = a.malloc(4 * MIB, 0, 2).unwrap(); // allocated before the capture
+    backend.set_capturing(Some(2));
+    let x = a.malloc(4 * MIB, 0, 2).unwrap();
+    a.free(x, None, 0, Some(2)).unwrap();
+    let y = a.malloc(4 * MIB, 0, 2).unwrap();
+    assert_eq!(x, y, "inside the capture, its own freed memory is reused");
+    a.free(y, None, 0, Some(2)).unwrap();
+    a.free(before, None, 0, Some(2)).unwrap(); // freed while capturing: the graph may use it
+    backend.set_capturing(None);
+    check(&a, 0);
+    // Outside the capture, neither block comes back, and nothing unmaps them.
+    let z = a.malloc(4 * MIB, 0, 2).unwrap();
+    assert!(z != x && z != before, "memory private to a graph was reused outside it");
+    a.empty_cache().unwrap();
+    assert!(gauge(&a, G::MappedBytes) >= (12 * MIB) as i64, "empty_cache unmapped a graph's memory");
+    check(&a, 0);
+    // Once the graphs are gone, their memory is reusable.
+    assert_eq!(a.release_graph_pools(), 8 * MIB);
+    check(&a, 0);
+    let w = a.malloc(4 * MIB, 0, 2).unwrap();
+    assert!(w == x || w == before, "released graph memory is reused");
+    check(&a, 0);
+}
+
+#[test]
+fn a_new_capture_does_not_take_another_captures_memory() {
+    let (a, backend) = sim("device_capacity:1G,growth_size:0");
+    backend.set_capturing(Some(2));
+    let x = a.malloc(4 * MIB, 0, 2).unwrap();
+    a.free(x, None, 0, Some(2)).unwrap();
+    backend.set_capturing(Some(3)); // another stream, another capture id
+    let y = a.malloc(4 * MIB, 0, 3).unwrap();
+    assert_ne!(x, y, "two graphs shared memory");
+    backend.set_capturing(None);
+    check(&a, 0);
+}

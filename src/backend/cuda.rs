@@ -10,6 +10,28 @@ use crate::error::{Error, OomInfo, Result};
 use cudarc::driver::sys::{self, CUresult};
 use std::sync::OnceLock;
 
+type CaptureInfoFn = unsafe extern "C" fn(
+    sys::CUstream,
+    *mut sys::CUstreamCaptureStatus,
+    *mut u64,
+    *mut sys::CUgraph,
+    *mut *const sys::CUgraphNode,
+    *mut *const sys::CUgraphEdgeData,
+    *mut usize,
+) -> CUresult;
+
+/// cuStreamGetCaptureInfo_v3, looked up without cudarc's panic when the
+/// driver lacks it (then captures are told apart by cuStreamIsCapturing
+/// only).
+fn capture_info_fn() -> Option<CaptureInfoFn> {
+    static F: OnceLock<Option<CaptureInfoFn>> = OnceLock::new();
+    *F.get_or_init(|| {
+        // SAFETY: the driver was loaded by load_driver; the symbol, when
+        // present, has the v3 signature of CUDA 12.3 and later.
+        unsafe { sys::culib().get::<CaptureInfoFn>(b"cuStreamGetCaptureInfo_v3\0").ok().map(|s| *s) }
+    })
+}
+
 /// Oldest driver API with everything used here (VMM, events): CUDA 12.0.
 const MIN_DRIVER_VERSION: i32 = 12000;
 
@@ -308,13 +330,31 @@ impl Backend for CudaBackend {
             })
         })
     }
-    fn is_capturing(&self, device: i32, stream: u64) -> Result<bool> {
+    fn capture_id(&self, device: i32, stream: u64) -> Result<Option<u64>> {
         let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        // SAFETY: writes a local; the stream is the caller's live stream.
-        self.in_context(device, || {
-            check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) })
+        let mut id: u64 = 0;
+        self.in_context(device, || match capture_info_fn() {
+            // SAFETY: the symbol has the v3 signature; outputs are locals or null.
+            Some(f) => check("cuStreamGetCaptureInfo_v3", unsafe {
+                f(
+                    stream as sys::CUstream,
+                    &mut status,
+                    &mut id,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            }),
+            // SAFETY: writes a local; the stream is the caller's live stream.
+            None => check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) }),
         })?;
-        Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        if status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(None);
+        }
+        // Without the capture id (an older driver), all captures share one
+        // private pool: still never mixed with memory used outside graphs.
+        Ok(Some(id.max(1)))
     }
     fn event_synchronize(&self, device: i32, event: EventId) -> Result<()> {
         // SAFETY: event is a live event made by record_event.

@@ -539,11 +539,11 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.event_done(device, event)
     }
 
-    fn is_capturing(&self, device: i32, stream: u64) -> Result<bool> {
+    fn capture_id(&self, device: i32, stream: u64) -> Result<Option<u64>> {
         if self.should_fail(FaultPoint::IsCapturing) {
             return Err(self.injected_error(FaultPoint::IsCapturing));
         }
-        self.inner.is_capturing(device, stream)
+        self.inner.capture_id(device, stream)
     }
 
     fn event_synchronize(&self, device: i32, event: EventId) -> Result<()> {

@@ -191,8 +191,8 @@ impl Backend for HostBackend {
     fn event_done(&self, _device: i32, _event: EventId) -> Result<bool> {
         Ok(true)
     }
-    fn is_capturing(&self, _device: i32, _stream: u64) -> Result<bool> {
-        Ok(false)
+    fn capture_id(&self, _device: i32, _stream: u64) -> Result<Option<u64>> {
+        Ok(None)
     }
     fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
         Ok(())

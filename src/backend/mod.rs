@@ -58,9 +58,14 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self, device: i32) -> Result<()>;
     fn record_event(&self, device: i32, stream: u64) -> Result<EventId>;
     fn event_done(&self, device: i32, event: EventId) -> Result<bool>;
-    /// Whether `stream` is capturing a CUDA graph now. Work queued on a
-    /// capturing stream does not run, so no wait on it may be asked then.
-    fn is_capturing(&self, device: i32, stream: u64) -> Result<bool>;
+    /// The id of the CUDA graph capture `stream` takes part in now, if any
+    /// (0 never names a capture). Work queued on a capturing stream does not
+    /// run, so no wait on it may be asked then.
+    fn capture_id(&self, device: i32, stream: u64) -> Result<Option<u64>>;
+    /// Whether `stream` is capturing a CUDA graph now.
+    fn is_capturing(&self, device: i32, stream: u64) -> Result<bool> {
+        Ok(self.capture_id(device, stream)?.is_some())
+    }
     /// Blocks the calling thread until the device has passed `event`.
     fn event_synchronize(&self, device: i32, event: EventId) -> Result<()>;
     fn destroy_event(&self, device: i32, event: EventId) -> Result<()>;

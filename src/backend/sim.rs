@@ -146,8 +146,10 @@ impl Backend for SimBackend {
     fn event_done(&self, _device: i32, _event: EventId) -> Result<bool> {
         Ok(!self.held.load(Ordering::SeqCst))
     }
-    fn is_capturing(&self, _device: i32, stream: u64) -> Result<bool> {
-        Ok(self.capturing.load(Ordering::SeqCst) == stream.wrapping_add(1))
+    fn capture_id(&self, _device: i32, stream: u64) -> Result<Option<u64>> {
+        let capturing = self.capturing.load(Ordering::SeqCst);
+        // The capture's id is the capturing stream plus one, plus a base.
+        Ok((capturing == stream.wrapping_add(1)).then_some(1000 + capturing))
     }
     fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
         // Waiting for the simulated device: held events complete now.

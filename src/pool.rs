@@ -168,6 +168,8 @@ pub struct DevicePool {
     epochs: HashMap<u64, Epoch>,
     /// The stream of the last free, to skip the map on the hot path.
     last_free_stream: Option<u64>,
+    /// Whether any graph capture was seen on this device.
+    seen_capture: bool,
     /// Events whose destroy failed, to destroy later.
     stale_events: Vec<EventId>,
     /// Set after driver failures that left the mapping state unknown: from
@@ -351,6 +353,7 @@ impl DevicePool {
             free_seq: 0,
             epochs: HashMap::new(),
             last_free_stream: None,
+            seen_capture: false,
             stale_events: Vec::new(),
             poisoned: None,
             history: None,
@@ -618,6 +621,7 @@ impl DevicePool {
         // During a graph capture, memory comes from and goes to the
         // capture's private cache (see `Block::graph`).
         let graph = self.backend.capture_id(self.device, stream)?.unwrap_or(0);
+        self.seen_capture |= graph != 0;
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
         if let Some(id) = self.find_cached(arena, key, rounded) {
             self.stats.bump(C::CacheHits, 1);
@@ -1195,14 +1199,20 @@ impl DevicePool {
         // still use it, so it joins that capture's private cache.
         if self.b(id).graph == 0 {
             match self.backend.capture_id(self.device, self.b(id).stream) {
-                Ok(Some(graph)) => self.bm(id).graph = graph,
+                Ok(Some(graph)) => {
+                    self.bm(id).graph = graph;
+                    self.seen_capture = true;
+                }
                 Ok(None) => {}
                 Err(e) => {
-                    // Unknown: assume the worst. Private to no capture in
-                    // particular, it waits for release_graph_pools.
+                    // Unknown. Where graphs were captured, assume the worst:
+                    // private to no capture in particular, the block waits
+                    // for release_graph_pools. Elsewhere it is an ordinary free.
                     self.stats.bump(C::DriverErrors, 1);
-                    tracing::warn!("asking whether a stream captures failed ({e}); keeping the block aside");
-                    self.bm(id).graph = UNKNOWN_CAPTURE;
+                    tracing::warn!("asking whether a stream captures failed: {e}");
+                    if self.seen_capture {
+                        self.bm(id).graph = UNKNOWN_CAPTURE;
+                    }
                 }
             }
         }

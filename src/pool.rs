@@ -844,30 +844,13 @@ impl DevicePool {
             Ok(n) => n,
             Err(Error::PartialMap { mapped_bytes, cause }) => {
                 // Keep the mapped prefix as a cached block: the tiling holds.
-                self.unindex(hole);
-                if self.b(hole).size > mapped_bytes {
-                    let rest = self.split_front(hole, mapped_bytes);
-                    self.index(rest);
-                }
-                self.bm(hole).state = State::Cached;
-                self.bm(hole).stream = stream;
-                self.bm(hole).graph = graph;
-                self.bm(hole).freed_seq = 0;
+                self.carve_mapped_front(hole, mapped_bytes, stream, graph);
                 self.coalesce_and_index(hole);
                 return Err(*cause);
             }
             Err(e) => return Err(e),
         };
-        // The hole's front is now mapped: carve it off as a cached block.
-        self.unindex(hole);
-        let mapped_bytes = mapped_granules * g;
-        if self.b(hole).size > mapped_bytes {
-            let rest = self.split_front(hole, mapped_bytes);
-            self.index(rest);
-        }
-        self.bm(hole).state = State::Cached;
-        self.bm(hole).stream = stream;
-        self.bm(hole).graph = graph;
+        self.carve_mapped_front(hole, mapped_granules * g, stream, graph);
         let id = match start_block {
             Some(cached) => {
                 self.unindex(cached);
@@ -884,6 +867,22 @@ impl DevicePool {
             self.absorb_next(id);
         }
         Ok(id)
+    }
+
+    /// The front `mapped_bytes` of hole `hole` were just mapped: they become
+    /// a cached block (left unindexed) for `stream`/`graph`, never used by
+    /// the device yet; the rest stays a hole.
+    fn carve_mapped_front(&mut self, hole: BlockId, mapped_bytes: u64, stream: u64, graph: u64) {
+        self.unindex(hole);
+        if self.b(hole).size > mapped_bytes {
+            let rest = self.split_front(hole, mapped_bytes);
+            self.index(rest);
+        }
+        let b = self.bm(hole);
+        b.state = State::Cached;
+        b.stream = stream;
+        b.graph = graph;
+        b.freed_seq = 0;
     }
 
     /// Backs at least `count` granules from `va` (unmapped, the front of a

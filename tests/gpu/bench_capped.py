@@ -31,7 +31,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from gpu_util import REPO, note  # noqa: E402
+from gpu_util import REPO, last_json, note  # noqa: E402
 from bench_frontier import GRAIN, GiB, MiB, align, bisect, is_oom  # noqa: E402
 
 BATCH, SEQ = 8, 512
@@ -109,14 +109,7 @@ def run(args, limit, warmup, steps, log):
         stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         rc = None
     secs = time.time() - t0
-    summary = None
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                summary = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                pass
+    summary = last_json(stdout)
     if summary is None:
         last = (stderr.strip().splitlines() or ["(no output)"])[-1]
         summary = {"limit": limit, "status": "timeout" if rc is None else "error",

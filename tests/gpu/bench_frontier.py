@@ -53,7 +53,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from gpu_util import REPO, note  # noqa: E402  (gpu_util also puts python_example on sys.path)
+from gpu_util import REPO, last_json, note  # noqa: E402  (gpu_util also puts python_example on sys.path)
 
 MiB, GiB = 1 << 20, 1 << 30
 GRAIN = 2 * MiB
@@ -399,14 +399,7 @@ class Runner:
             stdout, stderr, rc = _text(e.stdout), _text(e.stderr), None
         secs = time.time() - t0
         self.count += 1
-        summary = None
-        for line in reversed(stdout.splitlines()):
-            if line.startswith("{"):
-                try:
-                    summary = json.loads(line)
-                    break
-                except json.JSONDecodeError:
-                    pass
+        summary = last_json(stdout)
         if summary is None:
             last = (stderr.strip().splitlines() or ["(no output)"])[-1]
             summary = {"allocator": which, "workload": workload, "target_free": target_free,

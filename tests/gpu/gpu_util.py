@@ -48,10 +48,18 @@ def run_json(cmd, timeout, env=None):
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     sys.stdout.write(proc.stdout)
     sys.stderr.write(proc.stderr)
-    for line in reversed(proc.stdout.splitlines()):
+    summary = last_json(proc.stdout)
+    if summary is None:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} without a JSON summary")
+    return summary, proc
+
+
+def last_json(text):
+    """The last line of text that parses as a JSON object, or None."""
+    for line in reversed(text.splitlines()):
         if line.startswith("{"):
             try:
-                return json.loads(line), proc
+                return json.loads(line)
             except json.JSONDecodeError:
                 pass
-    raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} without a JSON summary")
+    return None

@@ -41,7 +41,7 @@ def parse_args():
 
 
 def build_model(torch, args):
-    nn, F = torch.nn, torch.nn.functional
+    nn = torch.nn
 
     class Block(nn.Module):
         def __init__(self, d, heads):

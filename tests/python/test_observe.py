@@ -8,9 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from test_tessera_torch import EXAMPLE, MiB, REPO, lib_path, run_child  # noqa: F401  (lib_path: fixture)
 

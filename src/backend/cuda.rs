@@ -331,23 +331,31 @@ impl Backend for CudaBackend {
         })
     }
     fn capture_id(&self, device: i32, stream: u64) -> Result<Option<u64>> {
+        // The common case (no capture) asks cuStreamIsCapturing only; the
+        // capture's id is asked for only while the stream captures.
         let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         let mut id: u64 = 0;
-        self.in_context(device, || match capture_info_fn() {
-            // SAFETY: the symbol has the v3 signature; outputs are locals or null.
-            Some(f) => check("cuStreamGetCaptureInfo_v3", unsafe {
-                f(
-                    stream as sys::CUstream,
-                    &mut status,
-                    &mut id,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                )
-            }),
+        self.in_context(device, || {
             // SAFETY: writes a local; the stream is the caller's live stream.
-            None => check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) }),
+            check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) })?;
+            if status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                return Ok(());
+            }
+            if let Some(f) = capture_info_fn() {
+                // SAFETY: the symbol has the v3 signature; outputs are locals or null.
+                check("cuStreamGetCaptureInfo_v3", unsafe {
+                    f(
+                        stream as sys::CUstream,
+                        &mut status,
+                        &mut id,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    )
+                })?;
+            }
+            Ok(())
         })?;
         if status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
             return Ok(None);

@@ -88,6 +88,7 @@ impl Allocator {
                 va_size_bytes: self.config.va_size.0,
                 expandable: self.config.expandable_segments,
                 limit_bytes: limit,
+                graph_pools: self.config.graph_pools,
             };
             let mut pool = DevicePool::new(device, self.backend.clone(), settings)?;
             let (on, entries) = *self.history.lock().unwrap_or_else(|p| p.into_inner());

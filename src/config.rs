@@ -236,6 +236,10 @@ options! {
     device_capacity: Bytes = Bytes(80 << 30);
     /// Number of devices of the host and sim backends.
     device_count: u32 = 1;
+    /// Keep memory used by CUDA graph captures private to each capture
+    /// (asks the driver whether the stream captures on every allocation and
+    /// free). Needed for torch.cuda.graph; see README's known limits.
+    graph_pools: bool = false;
     /// A file where the snapshot (JSON, in the shape of
     /// torch.cuda.memory._snapshot()) is written when an allocation fails.
     oom_snapshot: OptPath = OptPath(None);

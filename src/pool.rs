@@ -122,6 +122,8 @@ pub struct PoolSettings {
     pub va_size_bytes: u64,
     pub expandable: bool,
     pub limit_bytes: Option<u64>,
+    /// Track graph captures on every call (see `Block::graph`).
+    pub graph_pools: bool,
 }
 
 /// A read-only picture of one block, for snapshots and tests.
@@ -620,7 +622,11 @@ impl DevicePool {
         let arena = self.arena_of(rounded);
         // During a graph capture, memory comes from and goes to the
         // capture's private cache (see `Block::graph`).
-        let graph = self.backend.capture_id(self.device, stream)?.unwrap_or(0);
+        let graph = if self.settings.graph_pools {
+            self.backend.capture_id(self.device, stream)?.unwrap_or(0)
+        } else {
+            0
+        };
         self.seen_capture |= graph != 0;
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
         if let Some(id) = self.find_cached(arena, key, rounded) {
@@ -630,8 +636,16 @@ impl DevicePool {
         self.stats.bump(C::CacheMisses, 1);
         // Nothing may wait on the device while the stream captures a graph
         // (the capture would break): grow, or fail, without waiting.
-        let capturing = graph != 0;
-        match self.grow(arena, rounded, stream, graph) {
+        let capturing = graph != 0 || (!self.settings.graph_pools && self.backend.is_capturing(self.device, stream)?);
+        if capturing && graph == 0 && !self.seen_capture {
+            self.seen_capture = true;
+            tracing::warn!("a CUDA graph capture allocates through tessera without graph_pools");
+            eprintln!(
+                "tessera: a CUDA graph is being captured; set graph_pools:true in TESSERA_CONF so that memory \
+                 the graph uses is never reused outside it"
+            );
+        }
+        match self.grow(arena, rounded, stream, graph, capturing) {
             Ok(id) => return Ok(self.hand_out(id, rounded, size, stream, graph)),
             Err(Error::OutOfMemory(_)) => {}
             Err(e) => return Err(e),
@@ -651,7 +665,7 @@ impl DevicePool {
         } else {
             self.release_cached()?;
         }
-        match self.grow(arena, rounded, stream, 0) {
+        match self.grow(arena, rounded, stream, 0, false) {
             Ok(id) => Ok(self.hand_out(id, rounded, size, stream, 0)),
             Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(Box::new(self.oom_info(size)))),
             Err(e) => Err(e),
@@ -792,9 +806,8 @@ impl DevicePool {
     /// begins is extended into the hole when that needs fewer new granules
     /// than a fresh range (the expandable-segment case); otherwise the best
     /// fitting hole takes a fresh range.
-    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64, graph: u64) -> Result<BlockId> {
-        let capturing = graph != 0;
-        let key = if capturing { GRAPH_KEY | graph } else { stream };
+    fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64, graph: u64, capturing: bool) -> Result<BlockId> {
+        let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
         if self.settings.expandable && !capturing {
@@ -1196,7 +1209,7 @@ impl DevicePool {
         };
         // Freed while its stream captures a graph: the graph's replays may
         // still use it, so it joins that capture's private cache.
-        if self.b(id).graph == 0 {
+        if self.settings.graph_pools && self.b(id).graph == 0 {
             match self.backend.capture_id(self.device, self.b(id).stream) {
                 Ok(Some(graph)) => {
                     self.bm(id).graph = graph;

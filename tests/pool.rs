@@ -339,7 +339,7 @@ fn a_capturing_stream_never_waits_and_fails_cleanly_under_pressure() {
 
 #[test]
 fn memory_of_a_graph_capture_stays_private_to_it_until_released() {
-    let (a, backend) = sim("device_capacity:1G,growth_size:0");
+    let (a, backend) = sim("device_capacity:1G,growth_size:0,graph_pools:true");
     let before = a.malloc(4 * MIB, 0, 2).unwrap(); // allocated before the capture
     backend.set_capturing(Some(2));
     let x = a.malloc(4 * MIB, 0, 2).unwrap();
@@ -366,7 +366,7 @@ fn memory_of_a_graph_capture_stays_private_to_it_until_released() {
 
 #[test]
 fn a_new_capture_does_not_take_another_captures_memory() {
-    let (a, backend) = sim("device_capacity:1G,growth_size:0");
+    let (a, backend) = sim("device_capacity:1G,growth_size:0,graph_pools:true");
     backend.set_capturing(Some(2));
     let x = a.malloc(4 * MIB, 0, 2).unwrap();
     a.free(x, None, 0, Some(2)).unwrap();

@@ -9,7 +9,8 @@
 //! - Each arena is covered exactly, in address order, by the chain of its
 //!   blocks (`prev`/`next`); no gaps, no overlap.
 //! - Holes start and end on granule boundaries; no two holes are adjacent;
-//!   no two cached blocks of the same stream are adjacent.
+//!   no two cached blocks of the same cache key (stream, or graph capture)
+//!   are adjacent.
 //! - Handles map whole, at offset 0 (CUDA maps nothing else). The mapped
 //!   handles tile exactly the maximal runs of non-hole blocks: a byte is
 //!   mapped iff it lies outside every hole. Handles never overlap.
@@ -147,7 +148,8 @@ pub struct DevicePool {
     free_slots: Vec<BlockId>,
     /// Allocated and pending blocks by address.
     live: HashMap<u64, BlockId, AddrHash>,
-    /// Cached blocks by (arena, stream, size, addr): best fit per stream.
+    /// Cached blocks by (arena, cache key, size, addr): best fit per stream
+    /// (or per graph capture, see `cache_key`). The only index of them.
     cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
     /// Holes by (arena, size, addr).
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,

@@ -11,6 +11,7 @@
 #   python3 tests/gpu/prof_step.py native|tessera   # where a training step's time goes (torch.profiler)
 #   python3 tests/gpu/diag_growth.py native|tessera # does growing the pool wait for the GPU?
 #   bash tests/gpu/multi/run.sh          # two GPUs: two devices in one process, DDP under torchrun
+#   python3 tests/gpu/bench_multistream.py # memory shared across streams, tessera vs native
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD
@@ -83,6 +84,7 @@ run_test threads     240 python3 tests/gpu/t_threads.py
 run_test multistream 120 python3 tests/gpu/t_multistream.py
 run_test reclaim     120 python3 tests/gpu/t_reclaim.py
 run_test shutdown    120 python3 tests/gpu/t_shutdown.py
+run_test graphs      180 python3 tests/gpu/t_graphs.py
 run_test bench       180 python3 tests/gpu/t_bench.py
 run_test stats       240 python3 tests/gpu/t_stats.py
 run_test viz         180 python3 tests/gpu/t_viz.py

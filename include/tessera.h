@@ -327,6 +327,17 @@ int32_t tessera_register_oom_callback(struct Option_TesseraOomCallback callback,
 int64_t tessera_release_graph_pools(void);
 
 /*
+ Writes the configuration options as JSON (`[{"name", "default",
+ "accepts", "doc"}, ...]`, defaults in `TESSERA_CONF` syntax) into `buf`
+ if `len` bytes suffice. Returns the bytes needed (call with NULL, 0 to
+ ask). Needs no initialisation.
+
+ # Safety
+ `buf` is NULL or points to `len` writable bytes.
+ */
+int64_t tessera_options_json(char *buf, uintptr_t len);
+
+/*
  Number of entries of `TesseraStats.gauges`.
  */
 int32_t tessera_gauge_count(void);

@@ -41,7 +41,7 @@ __all__ = [
     "memory_stats", "memory_allocated", "max_memory_allocated", "memory_reserved",
     "max_memory_reserved", "reset_peak_memory_stats", "memory_summary",
     "snapshot", "dump_snapshot", "record_memory_history", "history_trace", "dump_history_trace",
-    "on_oom", "monitor", "status_line", "OPTIONS",
+    "on_oom", "monitor", "status_line", "options",
 ]
 
 _LIB_NAME = "libtessera.so"
@@ -133,6 +133,7 @@ def _declare(lib):
         "tessera_history_trace": (i64, [c_int, vp, usize]),
         "tessera_register_oom_callback": (c_i32, [_OOM_CALLBACK, vp]),
         "tessera_release_graph_pools": (i64, []),
+        "tessera_options_json": (i64, [vp, usize]),
     }
     for name, (restype, argtypes) in more.items():
         fn = getattr(lib, name)
@@ -646,30 +647,17 @@ def monitor(interval_s=10, file=None, device=None):
 
 # TESSERA_CONF keys: (name, default, meaning). The library's own list is the authority
 # (tests/python checks that the two agree).
-OPTIONS = (
-    ("backend", "cuda", "cuda (the driver), host (real host memory, for tests), sim (counted, no memory)"),
-    ("expandable_segments", "true", "grow on demand and remap cached memory under pressure"),
-    ("page_size", "2M", "the granule: unit of mapping and accounting"),
-    ("max_handle_size", "8M", "largest physical handle; handles map whole"),
-    ("growth_size", "20M", "least bytes mapped when a small large-arena request grows it"),
-    ("max_cached_fraction", "0.1", "while cached bytes exceed this fraction of reserved, growth first "
-     "remaps cached memory the GPU is done with; 1: cache everything until memory is short"),
-    ("garbage_collection_threshold", "0", "while reserved exceeds this fraction of the allowed memory, "
-     "growth recycles cached memory first; 0: off"),
-    ("small_size", "1M", "requests up to this go to the small arena"),
-    ("memory_limit", "none", "cap on physical memory: bytes (40G) or a fraction (0.8)"),
-    ("device_capacity", "80G", "memory of a host or sim device"),
-    ("device_count", "1", "devices of the host and sim backends"),
-    ("oom_snapshot", "none", "file where the snapshot JSON is written when an allocation fails"),
-    ("status_interval", "0", "every N seconds, one status line per device on stderr (0: never)"),
-    ("va_size", "1T", "address space reserved per arena"),
-)
+def options():
+    """The configuration options, from the library: a list of (name, default, meaning)."""
+    rows = json.loads(_read_text(load().tessera_options_json))
+    return [(o["name"], o["default"], o["doc"]) for o in rows]
 
 
 def _usage():
-    width = max(len(name) for name, _, _ in OPTIONS)
-    dwidth = max(len("default"), *(len(default) for _, default, _ in OPTIONS))
-    table = "\n".join(f"  {name:<{width}}  {default:<{dwidth}}  {meaning}" for name, default, meaning in OPTIONS)
+    opts = options()
+    width = max(len(name) for name, _, _ in opts)
+    dwidth = max(len("default"), *(len(default) for _, default, _ in opts))
+    table = "\n".join(f"  {name:<{width}}  {default:<{dwidth}}  {meaning}" for name, default, meaning in opts)
     return (f"{__doc__.strip()}\n\n"
             "Configuration: TESSERA_CONF=\"key:value,key:value\" (PyTorch's PYTORCH_CUDA_ALLOC_CONF syntax),\n"
             "or install(conf=...), read once at the first allocation. Byte values take K, M, G, T.\n\n"

@@ -130,9 +130,9 @@ impl OptionValue for Fraction {
 pub struct OptPath(pub Option<String>);
 
 impl OptionValue for OptPath {
-    const ACCEPTS: &'static str = "a file path";
+    const ACCEPTS: &'static str = "a file path, or none";
     fn parse(text: &str) -> Option<Self> {
-        Some(OptPath(Some(text.to_string())))
+        Some(OptPath((!text.eq_ignore_ascii_case("none")).then(|| text.to_string())))
     }
 }
 
@@ -157,19 +157,22 @@ pub struct OptionInfo {
 }
 
 macro_rules! options {
-    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr ;)*) => {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:literal ;)*) => {
         /// The allocator's configuration. See [`OPTIONS`] for the table.
         #[derive(Debug, Clone, PartialEq)]
         pub struct Config { $( $(#[doc = $doc])+ pub $name: $ty, )* }
 
+        /// Every default is written in TESSERA_CONF's own syntax, and parsed.
         impl Default for Config {
-            fn default() -> Self { Config { $( $name: $default, )* } }
+            fn default() -> Self {
+                Config { $( $name: <$ty as OptionValue>::parse($default).expect(concat!("default of ", stringify!($name))), )* }
+            }
         }
 
         /// Every option: name, default, accepted values, doc.
         pub const OPTIONS: &[OptionInfo] = &[ $( OptionInfo {
             name: stringify!($name),
-            default: stringify!($default),
+            default: $default,
             accepts: <$ty as OptionValue>::ACCEPTS,
             doc: concat!($($doc),+),
         }, )* ];
@@ -196,59 +199,59 @@ macro_rules! options {
 options! {
     /// Which backend runs under the allocator: the CUDA driver, host memory
     /// (tests) or a simulation (trace replay).
-    backend: BackendKind = BackendKind::Cuda;
+    backend: BackendKind = "cuda";
     /// Grow arenas on demand and remap free granules under pressure (PyTorch's
     /// name). When false, cached granules are reused only where they are
     /// mapped and are given back only by empty_cache.
-    expandable_segments: bool = true;
+    expandable_segments: bool = "true";
     /// The granule: the unit of physical mapping. A multiple of the backend's
     /// granularity (2 MiB on CUDA, 4 KiB on host and sim).
-    page_size: Bytes = Bytes(2 << 20);
+    page_size: Bytes = "2M";
     /// The largest physical handle. Handles map whole, so larger handles
     /// make growth cheaper (one create, map and set-access per handle, each
     /// ~40 us on an H100) while smaller ones let reclamation and empty_cache
     /// work at a finer grain. Rounded down to a multiple of page_size. 8 MiB
     /// won on the shared traces: 4x fewer driver calls than 2 MiB for a
     /// frontier within 0.02 of it (see README, policy notes).
-    max_handle_size: Bytes = Bytes(8 << 20);
+    max_handle_size: Bytes = "8M";
     /// Least bytes mapped when a large-arena request under half this size
     /// misses the cache (PyTorch's 20 MiB segments): fewer, larger growths.
     /// The extra stays cached for the same stream. 0 maps exact sizes.
-    growth_size: Bytes = Bytes(20 << 20);
+    growth_size: Bytes = "20M";
     /// While cached (free but mapped) bytes exceed this fraction of the
     /// reserved bytes, growth first unmaps cached memory that the device is
     /// done with and maps it where it is needed, instead of taking more from
     /// the driver. Keeps what nvidia-smi shows near what is live. 1 turns
     /// this off (cache everything until memory is short).
-    max_cached_fraction: Fraction = Fraction(0.1);
+    max_cached_fraction: Fraction = "0.1";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles
     /// cached memory first, whatever max_cached_fraction says. 0: off.
-    garbage_collection_threshold: Fraction = Fraction(0.0);
+    garbage_collection_threshold: Fraction = "0";
     /// Requests of at most this size go to the small pool, packed into their
     /// own granules so that they do not pin granules of large blocks.
-    small_size: Bytes = Bytes(1 << 20);
+    small_size: Bytes = "1M";
     /// A cap on the physical memory held per device: bytes or a fraction of
     /// the device's total. torch.cuda.set_per_process_memory_fraction
     /// overrides it per device.
-    memory_limit: MemoryLimit = MemoryLimit::None;
+    memory_limit: MemoryLimit = "none";
     /// Total memory of each simulated or host device.
-    device_capacity: Bytes = Bytes(80 << 30);
+    device_capacity: Bytes = "80G";
     /// Number of devices of the host and sim backends.
-    device_count: u32 = 1;
+    device_count: u32 = "1";
     /// Keep memory used by CUDA graph captures private to each capture
     /// (asks the driver whether the stream captures on every allocation and
     /// free). Needed for torch.cuda.graph; see README's known limits.
-    graph_pools: bool = false;
+    graph_pools: bool = "false";
     /// A file where the snapshot (JSON, in the shape of
     /// torch.cuda.memory._snapshot()) is written when an allocation fails.
-    oom_snapshot: OptPath = OptPath(None);
+    oom_snapshot: OptPath = "none";
     /// Every this many seconds, one line of memory status per device on
     /// stderr (0: never). For the logs of long runs.
-    status_interval: Seconds = Seconds(0);
+    status_interval: Seconds = "0";
     /// Virtual address space reserved per arena (one small and one large
     /// arena per device). Far larger than the device: addresses are cheap.
-    va_size: Bytes = Bytes(1 << 40);
+    va_size: Bytes = "1T";
 }
 
 impl Config {
@@ -304,6 +307,24 @@ impl Config {
         Ok(())
     }
 
+    /// The options table as JSON: `[{"name","default","accepts","doc"}, ...]`.
+    pub fn options_json() -> String {
+        let esc = |t: &str| t.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ");
+        let rows: Vec<String> = OPTIONS
+            .iter()
+            .map(|o| {
+                format!(
+                    "{{\"name\":\"{}\",\"default\":\"{}\",\"accepts\":\"{}\",\"doc\":\"{}\"}}",
+                    esc(o.name),
+                    esc(o.default),
+                    esc(o.accepts),
+                    esc(o.doc.trim())
+                )
+            })
+            .collect();
+        format!("[{}]", rows.join(","))
+    }
+
     /// The options table as text, one option a line (for `--help` and docs).
     pub fn describe() -> String {
         OPTIONS
@@ -356,7 +377,8 @@ mod tests {
     fn readme_documents_every_option() {
         let readme = include_str!("../README.md");
         for o in OPTIONS {
-            assert!(readme.contains(&format!("| `{}` |", o.name)), "README's configuration table lacks {}", o.name);
+            let row = format!("| `{}` | `{}` |", o.name, o.default);
+            assert!(readme.contains(&row), "README's configuration table lacks the row {row}");
         }
     }
 

@@ -303,6 +303,18 @@ pub extern "C" fn tessera_release_graph_pools() -> i64 {
     guarded("release_graph_pools", -1, || Ok(allocator::global()?.release_graph_pools() as i64))
 }
 
+/// Writes the configuration options as JSON (`[{"name", "default",
+/// "accepts", "doc"}, ...]`, defaults in `TESSERA_CONF` syntax) into `buf`
+/// if `len` bytes suffice. Returns the bytes needed (call with NULL, 0 to
+/// ask). Needs no initialisation.
+///
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_options_json(buf: *mut c_char, len: usize) -> i64 {
+    guarded("options_json", -1, || Ok(copy_out(&crate::config::Config::options_json(), buf, len)))
+}
+
 /// Number of entries of `TesseraStats.gauges`.
 #[unsafe(no_mangle)]
 pub extern "C" fn tessera_gauge_count() -> i32 {

@@ -11,7 +11,6 @@ import sys
 
 from test_tessera_torch import EXAMPLE, MiB, REPO, lib_path, run_child  # noqa: F401  (lib_path: fixture)
 
-import tessera_torch
 
 HOST = "backend:host,page_size:64K"
 FIELDS = ("current", "peak", "allocated", "freed")
@@ -309,16 +308,20 @@ def test_python_m_prints_usage_and_options(lib_path):
         assert proc.returncode == 0, proc.stderr
         for word in ("memory_stats", "snapshot", "on_oom", "monitor", "TESSERA_CONF"):
             assert word in proc.stdout
-        for name, _, _ in tessera_torch.OPTIONS:
-            assert f"\n  {name} " in proc.stdout, name
+        for name, default, _ in tessera_torch_options(lib_path):
+            assert f"\n  {name} " in proc.stdout and default in proc.stdout, name
     assert "cannot attach to another process" in proc.stdout
+
+
+def tessera_torch_options(lib_path):
+    return [tuple(o) for o in run_child(lib_path, "emit(opts=tt.options())")["opts"]]
 
 
 def test_options_table_matches_library(lib_path):
     # The library names every accepted key when it rejects an unknown one (no allocation, no damage).
     r = run_child(lib_path, """
         rc = lib.tessera_configure(b"tessera_no_such_key:1")
-        emit(rc=rc, msg=tt.last_error(), names=[o[0] for o in tt.OPTIONS])
+        emit(rc=rc, msg=tt.last_error(), names=[o[0] for o in tt.options()])
     """)
     assert r["rc"] == -1
     assert "accepted keys:" in r["msg"], r["msg"]

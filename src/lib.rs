@@ -3,23 +3,29 @@
 //!
 //! Layers, bottom up (each in its own module; see each module's opening doc):
 //! - [`backend`]: the primitive layer. Reserve address space, create physical
-//!   handles, map and unmap granules, record and wait on events. Three
-//!   implementations (cuda, host, sim) behind one trait; no policy, no counting.
+//!   handles, map and unmap whole handles, record and wait on events. Three
+//!   implementations (cuda, host, sim) behind one trait, and a fault-injecting
+//!   wrapper for tests; no policy, no counting.
 //! - [`pool`]: the policy layer for one device. Blocks, best fit, split,
 //!   coalesce, streams, growth, reclamation, statistics. It never asks which
 //!   backend it runs on.
 //! - [`allocator`]: the process-wide registry of devices, configuration and
 //!   the error channel.
 //! - [`ffi`]: the C ABI (`include/tessera.h`), where panics stop.
+//! - [`config`] (every option, once), [`stats`] (every statistic, once),
+//!   [`error`], [`log`], and the tools: [`trace`] (the trace format) and
+//!   [`replay`] (trace replay and the OOM frontier, behind `tessera-replay`).
 //!
 //! Glossary, used the same way everywhere:
 //! - *granule*: the unit of physical mapping (`page_size`, default 2 MiB).
 //!   Every mapping covers whole granules. Never called a "page".
 //! - *handle*: one physical allocation from the backend (`cuMemCreate`), a
-//!   whole number of granules; each of its granules can be mapped anywhere.
+//!   whole number of granules (at most `max_handle_size`), mapped whole at
+//!   one address at a time; unmapped, it can be mapped again anywhere.
 //! - *arena*: one reserved virtual address range (one per pool kind and device).
 //! - *block*: a contiguous byte range of an arena: allocated, cached (free and
-//!   mapped), or a hole (free and unmapped).
+//!   mapped), pending (freed, waiting for other streams), or a hole (free and
+//!   unmapped).
 //! - *stream*: an opaque `u64` (a `cudaStream_t` on the cuda backend).
 
 pub mod allocator;

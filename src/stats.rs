@@ -1,5 +1,5 @@
-//! Statistics: every statistic declared once, as a variant of [`Gauge`] or
-//! [`Counter`] with its doc; names, printing, export and reset all iterate
+//! Statistics: every statistic declared once, as a variant of [`TesseraGauge`] or
+//! [`TesseraCounter`] with its doc; names, printing, export and reset all iterate
 //! those enums. The C view is [`TesseraStats`], two arrays indexed by them.
 //! Invariant: for every gauge, `current == allocated - freed` and
 //! `peak >= current`.

@@ -12,8 +12,8 @@
 //!   range is mapped.
 //! - `map` makes the range readable and writable from the device only once
 //!   `set_access` covered it (the allocator calls it once per new range).
-//! - `create` reports lack of memory as [`Error::OutOfMemory`] and every
-//!   other failure as [`Error::Driver`]; it never panics.
+//! - `create` reports lack of memory as [`crate::error::Error::OutOfMemory`] and every
+//!   other failure as [`crate::error::Error::Driver`]; it never panics.
 //! - Streams and events are opaque `u64`s. Work on one stream runs in order.
 //!   `record_event(s)` marks the point that `s` has reached in its queue;
 //!   `event_done` says whether the device has passed it; `stream_wait_event`

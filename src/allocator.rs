@@ -28,7 +28,9 @@ pub struct Allocator {
     config: Config,
     backend: Arc<dyn Backend>,
     slots: Vec<Mutex<Slot>>,
-    oom_callbacks: Mutex<Vec<OomCallback>>,
+    /// Shared so that they run with no lock held: a callback may free,
+    /// allocate (and so run the callbacks again) or register another.
+    oom_callbacks: Mutex<Vec<Arc<dyn Fn(i32, u64) + Send + Sync>>>,
     /// History recording asked for: applied to pools made later too.
     history: Mutex<(bool, usize)>,
 }
@@ -111,17 +113,14 @@ impl Allocator {
     pub fn malloc(&self, size: u64, device: i32, stream: u64) -> Result<u64> {
         let first = self.with_pool(device, |p| p.malloc(size, stream));
         let Err(Error::OutOfMemory(_)) = first else { return first };
-        let result = {
-            let callbacks = self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner());
-            if callbacks.is_empty() {
-                first
-            } else {
-                for cb in callbacks.iter() {
-                    cb(device, size);
-                }
-                drop(callbacks);
-                self.with_pool(device, |p| p.malloc(size, stream))
+        let callbacks = self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = if callbacks.is_empty() {
+            first
+        } else {
+            for cb in &callbacks {
+                cb(device, size);
             }
+            self.with_pool(device, |p| p.malloc(size, stream))
         };
         if let Err(Error::OutOfMemory(_)) = &result {
             if let Some(path) = &self.config.oom_snapshot.0 {
@@ -146,7 +145,7 @@ impl Allocator {
 
     /// Registers a callback run before tessera gives up on a request.
     pub fn on_oom(&self, callback: OomCallback) {
-        self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).push(callback);
+        self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::from(callback));
     }
 
     /// Starts or stops recording alloc/free/map/unmap/oom events in a ring

@@ -138,3 +138,24 @@ fn status_line_summarises_each_device_in_use() {
     assert!(line.starts_with("tessera: dev1 allocated 3.00 MiB (peak 3.00 MiB) reserved "), "{line}");
     assert!(!line.contains("dev0"));
 }
+
+#[test]
+fn an_oom_callback_may_allocate_and_register_without_deadlock() {
+    let (a, _) = sim("device_capacity:16M");
+    let a = Arc::new(a);
+    let weak = Arc::downgrade(&a);
+    let depth = Arc::new(AtomicU64::new(0));
+    let d = depth.clone();
+    a.on_oom(Box::new(move |_, _| {
+        let a = weak.upgrade().unwrap();
+        if d.fetch_add(1, Ordering::SeqCst) == 0 {
+            // Allocating from a callback runs the callbacks again (depth 2),
+            // and registering from one must not deadlock either.
+            let _ = a.malloc(64 * MIB, 0, 0);
+            a.on_oom(Box::new(|_, _| {}));
+        }
+    }));
+    assert!(a.malloc(64 * MIB, 0, 0).is_err());
+    assert_eq!(depth.load(Ordering::SeqCst), 2);
+    check(&a, 0);
+}

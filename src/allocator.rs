@@ -23,6 +23,7 @@ struct Slot {
 
 /// Called before tessera gives up on a request: (device, bytes requested).
 pub type OomCallback = Box<dyn Fn(i32, u64) + Send + Sync>;
+type SharedOomCallback = Arc<dyn Fn(i32, u64) + Send + Sync>;
 
 pub struct Allocator {
     config: Config,
@@ -30,7 +31,7 @@ pub struct Allocator {
     slots: Vec<Mutex<Slot>>,
     /// Shared so that they run with no lock held: a callback may free,
     /// allocate (and so run the callbacks again) or register another.
-    oom_callbacks: Mutex<Vec<Arc<dyn Fn(i32, u64) + Send + Sync>>>,
+    oom_callbacks: Mutex<Vec<SharedOomCallback>>,
     /// History recording asked for: applied to pools made later too.
     history: Mutex<(bool, usize)>,
 }

@@ -1142,18 +1142,7 @@ impl DevicePool {
         }
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
-        let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
-        order.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, id) in order {
-            if self.free_handle_granules() >= need {
-                break;
-            }
-            // An earlier unmap may have merged this block away.
-            if self.is_indexed_cached(id) {
-                self.unmap_cached_run(id, false)?;
-            }
-        }
-        Ok(())
+        self.unmap_cached_largest_first(need, false)
     }
 
     /// Unmaps every cached granule and releases every handle with nothing
@@ -1349,28 +1338,31 @@ impl DevicePool {
             return Ok(());
         }
         self.advance_epochs()?;
-        self.recycle_device_done(need)?;
+        self.unmap_cached_largest_first(need, true)?;
         if self.free_handle_granules() < need {
             // Not enough known done: wait for the streams that hold the
             // largest cached blocks to pass their frees (a wait on one
             // stream's event, not a device synchronize), then try again.
             self.wait_epochs()?;
-            self.recycle_device_done(need)?;
+            self.unmap_cached_largest_first(need, true)?;
         }
         Ok(())
     }
 
-    /// Unmaps cached handles the device is done with, largest blocks first,
-    /// until `need` granules of handles are free.
-    fn recycle_device_done(&mut self, need: u64) -> Result<()> {
+    /// Unmaps cached handles (only those the device is known to be done
+    /// with, if `only_device_done`), largest blocks first, until `need`
+    /// granules of handles are free.
+    fn unmap_cached_largest_first(&mut self, need: u64, only_device_done: bool) -> Result<()> {
+        let mut free = self.free_handle_granules();
         let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
         order.sort_unstable_by(|a, b| b.cmp(a));
         for (_, id) in order {
-            if self.free_handle_granules() >= need {
+            if free >= need {
                 break;
             }
-            if self.is_indexed_cached(id) && self.device_done(id) {
-                self.unmap_cached_run(id, true)?;
+            // An earlier unmap may have merged this block away.
+            if self.is_indexed_cached(id) {
+                free += self.unmap_cached_run(id, only_device_done)?;
             }
         }
         Ok(())
@@ -1542,11 +1534,12 @@ impl DevicePool {
         let mut out: Vec<(ArenaKind, Vec<BlockView>)> = Vec::new();
         let mut last_end = None;
         for v in self.blocks() {
+            let end = v.addr + v.size;
             match out.last_mut() {
-                Some((arena, blocks)) if last_end == Some(v.addr) && *arena == v.arena => blocks.push(v.clone()),
-                _ => out.push((v.arena, vec![v.clone()])),
+                Some((arena, blocks)) if last_end == Some(v.addr) && *arena == v.arena => blocks.push(v),
+                _ => out.push((v.arena, vec![v])),
             }
-            last_end = Some(v.addr + v.size);
+            last_end = Some(end);
         }
         out
     }

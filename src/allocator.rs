@@ -84,6 +84,7 @@ impl Allocator {
             let settings = PoolSettings {
                 granule_bytes: self.config.page_size.0,
                 max_handle_bytes: self.config.max_handle_size.0,
+                fine_handles_above: self.config.fine_handles_above.0,
                 small_size_bytes: self.config.small_size.0,
                 growth_bytes: self.config.growth_size.0,
                 cached_fraction: self.config.max_cached_fraction.0,

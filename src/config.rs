@@ -214,6 +214,11 @@ options! {
     /// won on the shared traces: 4x fewer driver calls than 2 MiB for a
     /// frontier within 0.02 of it (see README, policy notes).
     max_handle_size: Bytes = "8M";
+    /// Once reserved memory passes this fraction of what tessera may hold
+    /// (memory_limit, else what the device has), new handles are one page
+    /// each: near the limit, reclamation must be able to take back any single
+    /// page. 1: never.
+    fine_handles_above: Fraction = "0.9";
     /// Least bytes mapped when a large-arena request under half this size
     /// misses the cache (PyTorch's 20 MiB segments): fewer, larger growths.
     /// The extra stays cached for the same stream. 0 maps exact sizes.

@@ -112,6 +112,9 @@ struct PendingFree {
 pub struct PoolSettings {
     pub granule_bytes: u64,
     pub max_handle_bytes: u64,
+    /// Past this fraction of the allowed memory, new handles are one
+    /// granule each (see `near_capacity`); 1: never.
+    pub fine_handles_above: f64,
     pub small_size_bytes: u64,
     pub growth_bytes: u64,
     /// Growth recycles device-done cached memory first while cached bytes
@@ -636,6 +639,12 @@ impl DevicePool {
             return Ok(self.hand_out(id, rounded, size, stream, graph));
         }
         self.stats.bump(C::CacheMisses, 1);
+        // Small requests take a block that another stream cached and the
+        // device is done with before growing: each stream growing its own
+        // granules would let a few small blocks per stream pin many granules.
+        if arena == ArenaKind::Small && graph == 0 && let Some(id) = self.find_done_cached_other_stream(arena, rounded, stream)? {
+            return Ok(self.hand_out(id, rounded, size, stream, 0));
+        }
         // Nothing may wait on the device while the stream captures a graph
         // (the capture would break): grow, or fail, without waiting.
         let capturing = graph != 0 || (!self.settings.graph_pools && self.backend.is_capturing(self.device, stream)?);
@@ -744,6 +753,31 @@ impl DevicePool {
             .next()?;
         self.unindex(id);
         Some(id)
+    }
+
+    /// Best fit among blocks cached for other streams that the device is
+    /// known to be done with (their streams' epoch events passed the free):
+    /// safe to reuse on any stream with no wait. Polls the epoch events
+    /// first. A scan of one arena's cached blocks: for misses only.
+    fn find_done_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
+        let others = |p: &Self| {
+            p.cached_by_stream
+                .range((arena, 0, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, u64::MAX, NIL))
+                .filter(|&&(_, s, size, _, _)| s != stream && s & GRAPH_KEY == 0 && size >= rounded)
+                .map(|&(_, _, size, addr, id)| (size, addr, id))
+                .collect::<Vec<_>>()
+        };
+        if others(self).is_empty() {
+            return Ok(None);
+        }
+        self.advance_epochs()?;
+        let Some((_, _, id)) = others(self).into_iter().filter(|&(_, _, id)| self.device_done(id)).min() else {
+            return Ok(None);
+        };
+        self.unindex(id);
+        self.bm(id).stream = stream;
+        self.stats.bump(C::CrossStreamReuses, 1);
+        Ok(Some(id))
     }
 
     /// Best fit among blocks cached for other streams. The allocating stream
@@ -905,6 +939,9 @@ impl DevicePool {
     /// first, then new ones; if memory is short, one larger free handle when
     /// the hole has room for it. Returns the granules mapped.
     fn map_granules(&mut self, va: u64, count: u64, room: u64) -> Result<u64> {
+        if self.near_capacity(count) {
+            self.refine_free_handles()?;
+        }
         let mut plan: Vec<HandleIdx> = Vec::new();
         let mut covered = 0;
         while covered < count {
@@ -1006,7 +1043,14 @@ impl DevicePool {
             && self.physical_bytes() + granules * g > limit {
                 return Err(Error::OutOfMemory(Box::default()));
             }
-        let per_handle = self.settings.max_handle_bytes / g;
+        let per_handle = if self.near_capacity(granules) { 1 } else { self.settings.max_handle_bytes / g };
+        self.create_handles_of(granules, per_handle)
+    }
+
+    /// Creates handles of `per_handle` granules (the last one smaller) for
+    /// `granules` granules. On failure, the handles made so far stay free.
+    fn create_handles_of(&mut self, granules: u64, per_handle: u64) -> Result<Vec<HandleIdx>> {
+        let g = self.settings.granule_bytes;
         let mut made = Vec::new();
         let mut left = granules;
         while left > 0 {
@@ -1036,6 +1080,45 @@ impl DevicePool {
             left -= n;
         }
         Ok(made)
+    }
+
+    /// Whether `granules` more would bring the reserved bytes past
+    /// `fine_handles_above` of what tessera may hold (the memory limit, or
+    /// what the device has: reserved plus the driver's free bytes). Past it,
+    /// new handles are one granule each, so that reclamation can take back
+    /// any single granule when memory is short.
+    fn near_capacity(&self, granules: u64) -> bool {
+        let fraction = self.settings.fine_handles_above;
+        if fraction >= 1.0 {
+            return false;
+        }
+        let reserved = self.physical_bytes();
+        let after = reserved + granules * self.settings.granule_bytes;
+        let device = match self.backend.mem_info(self.device) {
+            Ok((free, _)) => reserved + free,
+            Err(_) => return true,
+        };
+        let allowed = self.settings.limit_bytes.map_or(device, |l| l.min(device));
+        after as f64 > fraction * allowed as f64
+    }
+
+    /// Near capacity: replaces each free multi-granule handle by
+    /// single-granule ones (release, then create), so that no handle mapped
+    /// from now on can pin granules that its live blocks do not use.
+    fn refine_free_handles(&mut self) -> Result<()> {
+        let coarse: Vec<(u64, HandleIdx)> = self.free_handles.iter().filter(|&&(n, _)| n > 1).copied().collect();
+        for (n, h) in coarse {
+            let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
+            self.backend.release(self.device, backend_id)?;
+            self.stats.bump(C::DriverReleaseCalls, 1);
+            self.free_handles.remove(&(n, h));
+            self.handles[h as usize] = None;
+            self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
+            self.stats.gauge_mut(G::Handles).sub(1);
+            let singles = self.create_handles_of(n, 1)?;
+            self.return_handles(&singles);
+        }
+        Ok(())
     }
 
     /// Unmaps every mapped handle in `[lo, hi)` (which holds whole handles

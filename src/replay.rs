@@ -22,6 +22,9 @@ pub struct ReplayResult {
     pub oom_message: Option<String>,
     pub stats: TesseraStats,
     pub elapsed_ns: u128,
+    /// The pool's mapped blocks when the replay stopped (at the OOM, or
+    /// after the last event), in address order.
+    pub final_blocks: Vec<crate::pool::BlockView>,
 }
 
 impl ReplayResult {
@@ -125,6 +128,7 @@ pub fn replay_with_timeline(
     }
     result.elapsed_ns = start.elapsed().as_nanos();
     result.stats = alloc.stats(0).map_err(|e| e.to_string())?;
+    result.final_blocks = alloc.with_pool(0, |p| Ok(p.blocks())).map_err(|e| e.to_string())?;
     Ok(result)
 }
 
@@ -142,6 +146,42 @@ fn take_sample(alloc: &Allocator, event: usize, live_bytes: u64) -> crate::error
             large_mapped_bytes: p.arena_stats(ArenaKind::Large).gauge(G::MappedBytes).current as u64,
         })
     })
+}
+
+/// The block map of `r` as text, one line per segment (maximal run of
+/// mapped blocks): where every mapped byte went when the replay stopped.
+/// Each line gives the arena, the segment's first granule (counted from the
+/// arena's lowest mapped granule), its length in granules, and its blocks as
+/// `STATE:SIZE@STREAM`, STATE one of A (allocated), c (cached), p (pending).
+pub fn block_map(r: &ReplayResult, granule_bytes: u64) -> String {
+    let mut segments: Vec<(crate::pool::ArenaKind, u64, u64, Vec<String>)> = Vec::new(); // (arena, start, end, blocks)
+    for v in &r.final_blocks {
+        let state = match v.state {
+            "active_allocated" => "A",
+            "active_pending_free" => "p",
+            _ => "c",
+        };
+        let text = format!("{state}:{}@{}", crate::error::format_bytes(v.size), v.stream);
+        match segments.last_mut() {
+            Some((arena, _, end, blocks)) if *arena == v.arena && *end == v.addr => {
+                *end += v.size;
+                blocks.push(text);
+            }
+            _ => segments.push((v.arena, v.addr, v.addr + v.size, vec![text])),
+        }
+    }
+    let mut out = String::new();
+    let mut base: HashMap<crate::pool::ArenaKind, u64> = HashMap::new();
+    for (arena, start, end, blocks) in segments {
+        let base = *base.entry(arena).or_insert(start);
+        out.push_str(&format!(
+            "{arena:?} granule {} x{}: {}\n",
+            (start - base) / granule_bytes,
+            (end - start).div_ceil(granule_bytes),
+            blocks.join(" ")
+        ));
+    }
+    out
 }
 
 /// The least capacity, to `step_bytes`, with which the replay completes,

@@ -10,6 +10,7 @@ use common::*;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use tessera::error::Error;
+use tessera::stats::{TesseraCounter as C, TesseraGauge as G};
 
 const G: u64 = 64 << 10; // granule of these tests
 const CAPACITY: u64 = 8 << 20;
@@ -140,5 +141,53 @@ fn remapped_granules_keep_data_of_neighbours() {
         assert!(verify(b, 256 << 10, i as u64), "neighbour {i} changed");
     }
     assert!(verify(big, 2 << 20, 99));
+    check(&a, 0);
+}
+
+#[test]
+fn near_capacity_handles_are_one_page_so_reclaim_can_take_any_page() {
+    // 4 MiB device of 64 KiB pages; blocks of 3 pages each fill it, every
+    // other one is freed. A request for the freed pages succeeds only if the
+    // handles under the live blocks hold nothing else: one page each.
+    let run = |fine: &str| {
+        let (a, _) = host(&format!("page_size:64K,device_capacity:4M,max_handle_size:1M,small_size:64K,growth_size:1M,{fine}"));
+        let blocks: Vec<u64> = (0..21).map(|_| a.malloc(192 << 10, 0, 0).unwrap()).collect();
+        for (i, &b) in blocks.iter().enumerate() {
+            fill(b, 192 << 10, i as u64);
+        }
+        for &b in blocks.iter().step_by(2) {
+            a.free(b, None, 0, None).unwrap();
+        }
+        let big = a.malloc(11 * (192 << 10), 0, 0);
+        if let Ok(big) = big {
+            fill(big, 11 * (192 << 10), 99);
+            assert!(verify(big, 11 * (192 << 10), 99));
+        }
+        for (i, &b) in blocks.iter().enumerate().skip(1).step_by(2) {
+            assert!(verify(b, 192 << 10, i as u64), "neighbour {i} changed");
+        }
+        check(&a, 0);
+        big.is_ok()
+    };
+    assert!(run("fine_handles_above:0"), "one-page handles: every freed page can move");
+    assert!(!run("fine_handles_above:1"), "1 MiB handles under live blocks pin the freed pages");
+}
+
+#[test]
+fn near_capacity_free_coarse_handles_are_split_into_pages() {
+    let (a, _) = host("page_size:64K,device_capacity:4M,max_handle_size:1M,growth_size:0,fine_handles_above:0.5");
+    let x = a.malloc(1 << 20, 0, 0).unwrap(); // one 16-page handle (1 MiB < half the device)
+    fill(x, 1 << 20, 1);
+    a.free(x, None, 0, None).unwrap();
+    assert_eq!(a.stats(0).unwrap().gauge(G::Handles).current, 1);
+    // Another stream needs 2.5 MiB: recycling unmaps the cached handle, and
+    // past half the device it comes back as 16 one-page handles.
+    let y = a.malloc(40 << 16, 0, 1).unwrap();
+    fill(y, 40 << 16, 2);
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::Handles).current, 40, "every handle is one page");
+    assert!(s.counter(C::DriverReleaseCalls) >= 1, "the coarse handle was released");
+    assert_eq!(s.gauge(G::ReservedBytes).current, 40 << 16);
+    assert!(verify(y, 40 << 16, 2));
     check(&a, 0);
 }

@@ -376,3 +376,28 @@ fn a_new_capture_does_not_take_another_captures_memory() {
     backend.set_capturing(None);
     check(&a, 0);
 }
+
+#[test]
+fn small_requests_take_blocks_other_streams_are_done_with() {
+    // Recycling off: it would wait for stream 1 (which the sim models by
+    // finishing its work) and map the granule again for stream 2.
+    let (a, backend) = sim("max_cached_fraction:1");
+    let p = a.malloc(4096, 0, 1).unwrap();
+    a.free(p, None, 0, Some(1)).unwrap();
+    // The device may still run stream 1's work: stream 2 must not take it.
+    backend.hold_events(true);
+    let q = a.malloc(4096, 0, 2).unwrap();
+    assert_ne!(p, q, "a block stream 1 may still use went to stream 2");
+    check(&a, 0);
+    a.free(q, None, 0, Some(2)).unwrap();
+    let mapped = gauge(&a, G::MappedBytes);
+    // Once stream 1 has passed the free, stream 3 takes the block, no growth.
+    backend.hold_events(false);
+    let r = a.malloc(4096, 0, 3).unwrap();
+    assert!(r == p || r == q, "a done block of another stream serves the small request");
+    assert_eq!(gauge(&a, G::MappedBytes), mapped, "no granule mapped for it");
+    assert!(counter(&a, C::CrossStreamReuses) >= 1);
+    a.free(r, None, 0, Some(3)).unwrap();
+    check(&a, 0);
+    assert!(backend.live(0).1 <= 3, "at most one epoch event per stream: {}", backend.live(0).1);
+}

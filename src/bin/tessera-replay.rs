@@ -2,18 +2,20 @@
 //! or .gz) on the sim backend and prints one JSON line. A stable interface:
 //! it is how policies are compared on a CPU.
 //!
-//!   tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES] [--timeline N]
+//!   tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES] [--timeline N] [--map]
 
 use tessera::config::{Bytes, Config, OptionValue};
 use tessera::replay;
 
-const USAGE: &str = "usage: tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES]
+const USAGE: &str = "usage: tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES] [--timeline N] [--map]
   TRACE           a trace file, plain or gzip ('a|f ADDR SIZE STREAM' lines)
   --conf STRING   tessera configuration (TESSERA_CONF syntax); default: TESSERA_CONF
   --frontier      also find the least capacity (to 2 MiB) with which the trace completes
   --capacity B    replay under a fixed device capacity (bytes, or 40G) and report the first OOM
   --timeline N    before the report, one JSON line every N events: live, reserved, cached and
-                  largest cached bytes, mapped bytes per arena (fragmentation over time)";
+                  largest cached bytes, mapped bytes per arena (fragmentation over time)
+  --map           before the report, the block map where the replay stopped (at the OOM with
+                  --capacity): one line per segment, its blocks as STATE:SIZE@STREAM";
 
 fn main() {
     match run(std::env::args().skip(1).collect()) {
@@ -26,12 +28,13 @@ fn main() {
 }
 
 fn run(args: Vec<String>) -> Result<String, String> {
-    let (mut trace, mut conf, mut frontier, mut capacity, mut timeline) = (None, None, false, None, 0usize);
+    let (mut trace, mut conf, mut frontier, mut capacity, mut timeline, mut map) = (None, None, false, None, 0usize, false);
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--conf" => conf = Some(it.next().ok_or("--conf needs a value")?),
             "--frontier" => frontier = true,
+            "--map" => map = true,
             "--timeline" => {
                 let v = it.next().ok_or("--timeline needs a value")?;
                 timeline = v.parse().map_err(|_| format!("bad --timeline '{v}'"))?;
@@ -54,6 +57,9 @@ fn run(args: Vec<String>) -> Result<String, String> {
     .map_err(|e| e.to_string())?;
     let events = tessera::trace::read_file(std::path::Path::new(&trace))?;
     let result = replay::replay_with_timeline(&events, &config, capacity, timeline, &mut |s| println!("{}", s.to_json()))?;
+    if map {
+        print!("{}", replay::block_map(&result, config.page_size.0));
+    }
     let frontier_bytes = if frontier {
         Some(replay::frontier(&events, &config, 2 << 20)?.0)
     } else {

@@ -20,28 +20,32 @@ Workloads (deterministic given --seed: the same tensor sizes in every run, whate
   churn    torch.empty of log-uniform sizes 512 B - 256 MiB, random lifetimes, live set kept
            under 3 GiB, 3000 allocations
 
-Method. First one uncapped run per pair: peak allocated bytes ("peak live": max_memory_allocated,
-tessera's allocated_bytes peak) and peak reserved bytes. Then the OOM frontier, the least free GPU
-memory with which the workload still completes: the child takes a BALLAST with the CUDA driver
-(cuMemAlloc on the primary context, before PyTorch or tessera touches CUDA) that leaves exactly
-target_free bytes free (to 2 MiB), then runs the workload: exit 0 completed, 3 out of memory, other
-an error. Bisection on target_free between peak allocated (assumed to fail) and 2 x peak + 1 GiB,
-to max(1% of peak, 64 MiB), at most --max-steps-bisect runs per pair; the first probe is the
-uncapped run's peak reserved plus the memory taken outside the allocator (usually a pass, which
-narrows the range at once). The frontier counts everything the process takes after the ballast:
-the allocator's reserved memory and the rest (kernel modules loaded lazily, cuBLAS/cuDNN handles),
-shown as "non-alloc MiB" (measured in the uncapped run: device memory used minus reserved).
+Method. One process per (allocator, workload) pair, warm after its first run:
+1. an uncapped run: peak allocated bytes ("peak live": max_memory_allocated, tessera's
+   allocated_bytes peak) and peak reserved bytes. It also loads every kernel module and library
+   handle the workload needs, so later runs measure the allocator alone.
+2. the OOM frontier, the least memory the allocator may take with which the workload completes:
+   between runs everything is freed and the cache emptied; a BALLAST taken with the CUDA driver
+   (cuMemAlloc on the primary context) then leaves exactly B - R0 bytes free (to 2 MiB), where R0
+   is what the allocator still holds (tensors that live across runs: cuBLAS workspaces), and the
+   workload runs again: completed, out of memory, or an error (which ends the pair's bisection).
+   Bisection on B between peak allocated (assumed to fail) and 2 x peak + 1 GiB, to max(1% of
+   peak, 64 MiB), at most --max-steps-bisect runs; the first probe is the uncapped run's peak
+   reserved plus a step (usually a pass, which narrows the range at once).
+Ratios are over the allocator's own peak allocated. Memory the process takes outside the allocator
+(kernel modules, library handles) is left out of the frontier; its size is shown as "non-alloc MiB"
+(device memory used after the uncapped run minus the allocator's reserved bytes).
 
-Prints the expected number of child runs first, progress lines, and a markdown table last:
+Prints progress lines and a markdown table last:
 workload | allocator | peak live GiB | reserved ratio | frontier ratio | frontier GiB | non-alloc MiB | runs
-(ratios over that allocator's own peak allocated). Writes JSON to --out (default $OUT/bench_frontier.json,
-else /tmp/bench_frontier.json) and every child's output tail to the .log beside it.
-Default run: 16 pairs, at most 96 child runs; about 5-8 minutes on an H100 (--budget-min trims the
-bisection steps if the uncapped runs show that the budget would be exceeded).
+Writes JSON to --out (default $OUT/bench_frontier.json, else /tmp/bench_frontier.json) and every
+child's output tail to the .log beside it. Default run: 16 pairs, 16 processes of 1 + up to 5 runs;
+about 4-6 minutes on an H100.
 """
 
 import argparse
 import ctypes
+import gc
 import json
 import math
 import os
@@ -64,10 +68,6 @@ ALLOCATORS = {  # name -> PYTORCH_CUDA_ALLOC_CONF (None: unset)
     "expandable": "expandable_segments:True",
     "async": "backend:cudaMallocAsync",
 }
-EXIT_OK, EXIT_OOM, EXIT_BALLAST = 0, 3, 4
-# Rough seconds per child on an H100 (process start, imports, CUDA init, the workload): for the
-# estimate printed before anything runs; the budget then uses the measured times.
-EST_CHILD_S = {"gpt2": 8.0, "resnet": 8.0, "kvcache": 4.0, "churn": 4.0}
 
 
 # ----- the CUDA driver, for the ballast ------------------------------------------------------------
@@ -88,6 +88,7 @@ class Driver:
             "cuCtxPopCurrent_v2": [c.POINTER(c.c_void_p)],
             "cuMemGetInfo_v2": [c.POINTER(c.c_size_t), c.POINTER(c.c_size_t)],
             "cuMemAlloc_v2": [c.POINTER(c.c_uint64), c.c_size_t],
+            "cuMemFree_v2": [c.c_uint64],
             "cuGetErrorName": [c.c_int, c.POINTER(c.c_char_p)],
         }
         for name, argtypes in sigs.items():
@@ -137,6 +138,15 @@ class Driver:
         if rc == 0:
             self.ballast.append(ptr.value)
         return rc == 0
+
+    def drop_ballast(self):
+        self._push()
+        try:
+            for ptr in self.ballast:
+                self._check(self.lib.cuMemFree_v2(ptr), "cuMemFree")
+        finally:
+            self._pop()
+        self.ballast = []
 
     def take_ballast(self, target_free):
         """Allocate until free memory is target_free (to GRAIN above it). Returns bytes taken."""
@@ -306,27 +316,41 @@ def allocator_stats(torch, tt):
             torch.cuda.memory_reserved(), extra)
 
 
+def run_once(torch, tt, workload, args):
+    """One run of the workload from an empty cache: (status, error, seconds). Everything it
+    allocated is freed and the cache emptied before it returns."""
+    if tt is not None:
+        tt.reset_peak_stats()
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    status, error = "error", ""
+    t0 = time.time()
+    try:
+        WORKLOADS[workload](torch, args.seed, args.steps)
+        torch.cuda.synchronize()
+        status = "ok"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"[:600]
+        status = "oom" if is_oom(error) else "error"
+        if status == "error":
+            traceback.print_exc()
+    secs = round(time.time() - t0, 2)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return status, error, secs
+
+
 def child(args):
-    out = {"allocator": args.child[0], "workload": args.child[1], "target_free": args.target_free,
-           "status": "error", "error": ""}
+    """One (allocator, workload) pair: the uncapped run, then the bisection, in this process."""
+    out = {"allocator": args.child[0], "workload": args.child[1], "status": "error", "error": "",
+           "probes": []}
     code = 1
     try:
         which, workload = args.child
         drv = Driver()
         free0, total = drv.mem_info()
         out.update(free_at_start=free0, total=total)
-        if args.target_free >= 0:
-            if free0 < args.target_free:
-                out.update(status="insufficient", error=f"only {free0} bytes free at start")
-                print(json.dumps(out), flush=True)
-                os._exit(EXIT_BALLAST)
-            out["ballast"] = drv.take_ballast(args.target_free)
-        free1, _ = drv.mem_info()
-        out["free_after_ballast"] = free1
-        if args.target_free >= 0 and free1 > args.target_free + 8 * MiB:
-            out.update(status="ballast", error=f"the ballast left {free1} bytes free, wanted {args.target_free}")
-            print(json.dumps(out), flush=True)
-            os._exit(EXIT_BALLAST)
         tt = None
         if which == "tessera":
             import tessera_torch as tt
@@ -336,30 +360,55 @@ def child(args):
         out.update(torch=torch.__version__, device=torch.cuda.get_device_name(),
                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                    tessera_conf=os.environ.get("TESSERA_CONF") if tt else None)
-        t0 = time.time()
+        status, error, secs = run_once(torch, tt, workload, args)
+        peak_alloc, peak_res, _, extra = allocator_stats(torch, tt)
+        res0 = allocator_stats(torch, tt)[2]
+        free1, _ = drv.mem_info()
+        out.update(status=status, error=error, workload_s=secs, peak_allocated=peak_alloc,
+                   peak_reserved=peak_res, stats=extra, reserved_between_runs=res0,
+                   nonalloc=(free0 - free1) - res0)
+        print(f"uncapped: {status} in {secs} s, peak allocated {peak_alloc}, reserved {peak_res}", flush=True)
+        if status != "ok" or args.max_steps_bisect <= 0:
+            raise SystemExit
+        peak = peak_alloc
+        lo, hi = align(peak), align(min(2 * peak + GiB + GRAIN - 1, free1 + res0))
+        res = max(0.01 * peak, 64 * MiB)
+
+        def probe(budget):
+            drv.drop_ballast()
+            r0 = allocator_stats(torch, tt)[2]
+            target = budget - r0
+            drv.take_ballast(target)
+            free_now, _ = drv.mem_info()
+            if free_now > target + 8 * MiB:
+                raise RuntimeError(f"the ballast left {free_now} bytes free, wanted {target}")
+            st, err, secs = run_once(torch, tt, workload, args)
+            p = {"budget": budget, "reserved_before": r0, "free_before": free_now, "status": st,
+                 "error": err, "workload_s": secs}
+            if tt is not None:
+                p["stats"] = allocator_stats(torch, tt)[3]
+            out["probes"].append(p)
+            print(f"probe {budget / GiB:.3f} GiB -> {st} ({secs} s) {err[:200]}", flush=True)
+            if st == "error":
+                raise RuntimeError(f"probe at {budget}: {err}")
+            return st == "ok"
+
+        guesses = [peak_res + max(res, 0.02 * peak)]
         try:
-            out["steps"] = WORKLOADS[workload](torch, args.seed, args.steps)
-            torch.cuda.synchronize()
-            out["status"], code = "ok", EXIT_OK
-        except Exception as e:
-            msg = f"{type(e).__name__}: {e}"
-            out["error"] = msg[:600]
-            traceback.print_exc()
-            if is_oom(msg):
-                out["status"], code = "oom", EXIT_OOM
-                out["oom_from_allocator"] = "Tried to allocate" in msg
-        out["workload_s"] = round(time.time() - t0, 2)
-        try:
-            peak_alloc, peak_res, res_now, extra = allocator_stats(torch, tt)
-            free2, _ = drv.mem_info()
-            out.update(peak_allocated=peak_alloc, peak_reserved=peak_res, reserved_end=res_now,
-                       free_end=free2, nonalloc=(free1 - free2) - res_now, stats=extra)
-        except Exception as e:
-            out["stats_error"] = f"{type(e).__name__}: {e}"[:300]
+            frontier, verified, runs = bisect(probe, lo, hi, res, args.max_steps_bisect, guesses)
+        except RuntimeError as e:
+            frontier, verified = None, False
+            out["note"] = str(e)[:300]
+        failed = [p["budget"] for p in out["probes"] if p["status"] != "ok"]
+        out.update(frontier=frontier, frontier_verified=verified, bisect_lo=lo, bisect_hi=hi, resolution=int(res),
+                   frontier_bracket=[max([lo] + [f for f in failed if frontier is None or f < frontier]), frontier])
+        drv.drop_ballast()
+    except SystemExit:
+        pass
     except Exception as e:  # setup failed
         traceback.print_exc()
         out.update(status="error", error=f"{type(e).__name__}: {e}"[:600])
-        code = 1
+    code = 0 if out["status"] == "ok" else 1
     sys.stderr.flush()
     print(json.dumps(out), flush=True)
     os._exit(code)  # no teardown: the driver frees everything at exit, fast
@@ -376,7 +425,7 @@ class Runner:
         self.count = 0
         self.t_start = time.time()
 
-    def run(self, which, workload, target_free=-1):
+    def run(self, which, workload):
         a = self.args
         env = dict(os.environ)
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
@@ -387,7 +436,7 @@ class Runner:
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", which, workload,
-               "--target-free", str(int(target_free)), "--seed", str(a.seed), "--steps", str(a.steps)]
+               "--max-steps-bisect", str(a.max_steps_bisect), "--seed", str(a.seed), "--steps", str(a.steps)]
         t0 = time.time()
         timed_out = False
         try:
@@ -402,12 +451,12 @@ class Runner:
         summary = last_json(stdout)
         if summary is None:
             last = (stderr.strip().splitlines() or ["(no output)"])[-1]
-            summary = {"allocator": which, "workload": workload, "target_free": target_free,
+            summary = {"allocator": which, "workload": workload, "probes": [],
                        "status": "timeout" if timed_out else "error",
                        "error": f"{'timed out' if timed_out else f'exit {rc}'} with no summary: {last}"[:600]}
         summary["rc"], summary["elapsed_s"] = rc, round(secs, 2)
         n = 60 if summary["status"] not in ("ok", "oom") else 8
-        self.log.write(f"===== {which} {workload} target_free={target_free} -> {summary['status']} "
+        self.log.write(f"===== {which} {workload} -> {summary['status']} "
                        f"rc={rc} {secs:.1f}s\n--- stdout\n{_tail(stdout, n)}\n--- stderr\n{_tail(stderr, n)}\n")
         self.log.flush()
         return summary
@@ -462,18 +511,6 @@ def bisect(probe, lo, hi, res, max_steps, guesses=()):
     return best, True, runs
 
 
-def choose_steps(rows, max_steps, budget_left_s):
-    """Most bisection steps per pair (<= max_steps, >= 2) for the pairs of rows, if each step
-    costs what the pair's uncapped run took, within budget_left_s (<= 0: no limit).
-    Returns (steps, seconds of one step over all of rows)."""
-    per_step = sum(r["uncapped"].get("elapsed_s", 0) for r in rows if r["uncapped"]["status"] == "ok")
-    steps = max_steps
-    if budget_left_s is not None and per_step > 0:
-        while steps > 2 and steps * per_step > budget_left_s:
-            steps -= 1
-    return steps, per_step
-
-
 def fmt_ratio(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -483,15 +520,11 @@ def main():
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--allocators", default=",".join(ALLOCATORS))
     p.add_argument("--steps", type=float, default=1.0, help="scales every workload's steps")
-    p.add_argument("--max-steps-bisect", type=int, default=5)
-    p.add_argument("--budget-min", type=float, default=8.0,
-                   help="trim bisection steps (down to 2) to end in about this many minutes; 0: no limit")
-    p.add_argument("--child-timeout", type=int, default=60)
+    p.add_argument("--max-steps-bisect", type=int, default=5, help="bisection runs per pair (0: uncapped only)")
+    p.add_argument("--child-timeout", type=int, default=240, help="seconds per pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output (default $OUT/bench_frontier.json or /tmp)")
-    # the child's own arguments
     p.add_argument("--child", nargs=2, metavar=("ALLOCATOR", "WORKLOAD"), help=argparse.SUPPRESS)
-    p.add_argument("--target-free", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -508,137 +541,71 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     log_path = os.path.splitext(out_path)[0] + ".log"
     pairs = [(w, a) for w in workloads for a in allocators]
-    n_max = len(pairs) * (1 + args.max_steps_bisect)
-    est = sum(EST_CHILD_S[w] * (1 + 0.7 * args.max_steps_bisect) for w, _ in pairs) * max(1.0, args.steps ** 0.5)
-    print(f"bench_frontier: {len(workloads)} workloads x {len(allocators)} allocators = {len(pairs)} pairs; "
-          f"at most {n_max} child runs ({len(pairs)} uncapped + up to {args.max_steps_bisect} bisection "
-          f"each, timeout {args.child_timeout} s each); expected about {est / 60:.1f} min"
-          + (f" (budget {args.budget_min:g} min)" if args.budget_min > 0 else ""), flush=True)
+    print(f"bench_frontier: {len(workloads)} workloads x {len(allocators)} allocators = {len(pairs)} pairs, "
+          f"one process each: an uncapped run and up to {args.max_steps_bisect} bisection runs "
+          f"(timeout {args.child_timeout} s a pair)", flush=True)
     if "tessera" in allocators:
         lib = os.environ.get("TESSERA_LIB") or os.path.join(REPO, "target", "release", "libtessera.so")
         if not os.path.isfile(lib):
             sys.exit(f"{lib} not found: cargo build --release first (or set TESSERA_LIB)")
     runner = Runner(args, log_path)
-
-    # Phase 1: uncapped runs.
     rows = []
     for w, a in pairs:
         r = runner.run(a, w)
-        row = {"workload": w, "allocator": a, "uncapped": r, "probes": []}
-        rows.append(row)
-        if r["status"] == "ok":
-            pa, pr = r.get("peak_allocated", 0), r.get("peak_reserved", 0)
-            print(f"[{runner.count:3d}] {w:8s} {a:10s} uncapped: peak allocated {gib(pa):.3f} GiB, "
-                  f"reserved {gib(pr):.3f} GiB ({pr / max(pa, 1):.2f}x), non-alloc "
-                  f"{r.get('nonalloc', 0) / MiB:.0f} MiB, {r['elapsed_s']:.1f} s", flush=True)
+        r["workload"], r["allocator"] = w, a
+        rows.append(r)
+        peak = r.get("peak_allocated") or 0
+        if r["status"] == "ok" and peak:
+            fr = r.get("frontier")
+            print(f"[{runner.count:3d}] {w:8s} {a:10s} peak allocated {gib(peak):.3f} GiB, reserved "
+                  f"{r.get('peak_reserved', 0) / peak:.2f}x, frontier "
+                  f"{'-' if fr is None else f'{fr / peak:.3f}x'} after {len(r.get('probes', []))} probes "
+                  f"({r['elapsed_s']:.0f} s) {r.get('note', '')}", flush=True)
         else:
-            print(f"[{runner.count:3d}] {w:8s} {a:10s} uncapped: {r['status'].upper()}: {r.get('error', '')[:300]}",
-                  flush=True)
+            print(f"[{runner.count:3d}] {w:8s} {a:10s} {r['status'].upper()}: {r.get('error', '')[:300]}", flush=True)
 
-    # Phase 2: bisection on the free memory left by the ballast. The steps per pair are chosen
-    # again before each pair, so that time saved on one pair goes to the next.
-    budget_s = args.budget_min * 60
-
-    def budget_left():
-        return budget_s - (time.time() - runner.t_start) if budget_s > 0 else None
-
-    steps, per_step = choose_steps(rows, args.max_steps_bisect, budget_left())
-    print(f"uncapped runs took {time.time() - runner.t_start:.0f} s; bisection: up to {steps} steps per pair, "
-          f"about {per_step:.0f} s per step over all pairs (at most {steps * per_step / 60:.1f} min more)",
-          flush=True)
-    steps_used = []
-    for i, row in enumerate(rows):
-        u = row["uncapped"]
-        if u["status"] != "ok" or not u.get("peak_allocated"):
-            row["note"] = f"uncapped run {u['status']}"
-            continue
-        w, a = row["workload"], row["allocator"]
-        peak = u["peak_allocated"]
-        lo, hi = align(peak), align(2 * peak + GiB + GRAIN - 1)
-        if u.get("free_at_start"):
-            hi = min(hi, align(u["free_at_start"]))
-        res = max(0.01 * peak, 64 * MiB)
-        nonalloc = min(max(u.get("nonalloc", 0), 0), 2 * GiB)
-        # First what the uncapped run held (usually a pass, which narrows the range at once), then
-        # what a perfect allocator would need (peak live and the same memory outside it).
-        guesses = [u.get("peak_reserved", 0) + nonalloc + max(res, 0.02 * peak), peak + nonalloc + res / 2]
-
-        def probe(target, w=w, a=a, row=row):
-            r = runner.run(a, w, target)
-            row["probes"].append(r)
-            ok = r["status"] == "ok"
-            print(f"[{runner.count:3d}] {w:8s} {a:10s} free {gib(target):7.3f} GiB -> {r['status']}"
-                  f"{'' if r['status'] in ('ok', 'oom') else ': ' + r.get('error', '')[:200]} "
-                  f"({r['elapsed_s']:.1f} s)", flush=True)
-            return ok
-
-        new_steps, _ = choose_steps(rows[i:], args.max_steps_bisect, budget_left())
-        if new_steps != steps:
-            print(f"(bisection steps per pair now {new_steps}, to keep within --budget-min {args.budget_min:g})")
-            steps = new_steps
-        steps_used.append(steps)
-        frontier, verified, runs = bisect(probe, lo, hi, res, steps, guesses)
-        failed = [r["target_free"] for r in row["probes"] if r["status"] != "ok"]
-        row.update(frontier=frontier, frontier_verified=verified, bisect_lo=lo, bisect_hi=hi,
-                   resolution=int(res), bisect_runs=runs,
-                   frontier_bracket=[max([lo] + [f for f in failed if frontier is None or f < frontier]),
-                                     frontier])
-        if frontier is None:
-            tried = max([lo] + [r["target_free"] for r in row["probes"]])
-            row["note"] = f"no pass up to {gib(tried):.2f} GiB free (upper bound {gib(hi):.2f})"
-        errors = [r for r in row["probes"] if r["status"] not in ("ok", "oom")]
-        if errors:
-            row["note"] = (row.get("note", "") + f" {len(errors)} probe(s) failed otherwise: "
-                           f"{errors[0]['status']} {errors[0].get('error', '')[:120]}").strip()
-
-    # Report.
     for row in rows:
-        u = row["uncapped"]
-        peak = u.get("peak_allocated") or 0
+        peak = row.get("peak_allocated") or 0
         fr = row.get("frontier")
         row["peak_live"] = peak
-        row["nonalloc"] = u.get("nonalloc")
-        row["reserved_ratio"] = u["peak_reserved"] / peak if peak and u.get("peak_reserved") else None
+        row["reserved_ratio"] = row["peak_reserved"] / peak if peak and row.get("peak_reserved") else None
         row["frontier_ratio"] = fr / peak if peak and fr else None
-        # The frontier less what the process took outside the allocator in the uncapped run.
-        row["frontier_ratio_adjusted"] = ((fr - max(row["nonalloc"] or 0, 0)) / peak
-                                          if peak and fr and row["nonalloc"] is not None else None)
-    device = next((r["uncapped"].get("device") for r in rows if r["uncapped"].get("device")), None)
-    torch_v = next((r["uncapped"].get("torch") for r in rows if r["uncapped"].get("torch")), None)
+    device = next((r.get("device") for r in rows if r.get("device")), None)
+    torch_v = next((r.get("torch") for r in rows if r.get("torch")), None)
     result = {"device": device, "torch": torch_v, "args": {k: v for k, v in vars(args).items() if k != "child"},
-              "child_runs": runner.count, "seconds": round(time.time() - runner.t_start, 1),
-              "bisect_steps": steps_used, "rows": rows}
+              "seconds": round(time.time() - runner.t_start, 1), "rows": rows}
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{runner.count} child runs in {result['seconds']:.0f} s on {device} (torch {torch_v}); "
+    print(f"\n{len(rows)} pairs in {result['seconds']:.0f} s on {device} (torch {torch_v}); "
           f"JSON: {out_path}; child logs: {log_path}")
-    print("frontier: the least free GPU memory (after a driver ballast) with which the workload completes, "
-          "to the bisection's resolution; '(> x)': not bracketed closer, the frontier lies above x. Ratios "
-          "over the allocator's own peak allocated. non-alloc: device memory the process took outside the "
-          "allocator in the uncapped run (kernel modules, library handles), which the frontier includes; "
-          "adj.: (frontier - non-alloc) / peak live\n")
+    print("frontier: the least memory the allocator may take (free after a driver ballast, plus what it held "
+          "between runs) with which the workload completes, to the bisection's resolution; '(> x)': the "
+          "largest failing budget was x. Ratios over the allocator's own peak allocated. non-alloc: device "
+          "memory the process took outside the allocator (left out of the frontier)\n")
     print("| workload | allocator | peak live GiB | reserved ratio | frontier ratio | frontier GiB "
-          "| non-alloc MiB | adj. frontier ratio | runs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| non-alloc MiB | runs |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         fr, peak = row.get("frontier"), row["peak_live"]
         fr_ratio = fmt_ratio(row["frontier_ratio"])
-        if fr is None and row.get("bisect_hi") and peak:  # every probe failed
-            fr_ratio = f"> {max([row['bisect_lo']] + [r['target_free'] for r in row['probes']]) / peak:.2f}"
+        probes = row.get("probes", [])
+        if fr is None and probes and peak:
+            fr_ratio = f"> {max(p['budget'] for p in probes) / peak:.2f}"
         elif fr is not None and peak:
             below = row["frontier_bracket"][0]
             if fr - below > row["resolution"] * 1.01:
                 fr_ratio += f" (> {below / peak:.2f})"
         cells = [row["workload"], row["allocator"], f"{gib(peak):.3f}" if peak else "-",
                  fmt_ratio(row["reserved_ratio"]), fr_ratio, f"{gib(fr):.3f}" if fr else "-",
-                 f"{row['nonalloc'] / MiB:.0f}" if row["nonalloc"] is not None else "-",
-                 fmt_ratio(row["frontier_ratio_adjusted"]), str(1 + len(row["probes"]))]
+                 f"{row['nonalloc'] / MiB:.0f}" if row.get("nonalloc") is not None else "-",
+                 str(1 + len(probes))]
         line = "| " + " | ".join(cells) + " |"
-        if row.get("note"):
-            line += f" {row['note']}"
+        if row.get("note") or row["status"] != "ok":
+            line += f" {row.get('note') or row['status'] + ': ' + row.get('error', '')[:120]}"
         print(line)
     summary = ", ".join(f"{r['workload']}/{r['allocator']} {fmt_ratio(r['frontier_ratio'])}" for r in rows)
     note(f"frontier ratios: {summary}")
+
 
 if __name__ == "__main__":
     main()

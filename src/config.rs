@@ -228,7 +228,7 @@ options! {
     /// done with and maps it where it is needed, instead of taking more from
     /// the driver. Keeps what nvidia-smi shows near what is live. 1 turns
     /// this off (cache everything until memory is short).
-    max_cached_fraction: Fraction = "0.1";
+    max_cached_fraction: Fraction = "0.08";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles
     /// cached memory first, whatever max_cached_fraction says. 0: off.

@@ -17,7 +17,8 @@
 //! - Every live handle is either mapped (in `mapped`, by address) or free
 //!   (in `free_handles`), never both.
 //! - The index sets hold exactly the blocks of their state; the gauges equal
-//!   a recount.
+//!   a recount. Quick blocks (see `State::Quick`) are in `quick` once each,
+//!   under their (cache key, size), and in no other index.
 #![forbid(unsafe_code)]
 
 use crate::backend::{Backend, EventId};
@@ -51,6 +52,11 @@ enum State {
     Pending,
     /// Free and unmapped: address space only.
     Hole,
+    /// Free and mapped, reusable at once on `stream` for a request of exactly
+    /// its size: kept whole, not coalesced nor indexed by size, in `quick`
+    /// (the hot path: a cached pair without tree updates). Any request that
+    /// the quick lists cannot serve flushes them first (`flush_quick`).
+    Quick,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +169,11 @@ pub struct DevicePool {
     /// Mapped handles by address.
     mapped: BTreeMap<u64, HandleIdx>,
     pending: Vec<PendingFree>,
+    /// Quick blocks by (cache key, size), most recently freed last; at most
+    /// `QUICK_KEYS_MAX` keys. Emptied (capacity kept) by `flush_quick`.
+    quick: HashMap<(u64, u64), QuickList, AddrHash>,
+    /// Number of quick blocks in all lists (0 iff every list is empty).
+    quick_blocks: usize,
     /// All statistics of the device.
     stats: TesseraStats,
     /// The block-level gauges per arena (small, large); they sum to `stats`'.
@@ -261,8 +272,9 @@ impl std::hash::Hasher for AddrHasher {
         }
     }
     fn write_u64(&mut self, x: u64) {
-        // Blocks are 512-aligned: drop the zero bits, then spread.
-        self.0 = (x >> 9).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+        // Blocks are 512-aligned: drop the zero bits, then spread. Mixing in
+        // the previous state lets (stream, size) keys hash both fields.
+        self.0 = (self.0 ^ (x >> 9)).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
     }
 }
 
@@ -306,6 +318,24 @@ impl Drop for DevicePool {
 
 fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
+}
+
+/// The most blocks a quick list keeps; a free beyond it coalesces.
+const QUICK_LIST_MAX: usize = 16;
+/// The most (cache key, size) lists between two flushes.
+const QUICK_KEYS_MAX: usize = 256;
+
+/// A bounded stack of quick blocks, inline: pushing allocates nothing.
+#[derive(Debug, Default, Clone, Copy)]
+struct QuickList {
+    len: usize,
+    ids: [BlockId; QUICK_LIST_MAX],
+}
+
+impl QuickList {
+    fn as_slice(&self) -> &[BlockId] {
+        &self.ids[..self.len]
+    }
 }
 
 /// Cache keys with this bit set name a graph capture's private cache.
@@ -355,6 +385,8 @@ impl DevicePool {
             free_handles: BTreeSet::new(),
             mapped: BTreeMap::new(),
             pending: Vec::new(),
+            quick: HashMap::with_hasher(AddrHash),
+            quick_blocks: 0,
             stats: TesseraStats::default(),
             arena_stats: [TesseraStats::default(); 2],
             free_seq: 0,
@@ -517,7 +549,7 @@ impl DevicePool {
             State::Hole => {
                 self.holes.remove(&(b.arena, b.size, b.addr, id));
             }
-            State::Allocated | State::Pending => {}
+            State::Allocated | State::Pending | State::Quick => {}
         }
     }
 
@@ -532,7 +564,7 @@ impl DevicePool {
             State::Hole => {
                 self.holes.insert((b.arena, b.size, b.addr, id));
             }
-            State::Allocated | State::Pending => {}
+            State::Allocated | State::Pending | State::Quick => {}
         }
     }
 
@@ -634,9 +666,24 @@ impl DevicePool {
         };
         self.seen_capture |= graph != 0;
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
-        if let Some(id) = self.find_cached(arena, key, rounded) {
+        if let Some(id) = self.pop_quick(key, rounded) {
             self.stats.bump(C::CacheHits, 1);
             return Ok(self.hand_out(id, rounded, size, stream, graph));
+        }
+        // A block that must be split, while quick blocks wait: they may fit
+        // better, and best fit must see them (flush, below).
+        let take_indexed = self.quick_blocks == 0 || self.peek_cached(arena, key, rounded) == Some(rounded);
+        if take_indexed && let Some(id) = self.find_cached(arena, key, rounded) {
+            self.stats.bump(C::CacheHits, 1);
+            return Ok(self.hand_out(id, rounded, size, stream, graph));
+        }
+        // Everything below sees whole, coalesced, indexed cached blocks.
+        if self.quick_blocks > 0 {
+            self.flush_quick();
+            if let Some(id) = self.find_cached(arena, key, rounded) {
+                self.stats.bump(C::CacheHits, 1);
+                return Ok(self.hand_out(id, rounded, size, stream, graph));
+            }
         }
         self.stats.bump(C::CacheMisses, 1);
         // Small requests take a block that another stream cached and the
@@ -744,6 +791,76 @@ impl DevicePool {
             pending_bytes,
             largest_allocations: largest,
         }
+    }
+
+    /// Freed block `id` (cached, unindexed, just stamped) joins its quick
+    /// list, if it belongs to no graph and the list has room. Returns
+    /// whether it did.
+    fn push_quick(&mut self, id: BlockId) -> bool {
+        let b = self.b(id);
+        if b.graph != 0 {
+            return false;
+        }
+        let (key, size, arena) = (cache_key(b), b.size, b.arena);
+        if self.quick.len() >= QUICK_KEYS_MAX && !self.quick.contains_key(&(key, size)) {
+            return false;
+        }
+        let list = self.quick.entry((key, size)).or_default();
+        if list.len >= QUICK_LIST_MAX {
+            return false;
+        }
+        list.ids[list.len] = id;
+        list.len += 1;
+        self.quick_blocks += 1;
+        self.bm(id).state = State::Quick;
+        self.gauge(arena, G::CachedBytes, size as i64);
+        true
+    }
+
+    /// The most recently freed quick block of `key` of exactly `size`
+    /// bytes, made an unindexed cached block.
+    fn pop_quick(&mut self, key: u64, size: u64) -> Option<BlockId> {
+        if self.quick_blocks == 0 {
+            return None;
+        }
+        let list = self.quick.get_mut(&(key, size))?;
+        if list.len == 0 {
+            return None;
+        }
+        list.len -= 1;
+        let id = list.ids[list.len];
+        self.quick_blocks -= 1;
+        let arena = self.b(id).arena;
+        self.bm(id).state = State::Cached;
+        self.gauge(arena, G::CachedBytes, -(size as i64));
+        Some(id)
+    }
+
+    /// Coalesces and indexes every quick block: after it, every free mapped
+    /// block is in `cached_by_stream`. The lists keep their capacity.
+    fn flush_quick(&mut self) {
+        if self.quick_blocks == 0 {
+            return;
+        }
+        let ids: Vec<BlockId> = self.quick.values().flat_map(|l| l.as_slice().iter().copied()).collect();
+        self.quick.clear();
+        self.quick_blocks = 0;
+        // One at a time: a quick block merges with no neighbour, so no block
+        // of `ids` is absorbed before its turn.
+        for id in ids {
+            let (arena, size) = (self.b(id).arena, self.b(id).size as i64);
+            self.bm(id).state = State::Cached;
+            self.gauge(arena, G::CachedBytes, -size);
+            self.coalesce_and_index(id);
+        }
+    }
+
+    /// The size of the block `find_cached` would return.
+    fn peek_cached(&self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<u64> {
+        self.cached_by_stream
+            .range((arena, stream, rounded, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL))
+            .next()
+            .map(|k| k.2)
     }
 
     fn find_cached(&mut self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<BlockId> {
@@ -1231,6 +1348,7 @@ impl DevicePool {
     /// Unmaps every cached granule and releases every handle with nothing
     /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
     pub fn release_cached(&mut self) -> Result<()> {
+        self.flush_quick();
         self.retry_stale_events();
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
@@ -1315,7 +1433,9 @@ impl DevicePool {
         let uses = std::mem::take(&mut self.bm(id).stream_uses);
         if uses.is_empty() {
             self.stamp_free(id);
-            self.coalesce_and_index(id);
+            if !self.push_quick(id) {
+                self.coalesce_and_index(id);
+            }
         } else {
             let mut events = Vec::with_capacity(uses.len());
             let mut needs_sync = false;
@@ -1591,7 +1711,7 @@ impl DevicePool {
                 let b = self.b(id);
                 let state = match b.state {
                     State::Allocated => "active_allocated",
-                    State::Cached => "inactive",
+                    State::Cached | State::Quick => "inactive",
                     State::Pending => "active_pending_free",
                     State::Hole => "hole",
                 };
@@ -1629,7 +1749,8 @@ impl DevicePool {
 
     /// Size of the largest cached block, in bytes.
     pub fn largest_cached_bytes(&self) -> u64 {
-        self.cached_by_stream.iter().map(|k| k.2).max().unwrap_or(0)
+        let quick = self.quick.iter().filter(|(_, l)| l.len > 0).map(|(&(_, size), _)| size);
+        self.cached_by_stream.iter().map(|k| k.2).chain(quick).max().unwrap_or(0)
     }
 
     /// Checks every invariant of the module doc; panics with a description
@@ -1641,6 +1762,7 @@ impl DevicePool {
         let g = self.settings.granule_bytes;
         let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
         let mut cached_blocks = 0i64;
+        let mut quick_blocks = 0usize;
         let mut chain_blocks = 0usize;
         // Maximal runs of non-hole blocks: what the mapped handles must tile.
         let mut used_runs: Vec<(u64, u64)> = Vec::new();
@@ -1684,6 +1806,12 @@ impl DevicePool {
                                 cached_blocks += 1;
                                 assert!(self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)));
                             }
+                            State::Quick => {
+                                cached += b.size as i64;
+                                quick_blocks += 1;
+                                let list = self.quick.get(&(cache_key(b), b.size)).map_or(&[][..], |l| l.as_slice());
+                                assert_eq!(list.iter().filter(|&&q| q == id).count(), 1, "quick block {id} not listed once");
+                            }
                             State::Hole => unreachable!(),
                         }
                     }
@@ -1716,6 +1844,9 @@ impl DevicePool {
         assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
         assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
+        assert_eq!(quick_blocks, self.quick_blocks, "quick count");
+        assert_eq!(self.quick.values().map(|l| l.len).sum::<usize>(), quick_blocks, "quick lists hold other blocks");
+        assert!(self.quick.len() <= QUICK_KEYS_MAX, "too many quick lists");
         assert_eq!(self.live.len() as i64, active + pending);
         let (mut physical, mut handles) = (0i64, 0usize);
         for (h, handle) in self.handles.iter().enumerate() {

@@ -196,6 +196,9 @@ pub struct DevicePool {
     /// The history ring, when recording: (events, capacity).
     history: Option<(VecDeque<HistoryEvent>, usize)>,
     total_bytes: u64,
+    /// The driver's free bytes when last asked, the reserved bytes then, and
+    /// how many more growths may use the answer (see `near_capacity`).
+    free_hint: Option<(u64, u64, u32)>,
 }
 
 #[derive(Debug, Default)]
@@ -320,6 +323,9 @@ fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
+/// Growths that may reuse the driver's last free-bytes answer.
+const FREE_HINT_USES: u32 = 64;
+
 /// The most blocks a quick list keeps; a free beyond it coalesces.
 const QUICK_LIST_MAX: usize = 16;
 /// The most (cache key, size) lists between two flushes.
@@ -397,6 +403,7 @@ impl DevicePool {
             poisoned: None,
             history: None,
             total_bytes,
+            free_hint: None,
             settings,
         };
         for kind in [ArenaKind::Small, ArenaKind::Large] {
@@ -1204,17 +1211,36 @@ impl DevicePool {
     /// what the device has: reserved plus the driver's free bytes). Past it,
     /// new handles are one granule each, so that reclamation can take back
     /// any single granule when memory is short.
-    fn near_capacity(&self, granules: u64) -> bool {
+    ///
+    /// The driver's free bytes cost a call (tens of microseconds): while the
+    /// last answer, less what the pool took since, leaves more than twice
+    /// the margin, it is used again (for at most `FREE_HINT_USES` growths).
+    fn near_capacity(&mut self, granules: u64) -> bool {
         let fraction = self.settings.fine_handles_above;
         if fraction >= 1.0 {
             return false;
         }
         let reserved = self.physical_bytes();
         let after = reserved + granules * self.settings.granule_bytes;
-        let device = match self.backend.mem_info(self.device) {
-            Ok((free, _)) => reserved + free,
-            Err(_) => return true,
+        let margin = (1.0 - fraction) * self.total_bytes as f64;
+        let estimate = self.free_hint.and_then(|(free, at_reserved, uses)| {
+            let free_now = (free + at_reserved).saturating_sub(reserved);
+            (uses > 0 && free_now as f64 > 2.0 * margin).then_some((free_now, free, at_reserved, uses))
+        });
+        let free = match estimate {
+            Some((free_now, free, at_reserved, uses)) => {
+                self.free_hint = Some((free, at_reserved, uses - 1));
+                free_now
+            }
+            None => match self.backend.mem_info(self.device) {
+                Ok((free, _)) => {
+                    self.free_hint = Some((free, reserved, FREE_HINT_USES));
+                    free
+                }
+                Err(_) => return true,
+            },
         };
+        let device = reserved + free;
         let allowed = self.settings.limit_bytes.map_or(device, |l| l.min(device));
         after as f64 > fraction * allowed as f64
     }

@@ -12,6 +12,7 @@
 #   python3 tests/gpu/diag_growth.py native|tessera # does growing the pool wait for the GPU?
 #   bash tests/gpu/multi/run.sh          # two GPUs: two devices in one process, DDP under torchrun
 #   python3 tests/gpu/bench_multistream.py # memory shared across streams, tessera vs native
+# The last test, memcheck, reruns six tests under compute-sanitizer (about 2-4 minutes).
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD
@@ -91,6 +92,7 @@ run_test viz         180 python3 tests/gpu/t_viz.py
 run_test batchfinder 240 python3 tests/gpu/t_batchfinder.py
 run_test oom_report  120 python3 tests/gpu/t_oom_report.py
 run_test libtorch    300 bash -c libtorch_test
+run_test memcheck    420 bash tests/gpu/memcheck.sh
 
 # --- summary ---
 {

@@ -318,6 +318,15 @@ int64_t tessera_history_trace(int device, char *buf, uintptr_t len);
 int32_t tessera_register_oom_callback(struct Option_TesseraOomCallback callback, void *user_data);
 
 /*
+ Switches `graph_pools` on at run time, for every device: from now on
+ tessera asks the driver on every allocation and free whether the stream
+ captures a CUDA graph, and keeps the memory of each capture private to
+ it. Call it before the first capture (tessera_torch.install() arranges
+ that torch.cuda.CUDAGraph.capture_begin does). Returns 0 or -1.
+ */
+int32_t tessera_watch_graphs(void);
+
+/*
  Declares that every CUDA graph captured so far has been destroyed: the
  memory tessera kept private to those captures (allocated during capture,
  or freed while its stream captured) becomes reusable. Call it after

@@ -133,6 +133,7 @@ def _declare(lib):
         "tessera_history_trace": (i64, [c_int, vp, usize]),
         "tessera_register_oom_callback": (c_i32, [_OOM_CALLBACK, vp]),
         "tessera_release_graph_pools": (i64, []),
+        "tessera_watch_graphs": (c_i32, []),
         "tessera_options_json": (i64, [vp, usize]),
     }
     for name, (restype, argtypes) in more.items():
@@ -209,8 +210,28 @@ def install(lib_path=None, conf=None):
     hooks.set_init_fn(_fn_ptr(lib, "tessera_init"))                    # CUDA lazy init
     hooks.set_memory_fraction_fn(_fn_ptr(lib, "tessera_set_memory_fraction"))  # set_per_process_memory_fraction
     torch.cuda.memory.change_current_allocator(alloc)
+    _watch_graph_captures(torch, lib)
     _allocator = alloc
     return alloc
+
+
+def _watch_graph_captures(torch, lib):
+    """Before the first CUDA graph capture (torch.cuda.graph, make_graphed_callables, or
+    CUDAGraph.capture_begin itself), switch tessera's graph_pools on: memory the capture uses
+    stays private to it. A pluggable allocator gets no hook of its own for captures."""
+    cls = torch.cuda.graphs.CUDAGraph
+    original = cls.capture_begin
+    if getattr(original, "_tessera_watch", False):
+        return
+
+    def capture_begin(self, *args, **kwargs):
+        if lib.tessera_watch_graphs() != 0:
+            raise RuntimeError(f"tessera could not watch graph captures: {last_error()}")
+        return original(self, *args, **kwargs)
+
+    capture_begin._tessera_watch = True
+    capture_begin.__doc__ = original.__doc__
+    cls.capture_begin = capture_begin
 
 
 def _default_device(device):

@@ -34,6 +34,8 @@ pub struct Allocator {
     oom_callbacks: Mutex<Vec<SharedOomCallback>>,
     /// History recording asked for: applied to pools made later too.
     history: Mutex<(bool, usize)>,
+    /// `watch_graphs` was called: pools made later watch too.
+    graphs_watched: std::sync::atomic::AtomicBool,
 }
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -59,6 +61,7 @@ impl Allocator {
             slots: (0..count).map(|_| Mutex::new(Slot::default())).collect(),
             oom_callbacks: Mutex::new(Vec::new()),
             history: Mutex::new((false, 0)),
+            graphs_watched: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -92,7 +95,7 @@ impl Allocator {
                 va_size_bytes: self.config.va_size.0,
                 expandable: self.config.expandable_segments,
                 limit_bytes: limit,
-                graph_pools: self.config.graph_pools,
+                graph_pools: self.config.graph_pools || self.graphs_watched.load(std::sync::atomic::Ordering::SeqCst),
             };
             let mut pool = DevicePool::new(device, self.backend.clone(), settings)?;
             let (on, entries) = *self.history.lock().unwrap_or_else(|p| p.into_inner());
@@ -143,6 +146,18 @@ impl Allocator {
     /// memory kept private to them becomes reusable. Returns the bytes.
     pub fn release_graph_pools(&self) -> u64 {
         self.slots.iter().map(|slot| lock(slot).pool.as_mut().map_or(0, |p| p.release_graph_pools())).sum()
+    }
+
+    /// From now on every pool, present and future, keeps the memory of CUDA
+    /// graph captures private to them (`graph_pools:true`, switched on at
+    /// run time; it cannot be switched off). Call before the first capture.
+    pub fn watch_graphs(&self) {
+        self.graphs_watched.store(true, std::sync::atomic::Ordering::SeqCst);
+        for slot in &self.slots {
+            if let Some(pool) = lock(slot).pool.as_mut() {
+                pool.watch_graphs();
+            }
+        }
     }
 
     /// Registers a callback run before tessera gives up on a request.

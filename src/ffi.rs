@@ -293,6 +293,19 @@ pub extern "C" fn tessera_register_oom_callback(callback: Option<TesseraOomCallb
     })
 }
 
+/// Switches `graph_pools` on at run time, for every device: from now on
+/// tessera asks the driver on every allocation and free whether the stream
+/// captures a CUDA graph, and keeps the memory of each capture private to
+/// it. Call it before the first capture (tessera_torch.install() arranges
+/// that torch.cuda.CUDAGraph.capture_begin does). Returns 0 or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_watch_graphs() -> i32 {
+    guarded("watch_graphs", -1, || {
+        allocator::global()?.watch_graphs();
+        Ok(0)
+    })
+}
+
 /// Declares that every CUDA graph captured so far has been destroyed: the
 /// memory tessera kept private to those captures (allocated during capture,
 /// or freed while its stream captured) becomes reusable. Call it after

@@ -1650,6 +1650,12 @@ impl DevicePool {
     /// The graphs captured so far are gone (their memory is no longer
     /// replayed into): their private caches join the general cache, and
     /// their live blocks will when freed. Returns the bytes released.
+    /// Starts (never stops) asking the driver on every allocation and free
+    /// whether the stream captures a CUDA graph (`graph_pools` at run time).
+    pub fn watch_graphs(&mut self) {
+        self.settings.graph_pools = true;
+    }
+
     pub fn release_graph_pools(&mut self) -> u64 {
         let private: Vec<BlockId> = self
             .cached_by_stream

@@ -340,7 +340,22 @@ fn a_capturing_stream_never_waits_and_fails_cleanly_under_pressure() {
 #[test]
 fn memory_of_a_graph_capture_stays_private_to_it_until_released() {
     let (a, backend) = sim("device_capacity:1G,growth_size:0,graph_pools:true");
+    graph_memory_stays_private(&a, &backend, false);
+}
+
+#[test]
+fn watching_graphs_at_run_time_keeps_capture_memory_private() {
+    // What tessera_torch does at the first capture_begin, with the default
+    // configuration and a pool already in use.
+    let (a, backend) = sim("device_capacity:1G,growth_size:0");
+    graph_memory_stays_private(&a, &backend, true);
+}
+
+fn graph_memory_stays_private(a: &tessera::allocator::Allocator, backend: &tessera::backend::sim::SimBackend, watch: bool) {
     let before = a.malloc(4 * MIB, 0, 2).unwrap(); // allocated before the capture
+    if watch {
+        a.watch_graphs();
+    }
     backend.set_capturing(Some(2));
     let x = a.malloc(4 * MIB, 0, 2).unwrap();
     a.free(x, None, 0, Some(2)).unwrap();
@@ -349,19 +364,19 @@ fn memory_of_a_graph_capture_stays_private_to_it_until_released() {
     a.free(y, None, 0, Some(2)).unwrap();
     a.free(before, None, 0, Some(2)).unwrap(); // freed while capturing: the graph may use it
     backend.set_capturing(None);
-    check(&a, 0);
+    check(a, 0);
     // Outside the capture, neither block comes back, and nothing unmaps them.
     let z = a.malloc(4 * MIB, 0, 2).unwrap();
     assert!(z != x && z != before, "memory private to a graph was reused outside it");
     a.empty_cache().unwrap();
-    assert!(gauge(&a, G::MappedBytes) >= (12 * MIB) as i64, "empty_cache unmapped a graph's memory");
-    check(&a, 0);
+    assert!(gauge(a, G::MappedBytes) >= (12 * MIB) as i64, "empty_cache unmapped a graph's memory");
+    check(a, 0);
     // Once the graphs are gone, their memory is reusable.
     assert_eq!(a.release_graph_pools(), 8 * MIB);
-    check(&a, 0);
+    check(a, 0);
     let w = a.malloc(4 * MIB, 0, 2).unwrap();
     assert!(w == x || w == before, "released graph memory is reused");
-    check(&a, 0);
+    check(a, 0);
 }
 
 #[test]

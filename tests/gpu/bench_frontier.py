@@ -1,6 +1,6 @@
 """OOM-frontier benchmark: tessera vs PyTorch's allocators, side by side (a benchmark, not a test).
 
-    python3 tests/gpu/bench_frontier.py [--workloads gpt2,resnet,kvcache,churn]
+    python3 tests/gpu/bench_frontier.py [--workloads gpt2,resnet,kvcache,churn,multistream]
         [--allocators tessera,native,expandable,async] [--steps 1.0] [--max-steps-bisect 5]
         [--budget-min 8] [--child-timeout 60] [--out FILE]
 
@@ -19,6 +19,8 @@ Workloads (deterministic given --seed: the same tensor sizes in every run, whate
            token row (128 KiB) to each live sequence's cache, sequences end at random, 300 steps
   churn    torch.empty of log-uniform sizes 512 B - 256 MiB, random lifetimes, live set kept
            under 3 GiB, 3000 allocations
+  multistream  producer and consumer streams with record_stream (record_trace.py's multistream),
+           about 100 MiB live
 
 Method. One process per (allocator, workload) pair, warm after its first run:
 1. an uncapped run: peak allocated bytes ("peak live": max_memory_allocated, tessera's
@@ -30,7 +32,7 @@ Method. One process per (allocator, workload) pair, warm after its first run:
    is what the allocator still holds (tensors that live across runs: cuBLAS workspaces), and the
    workload runs again: completed, out of memory, or an error (which ends the pair's bisection).
    Bisection on B between peak allocated (assumed to fail) and 2 x peak + 1 GiB, to max(1% of
-   peak, 64 MiB), at most --max-steps-bisect runs; the first probe is the uncapped run's peak
+   peak, 4 MiB), at most --max-steps-bisect runs; the first probe is the uncapped run's peak
    reserved plus a step (usually a pass, which narrows the range at once).
 Ratios are over the allocator's own peak allocated. Memory the process takes outside the allocator
 (kernel modules, library handles) is left out of the frontier; its size is shown as "non-alloc MiB"
@@ -39,7 +41,7 @@ Ratios are over the allocator's own peak allocated. Memory the process takes out
 Prints progress lines and a markdown table last:
 workload | allocator | peak live GiB | reserved ratio | frontier ratio | frontier GiB | non-alloc MiB | runs
 Writes JSON to --out (default $OUT/bench_frontier.json, else /tmp/bench_frontier.json) and every
-child's output tail to the .log beside it. Default run: 16 pairs, 16 processes of 1 + up to 5 runs;
+child's output tail to the .log beside it. Default run: 20 pairs, 20 processes of 1 + up to 6 runs;
 about 4-6 minutes on an H100.
 """
 
@@ -284,7 +286,48 @@ def wl_churn(torch, seed, scale):
     return ops
 
 
-WORKLOADS = {"gpt2": wl_gpt2, "resnet": wl_resnet, "kvcache": wl_kvcache, "churn": wl_churn}
+def wl_multistream(torch, seed, scale):
+    """record_trace.py's multistream: a producer stream fills a buffer of log-uniform size
+    1 KiB - 16 MiB, a consumer stream computes a result from it (record_stream, the buffer dropped
+    at once); results are held 4-64 iterations, a quarter of them reduced on the default stream
+    first. 2500 iterations, about 100 MiB live at the peak."""
+    rng = random.Random(seed)
+    iters = steps_of(2500, scale)
+    P, C = torch.cuda.Stream(), torch.cuda.Stream()
+    default = torch.cuda.current_stream()
+    held, sums = [], []
+    lo, hi = math.log(1 << 10), math.log(16 * MiB)
+    for i in range(iters):
+        n = int(math.exp(rng.uniform(lo, hi))) // 4
+        with torch.cuda.stream(P):
+            buf = torch.empty(n, dtype=torch.float32, device="cuda")
+            buf.fill_(float(i % 7))
+        C.wait_stream(P)
+        with torch.cuda.stream(C):
+            out = buf * 2.0
+        buf.record_stream(C)
+        del buf
+        held.append(out)
+        limit = rng.randint(4, 64)
+        while len(held) > limit:
+            old = held.pop(0)
+            if rng.random() < 0.25:
+                default.wait_stream(C)
+                sums.append(old.sum())
+                old.record_stream(default)
+            del old
+        if len(sums) > 32:
+            sums.clear()
+        if i % 200 == 199:
+            torch.cuda.synchronize()
+    held.clear()
+    sums.clear()
+    torch.cuda.synchronize()
+    return iters
+
+
+WORKLOADS = {"gpt2": wl_gpt2, "resnet": wl_resnet, "kvcache": wl_kvcache, "churn": wl_churn,
+             "multistream": wl_multistream}
 # Out of memory, from the allocator or from a library that met it (cuDNN's "unable to find an
 # engine": every plan's workspace failed to allocate).
 OOM_MARKERS = ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED", "CUDNN_STATUS_NOT_INITIALIZED",
@@ -372,7 +415,7 @@ def child(args):
             raise SystemExit
         peak = peak_alloc
         lo, hi = align(peak), align(min(2 * peak + GiB + GRAIN - 1, free1 + res0))
-        res = max(0.01 * peak, 64 * MiB)
+        res = max(0.01 * peak, 4 * MiB)
 
         def probe(budget):
             drv.drop_ballast()
@@ -520,7 +563,7 @@ def main():
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--allocators", default=",".join(ALLOCATORS))
     p.add_argument("--steps", type=float, default=1.0, help="scales every workload's steps")
-    p.add_argument("--max-steps-bisect", type=int, default=5, help="bisection runs per pair (0: uncapped only)")
+    p.add_argument("--max-steps-bisect", type=int, default=6, help="bisection runs per pair (0: uncapped only)")
     p.add_argument("--child-timeout", type=int, default=240, help="seconds per pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output (default $OUT/bench_frontier.json or /tmp)")

@@ -1,11 +1,12 @@
-"""CUDA graphs with tessera (graph_pools:true): capture a small model step with
+"""CUDA graphs with tessera in its default configuration (tessera_torch switches graph_pools
+on at the first capture_begin): capture a small model step with
 torch.cuda.graph, replay it 1000 times while other work allocates and frees
 around it, and check that every replay gives bit-identical outputs; then
 torch.cuda.make_graphed_callables on an MLP, forward and backward."""
 
 from gpu_util import check, install, note, settle
 
-torch, tt = install(conf="graph_pools:true")
+torch, tt = install()
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512)).cuda()
 static_in = torch.randn(64, 512, device="cuda")

@@ -1074,6 +1074,23 @@ impl DevicePool {
             plan.push(h);
             covered += n;
         }
+        // Short, while a free handle larger than the rest waits: trade it for
+        // handles of exactly the rest (release, then create), so that memory
+        // already held serves the request without a handle that would stick
+        // out past it. If memory runs out, the larger handle itself is the
+        // last resort, when the hole has room for it.
+        if covered < count
+            && let Some(&(n, h)) = self.free_handles.range((count - covered, 0)..).next()
+        {
+            let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
+            if self.backend.release(self.device, backend_id).is_ok() {
+                self.stats.bump(C::DriverReleaseCalls, 1);
+                self.free_handles.remove(&(n, h));
+                self.handles[h as usize] = None;
+                self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
+                self.stats.gauge_mut(G::Handles).sub(1);
+            }
+        }
         if covered < count {
             match self.create_handles(count - covered) {
                 Ok(new) => {

@@ -465,3 +465,18 @@ fn quick_lists_are_bounded() {
     }
     check(&a, 0); // and the number of lists
 }
+
+#[test]
+fn growth_trades_a_larger_free_handle_for_an_exact_one_instead_of_taking_more() {
+    let (a, _) = sim("growth_size:0");
+    let p = a.malloc(8 * MIB, 0, 1).unwrap(); // one 8 MiB handle
+    a.free(p, None, 0, Some(1)).unwrap();
+    // Stream 2 needs 4 MiB: recycling unmaps stream 1's cached handle (the
+    // device is done with it); that handle is larger than the need.
+    let q = a.malloc(4 * MIB, 0, 2).unwrap();
+    assert_eq!(gauge(&a, G::ReservedBytes), (4 * MIB) as i64, "no memory beyond what the request needs");
+    assert!(counter(&a, C::DriverReleaseCalls) >= 1, "the 8 MiB handle went back");
+    check(&a, 0);
+    a.free(q, None, 0, Some(2)).unwrap();
+    check(&a, 0);
+}

@@ -971,7 +971,13 @@ impl DevicePool {
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
         if self.settings.expandable && !capturing {
-            self.recycle_before_growth(fresh_granules)?;
+            // What growth will map (see `growth` below), at most.
+            let planned = if arena == ArenaKind::Large && rounded < self.settings.growth_bytes / 2 {
+                fresh_granules.max(self.settings.growth_bytes / g)
+            } else {
+                fresh_granules
+            };
+            self.recycle_before_growth(planned)?;
         }
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
         if self.settings.expandable {
@@ -1305,12 +1311,15 @@ impl DevicePool {
         Ok(())
     }
 
-    /// Unmaps every handle that lies wholly inside the run of adjacent
-    /// cached blocks (of any streams) around indexed cached block `id`,
-    /// turning that range into a hole; the handles that straddle the run's
-    /// ends stay mapped and their part of the run stays cached. The caller has made sure the device is done
-    /// with every cached block. Returns the granules freed.
-    fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool) -> Result<u64> {
+    /// Unmaps handles that lie wholly inside the run of adjacent cached
+    /// blocks (of any streams) around indexed cached block `id`, turning
+    /// that range into a hole: the topmost ones until they hold at least
+    /// `want_granules` (all of them for u64::MAX). The rest of the run, and
+    /// the handles that straddle its ends, stay mapped and cached. Only
+    /// blocks the device is known to be done with count when
+    /// `only_device_done`; otherwise the caller has synchronized. Returns the
+    /// granules freed.
+    fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool, want_granules: u64) -> Result<u64> {
         let g = self.settings.granule_bytes;
         let cached = |p: &Self, x: BlockId| {
             x != NIL && p.b(x).state == State::Cached && p.b(x).graph == 0 && (!only_device_done || p.device_done(x))
@@ -1327,13 +1336,21 @@ impl DevicePool {
         }
         let start = self.b(first).addr;
         let end = self.b(last).addr + self.b(last).size;
-        let (mut lo, mut hi) = (u64::MAX, 0);
-        for (&va, &h) in self.mapped.range(start..end) {
-            let size = self.handles[h as usize].as_ref().expect("live handle").granules * g;
-            if va + size <= end {
-                lo = lo.min(va);
-                hi = hi.max(va + size);
+        // The handles wholly inside tile one contiguous range; take its top.
+        let inside: Vec<(u64, u64)> = self
+            .mapped
+            .range(start..end)
+            .map(|(&va, &h)| (va, self.handles[h as usize].as_ref().expect("live handle").granules))
+            .filter(|&(va, n)| va + n * g <= end)
+            .collect();
+        let (mut lo, mut hi, mut taken) = (u64::MAX, 0, 0);
+        for &(va, n) in inside.iter().rev() {
+            if taken >= want_granules {
+                break;
             }
+            lo = va;
+            hi = hi.max(va + n * g);
+            taken += n;
         }
         if hi <= lo {
             return Ok(0);
@@ -1398,7 +1415,7 @@ impl DevicePool {
         let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
         for id in ids {
             if self.is_indexed_cached(id) {
-                self.unmap_cached_run(id, false)?;
+                self.unmap_cached_run(id, false, u64::MAX)?;
             }
         }
         while let Some((n, h)) = self.free_handles.pop_first() {
@@ -1600,6 +1617,9 @@ impl DevicePool {
     /// granules of handles are free.
     fn unmap_cached_largest_first(&mut self, need: u64, only_device_done: bool) -> Result<()> {
         let mut free = self.free_handle_granules();
+        // Near capacity, only what is needed: whatever else is unmapped must
+        // be mapped again, handle by handle, at the next request.
+        let exact = self.near_capacity(need.saturating_sub(free));
         let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
         order.sort_unstable_by(|a, b| b.cmp(a));
         for (_, id) in order {
@@ -1608,7 +1628,7 @@ impl DevicePool {
             }
             // An earlier unmap may have merged this block away.
             if self.is_indexed_cached(id) {
-                free += self.unmap_cached_run(id, only_device_done)?;
+                free += self.unmap_cached_run(id, only_device_done, if exact { need - free } else { u64::MAX })?;
             }
         }
         Ok(())

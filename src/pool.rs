@@ -1597,7 +1597,13 @@ impl DevicePool {
         let cached = self.stats.gauge(G::CachedBytes).current as f64;
         let allowed = self.settings.limit_bytes.unwrap_or(self.total_bytes) as f64;
         let over_gc = self.settings.gc_threshold > 0.0 && reserved + (need * g) as f64 > self.settings.gc_threshold * allowed;
-        if cached <= self.settings.cached_fraction * reserved && !over_gc {
+        // Under a memory limit that the growth stays within, tessera may hold
+        // up to the limit (as PyTorch caches up to its memory fraction):
+        // recycling there would only move cached memory that a later request
+        // of the same step needs back, over and over (seen on GPT-2 capped
+        // at its frontier + 5%). garbage_collection_threshold still applies.
+        let within_limit = self.settings.limit_bytes.is_some_and(|l| reserved + (need * g) as f64 <= l as f64);
+        if (cached <= self.settings.cached_fraction * reserved || within_limit) && !over_gc {
             return Ok(());
         }
         self.advance_epochs()?;

@@ -480,3 +480,19 @@ fn growth_trades_a_larger_free_handle_for_an_exact_one_instead_of_taking_more() 
     a.free(q, None, 0, Some(2)).unwrap();
     check(&a, 0);
 }
+
+#[test]
+fn within_a_memory_limit_growth_caches_up_to_it_unless_gc_asks() {
+    let run = |conf: &str| {
+        let (a, _) = sim(&format!("growth_size:0,{conf}"));
+        let p = a.malloc(8 * MIB, 0, 1).unwrap();
+        a.free(p, None, 0, Some(1)).unwrap();
+        let q = a.malloc(8 * MIB, 0, 2).unwrap();
+        check(&a, 0);
+        a.free(q, None, 0, Some(2)).unwrap();
+        gauge(&a, G::ReservedBytes)
+    };
+    assert_eq!(run(""), (8 * MIB) as i64, "no limit: stream 1's cached memory is recycled");
+    assert_eq!(run("memory_limit:64M"), (16 * MIB) as i64, "within the limit: cached, not moved");
+    assert_eq!(run("memory_limit:64M,garbage_collection_threshold:0.1"), (8 * MIB) as i64, "gc threshold recycles");
+}

@@ -1066,8 +1066,9 @@ impl DevicePool {
 
     /// Backs at least `count` granules from `va` (unmapped, the front of a
     /// hole of `room` granules) with whole handles: free handles that fit
-    /// first, then new ones; if memory is short, one larger free handle when
-    /// the hole has room for it. Returns the granules mapped.
+    /// first, then new ones (a larger free handle is traded for them); if
+    /// memory is short, one larger free handle when the hole has room for
+    /// it. Returns the granules mapped.
     fn map_granules(&mut self, va: u64, count: u64, room: u64) -> Result<u64> {
         if self.near_capacity(count) {
             self.refine_free_handles()?;
@@ -1088,14 +1089,8 @@ impl DevicePool {
         if covered < count
             && let Some(&(n, h)) = self.free_handles.range((count - covered, 0)..).next()
         {
-            let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
-            if self.backend.release(self.device, backend_id).is_ok() {
-                self.stats.bump(C::DriverReleaseCalls, 1);
-                self.free_handles.remove(&(n, h));
-                self.handles[h as usize] = None;
-                self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
-                self.stats.gauge_mut(G::Handles).sub(1);
-            }
+            // A failed release keeps the handle: the last resort below.
+            let _ = self.release_free_handle(n, h);
         }
         if covered < count {
             match self.create_handles(count - covered) {
@@ -1268,19 +1263,26 @@ impl DevicePool {
         after as f64 > fraction * allowed as f64
     }
 
+    /// Gives free handle `h` (of `n` granules) back to the driver. On
+    /// failure it stays free, and nothing changes.
+    fn release_free_handle(&mut self, n: u64, h: HandleIdx) -> Result<()> {
+        let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
+        self.backend.release(self.device, backend_id)?;
+        self.stats.bump(C::DriverReleaseCalls, 1);
+        self.free_handles.remove(&(n, h));
+        self.handles[h as usize] = None;
+        self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
+        self.stats.gauge_mut(G::Handles).sub(1);
+        Ok(())
+    }
+
     /// Near capacity: replaces each free multi-granule handle by
     /// single-granule ones (release, then create), so that no handle mapped
     /// from now on can pin granules that its live blocks do not use.
     fn refine_free_handles(&mut self) -> Result<()> {
         let coarse: Vec<(u64, HandleIdx)> = self.free_handles.iter().filter(|&&(n, _)| n > 1).copied().collect();
         for (n, h) in coarse {
-            let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
-            self.backend.release(self.device, backend_id)?;
-            self.stats.bump(C::DriverReleaseCalls, 1);
-            self.free_handles.remove(&(n, h));
-            self.handles[h as usize] = None;
-            self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
-            self.stats.gauge_mut(G::Handles).sub(1);
+            self.release_free_handle(n, h)?;
             let singles = self.create_handles_of(n, 1)?;
             self.return_handles(&singles);
         }
@@ -1418,16 +1420,8 @@ impl DevicePool {
                 self.unmap_cached_run(id, false, u64::MAX)?;
             }
         }
-        while let Some((n, h)) = self.free_handles.pop_first() {
-            let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
-            if let Err(e) = self.backend.release(self.device, backend_id) {
-                self.free_handles.insert((n, h));
-                return Err(e);
-            }
-            self.stats.bump(C::DriverReleaseCalls, 1);
-            self.handles[h as usize] = None;
-            self.stats.gauge_mut(G::ReservedBytes).sub((n * self.settings.granule_bytes) as i64);
-            self.stats.gauge_mut(G::Handles).sub(1);
+        while let Some(&(n, h)) = self.free_handles.first() {
+            self.release_free_handle(n, h)?;
         }
         Ok(())
     }

@@ -1,0 +1,433 @@
+//! A model check of the stream and event protocol: the allocator runs on a
+//! backend whose device is a model of CUDA streams (work queued per stream
+//! runs in order, events mark queue positions, `stream_wait_event` orders one
+//! stream after another, the device completes work only when the test says
+//! so). Every interleaving of host operations and device progress, up to a
+//! bound (exhaustive), and long random ones (proptest), are checked for the
+//! one property that matters: memory is never handed to a stream, nor
+//! unmapped, while queued work of another stream may still touch it.
+//!
+//! The device lock makes each allocator call atomic, so interleavings of
+//! threads are interleavings of whole calls: what this explores.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tessera::allocator::Allocator;
+use tessera::backend::sim::SimBackend;
+use tessera::backend::{Backend, EventId, HandleId};
+use tessera::config::Config;
+use tessera::error::Result;
+
+/// A queue position: (stream, index of a work item on it, from 1).
+type Pos = (u64, u64);
+
+/// A freed range and the last work item of each stream that touched it.
+#[derive(Debug, Clone)]
+struct Retired {
+    addr: u64,
+    len: u64,
+    uses: Vec<Pos>,
+}
+
+#[derive(Default)]
+struct Model {
+    enqueued: HashMap<u64, u64>,
+    done: HashMap<u64, u64>,
+    /// Per stream: per other stream, the position its later work waits for.
+    after: HashMap<u64, HashMap<u64, u64>>,
+    /// What each work item waited for when it was queued.
+    prereqs: HashMap<Pos, Vec<Pos>>,
+    events: HashMap<EventId, Pos>,
+    next_event: EventId,
+    retired: Vec<Retired>,
+    violations: Vec<String>,
+}
+
+impl Model {
+    fn done(&self, (s, p): Pos) -> bool {
+        self.done.get(&s).copied().unwrap_or(0) >= p
+    }
+
+    /// Queues one work item on `s`; returns its position.
+    fn kernel(&mut self, s: u64) -> Pos {
+        let pos = (s, *self.enqueued.entry(s).and_modify(|n| *n += 1).or_insert(1));
+        let waits = self.after.get(&s).map(|m| m.iter().map(|(&u, &p)| (u, p)).collect()).unwrap_or_default();
+        self.prereqs.insert(pos, waits);
+        pos
+    }
+
+    /// Completes `s` up to item `upto` (and first whatever those items wait for).
+    fn complete(&mut self, s: u64, upto: u64) {
+        while self.done.get(&s).copied().unwrap_or(0) < upto {
+            let next = (s, self.done.get(&s).copied().unwrap_or(0) + 1);
+            for (u, p) in self.prereqs.get(&next).cloned().unwrap_or_default() {
+                self.complete(u, p);
+            }
+            self.done.insert(s, next.1);
+        }
+    }
+
+    /// The device runs the next item of `s`, if what it waits for is done.
+    fn progress(&mut self, s: u64) {
+        let next = (s, self.done.get(&s).copied().unwrap_or(0) + 1);
+        if next.1 > self.enqueued.get(&s).copied().unwrap_or(0) {
+            return;
+        }
+        if self.prereqs.get(&next).is_some_and(|w| w.iter().all(|&p| self.done(p))) {
+            self.done.insert(s, next.1);
+        }
+    }
+
+    fn synchronize(&mut self) {
+        let streams: Vec<(u64, u64)> = self.enqueued.iter().map(|(&s, &n)| (s, n)).collect();
+        for (s, n) in streams {
+            self.complete(s, n);
+        }
+    }
+
+    /// Whether new work on `t` is ordered after `(u, p)`: done already, or
+    /// reachable through stream order and waits (transitively).
+    fn ordered_after(&self, t: u64, target: Pos) -> bool {
+        if self.done(target) {
+            return true;
+        }
+        // New work on t comes after t's last item and after what t waits for.
+        let mut stack: Vec<Pos> = vec![(t, self.enqueued.get(&t).copied().unwrap_or(0))];
+        stack.extend(self.after.get(&t).map(|m| m.iter().map(|(&u, &p)| (u, p)).collect::<Vec<_>>()).unwrap_or_default());
+        let mut seen = std::collections::HashSet::new();
+        while let Some((v, q)) = stack.pop() {
+            if v == target.0 && q >= target.1 {
+                return true;
+            }
+            if q == 0 || !seen.insert((v, q)) {
+                continue;
+            }
+            // Item (v, q) runs after (v, q - 1) and after what it waited for.
+            stack.push((v, q - 1));
+            stack.extend(self.prereqs.get(&(v, q)).cloned().unwrap_or_default());
+        }
+        false
+    }
+
+    /// Memory `[addr, addr+len)` is handed to stream `t`.
+    fn check_handout(&mut self, addr: u64, len: u64, t: u64) {
+        for r in &self.retired {
+            if r.addr < addr + len && addr < r.addr + r.len {
+                for &u in &r.uses {
+                    if !self.ordered_after(t, u) {
+                        self.violations.push(format!(
+                            "{addr:#x}+{len} handed to stream {t} while stream {} may still run item {} on {:#x}+{}",
+                            u.0, u.1, r.addr, r.len
+                        ));
+                    }
+                }
+            }
+        }
+        self.prune();
+    }
+
+    /// `[va, va+len)` is unmapped: nothing queued may touch it.
+    fn check_unmap(&mut self, va: u64, len: u64) {
+        for r in &self.retired {
+            if r.addr < va + len && va < r.addr + r.len {
+                for &u in &r.uses {
+                    if !self.done(u) {
+                        self.violations.push(format!(
+                            "{va:#x}+{len} unmapped while stream {} may still run item {} on {:#x}+{}",
+                            u.0, u.1, r.addr, r.len
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn prune(&mut self) {
+        let done = |m: &Model, r: &Retired| r.uses.iter().all(|&u| m.done(u));
+        let keep: Vec<Retired> = self.retired.iter().filter(|r| !done(self, r)).cloned().collect();
+        self.retired = keep;
+    }
+}
+
+/// The sim backend for memory, the model for streams and events.
+struct ModelBackend {
+    sim: SimBackend,
+    model: Arc<Mutex<Model>>,
+    /// A broken device for the checker's own test: every event is done at
+    /// once and synchronizing waits for nothing.
+    lie: bool,
+}
+
+impl Backend for ModelBackend {
+    fn name(&self) -> &'static str {
+        "model"
+    }
+    fn granularity(&self, device: i32) -> Result<u64> {
+        self.sim.granularity(device)
+    }
+    fn device_count(&self) -> Result<i32> {
+        self.sim.device_count()
+    }
+    fn mem_info(&self, device: i32) -> Result<(u64, u64)> {
+        self.sim.mem_info(device)
+    }
+    fn reserve(&self, device: i32, size_bytes: u64, alignment: u64) -> Result<u64> {
+        self.sim.reserve(device, size_bytes, alignment)
+    }
+    fn unreserve(&self, device: i32, base: u64, size_bytes: u64) -> Result<()> {
+        self.sim.unreserve(device, base, size_bytes)
+    }
+    fn create(&self, device: i32, size_bytes: u64) -> Result<HandleId> {
+        self.sim.create(device, size_bytes)
+    }
+    fn release(&self, device: i32, handle: HandleId) -> Result<()> {
+        self.sim.release(device, handle)
+    }
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
+        self.sim.map(device, va, size_bytes, handle)
+    }
+    fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
+        self.sim.set_access(device, va, size_bytes)
+    }
+    fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
+        self.model.lock().unwrap().check_unmap(va, size_bytes);
+        self.sim.unmap(device, va, size_bytes)
+    }
+    fn synchronize(&self, _device: i32) -> Result<()> {
+        if !self.lie {
+            self.model.lock().unwrap().synchronize();
+        }
+        Ok(())
+    }
+    fn record_event(&self, _device: i32, stream: u64) -> Result<EventId> {
+        let mut m = self.model.lock().unwrap();
+        m.next_event += 1;
+        let id = m.next_event;
+        let pos = (stream, m.enqueued.get(&stream).copied().unwrap_or(0));
+        m.events.insert(id, pos);
+        Ok(id)
+    }
+    fn event_done(&self, _device: i32, event: EventId) -> Result<bool> {
+        let m = self.model.lock().unwrap();
+        Ok(self.lie || m.done(m.events[&event]))
+    }
+    fn capture_id(&self, _device: i32, _stream: u64) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    fn event_synchronize(&self, _device: i32, event: EventId) -> Result<()> {
+        let mut m = self.model.lock().unwrap();
+        let (s, p) = m.events[&event];
+        if !self.lie {
+            m.complete(s, p);
+        }
+        Ok(())
+    }
+    fn destroy_event(&self, _device: i32, event: EventId) -> Result<()> {
+        self.model.lock().unwrap().events.remove(&event).map(|_| ()).ok_or_else(|| {
+            tessera::error::Error::Driver { call: "model_destroy_event", code: 1, message: format!("unknown event {event}") }
+        })
+    }
+    fn stream_wait_event(&self, _device: i32, stream: u64, event: EventId) -> Result<()> {
+        let mut m = self.model.lock().unwrap();
+        let (u, p) = m.events[&event];
+        if self.lie {
+            return Ok(());
+        }
+        let w = m.after.entry(stream).or_default().entry(u).or_insert(0);
+        *w = (*w).max(p);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// Allocate a size class on a stream; a kernel on that stream uses it.
+    Alloc(u8, u8),
+    /// Free the live block at this index (modulo the live count).
+    Free(u8),
+    /// record_stream on another stream, and a kernel there uses the block.
+    RecordStream(u8, u8),
+    /// A kernel on the block's own stream uses it again.
+    Use(u8),
+    /// The device runs the next work item of a stream.
+    Progress(u8),
+    /// torch.cuda.synchronize().
+    Sync,
+    EmptyCache,
+}
+
+const STREAMS: [u64; 3] = [0, 1, 2];
+const SIZES: [u64; 3] = [4 << 10, 192 << 10, 448 << 10];
+
+struct Live {
+    ptr: u64,
+    len: u64,
+    stream: u64,
+    uses: Vec<Pos>,
+}
+
+/// Runs `ops` on a 1 MiB device of 64 KiB granules (so pressure, recycling
+/// and remapping happen within a few operations); returns the violations.
+fn run(ops: &[Op], conf: &str) -> Vec<String> {
+    run_on(ops, conf, false)
+}
+
+fn run_on(ops: &[Op], conf: &str, lie: bool) -> Vec<String> {
+    let config = Config::parse(&format!(
+        "backend:sim,device_capacity:1M,page_size:64K,max_handle_size:128K,small_size:16K,growth_size:0,{conf}"
+    ))
+    .unwrap();
+    let model = Arc::new(Mutex::new(Model::default()));
+    let backend = Arc::new(ModelBackend { sim: SimBackend::new(1, config.device_capacity.0), model: model.clone(), lie });
+    let a = Allocator::with_backend(config, backend).unwrap();
+    let mut live: Vec<Live> = Vec::new();
+    for &op in ops {
+        match op {
+            Op::Alloc(size, s) => {
+                let (len, t) = (SIZES[size as usize % SIZES.len()], STREAMS[s as usize % STREAMS.len()]);
+                let Ok(ptr) = a.malloc(len, 0, t) else { continue }; // out of memory is fine
+                let mut m = model.lock().unwrap();
+                m.check_handout(ptr, len, t);
+                let pos = m.kernel(t);
+                live.push(Live { ptr, len, stream: t, uses: vec![pos] });
+            }
+            Op::Free(i) if !live.is_empty() => {
+                let b = live.remove(i as usize % live.len());
+                // Retired before the call: the allocator may unmap it at once.
+                model.lock().unwrap().retired.push(Retired { addr: b.ptr, len: b.len, uses: b.uses });
+                a.free(b.ptr, Some(b.len), 0, Some(b.stream)).unwrap();
+            }
+            Op::RecordStream(i, s) if !live.is_empty() => {
+                let n = live.len();
+                let b = &mut live[i as usize % n];
+                let t = STREAMS[s as usize % STREAMS.len()];
+                a.record_stream(b.ptr, t).unwrap();
+                let pos = model.lock().unwrap().kernel(t);
+                b.uses.retain(|&(u, _)| u != t);
+                b.uses.push(pos);
+            }
+            Op::Use(i) if !live.is_empty() => {
+                let n = live.len();
+                let b = &mut live[i as usize % n];
+                let pos = model.lock().unwrap().kernel(b.stream);
+                b.uses.retain(|&(u, _)| u != b.stream);
+                b.uses.push(pos);
+            }
+            Op::Progress(s) => model.lock().unwrap().progress(STREAMS[s as usize % STREAMS.len()]),
+            Op::Sync => model.lock().unwrap().synchronize(),
+            Op::EmptyCache => a.empty_cache().unwrap(),
+            _ => {}
+        }
+        check(&a, 0);
+    }
+    let violations = std::mem::take(&mut model.lock().unwrap().violations);
+    violations
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..3, 0u8..3).prop_map(|(z, s)| Op::Alloc(z, s)),
+        3 => any::<u8>().prop_map(Op::Free),
+        2 => (any::<u8>(), 0u8..3).prop_map(|(i, s)| Op::RecordStream(i, s)),
+        1 => any::<u8>().prop_map(Op::Use),
+        3 => (0u8..3).prop_map(Op::Progress),
+        1 => Just(Op::Sync),
+        1 => Just(Op::EmptyCache),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #[test]
+    fn random_interleavings_never_reuse_memory_early(ops in prop::collection::vec(op(), 1..80)) {
+        let v = run(&ops, "");
+        prop_assert!(v.is_empty(), "{:?}\nops: {:?}", v, ops);
+    }
+
+    #[test]
+    fn random_interleavings_never_reuse_memory_early_without_recycling(ops in prop::collection::vec(op(), 1..80)) {
+        let v = run(&ops, "max_cached_fraction:1");
+        prop_assert!(v.is_empty(), "{:?}\nops: {:?}", v, ops);
+    }
+}
+
+/// Every sequence of `depth` operations over a small alphabet (two streams,
+/// two sizes). TESSERA_MODEL_DEPTH raises the bound (5: ~0.2 M sequences).
+#[test]
+fn every_short_interleaving_never_reuses_memory_early() {
+    let depth: u32 = std::env::var("TESSERA_MODEL_DEPTH").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let alphabet = [
+        Op::Alloc(1, 1),
+        Op::Alloc(2, 1),
+        Op::Alloc(1, 2),
+        Op::Alloc(0, 2),
+        Op::Free(0),
+        Op::Free(1),
+        Op::RecordStream(0, 2),
+        Op::RecordStream(0, 1),
+        Op::Progress(1),
+        Op::Progress(2),
+        Op::Sync,
+        Op::EmptyCache,
+    ];
+    let n = alphabet.len() as u64;
+    let total = n.pow(depth);
+    let mut ops = vec![Op::Sync; depth as usize];
+    for code in 0..total {
+        let mut c = code;
+        for slot in ops.iter_mut() {
+            *slot = alphabet[(c % n) as usize];
+            c /= n;
+        }
+        // A prefix that fills the device makes the pressure paths reachable
+        // within the bound.
+        let mut seq = vec![Op::Alloc(2, 1), Op::Alloc(2, 2)];
+        seq.extend_from_slice(&ops);
+        let v = run(&seq, "");
+        assert!(v.is_empty(), "{v:?}\nops: {seq:?}");
+    }
+    eprintln!("model check: {total} sequences of {depth} operations (after a 2-operation prefix), no early reuse");
+}
+
+/// The checker itself: a backend that ignores events (reports every event
+/// done at once) must be caught.
+#[test]
+fn the_checker_catches_reuse_before_the_device_is_done() {
+    let model = Arc::new(Mutex::new(Model::default()));
+    let p = model.lock().unwrap().kernel(1);
+    model.lock().unwrap().retired.push(Retired { addr: 0x1000, len: 0x1000, uses: vec![p] });
+    model.lock().unwrap().check_handout(0x1000, 0x1000, 2);
+    assert_eq!(model.lock().unwrap().violations.len(), 1, "stream 2 got memory stream 1 still uses");
+    model.lock().unwrap().check_unmap(0x1800, 0x1000);
+    assert_eq!(model.lock().unwrap().violations.len(), 2, "unmapped under queued work");
+    // Once stream 2 waits for stream 1's event, or the work is done, it is fine.
+    let mut m = model.lock().unwrap();
+    m.violations.clear();
+    m.after.entry(2).or_default().insert(1, p.1);
+    m.check_handout(0x1000, 0x1000, 2);
+    m.complete(1, p.1);
+    m.check_unmap(0x1000, 0x1000);
+    assert!(m.violations.is_empty(), "{:?}", m.violations);
+}
+
+/// The harness itself: on a device that lies about events (all done at once,
+/// waits that order nothing), the allocator reuses memory early, and the
+/// random sequences must show it.
+#[test]
+fn a_device_that_lies_about_events_is_caught() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = prop::collection::vec(op(), 1..80);
+    let mut caught = 0;
+    for _ in 0..300 {
+        let ops = strategy.new_tree(&mut runner).unwrap().current();
+        if !run_on(&ops, "", true).is_empty() {
+            caught += 1;
+        }
+    }
+    assert!(caught > 0, "300 sequences on a lying device and no early reuse seen: the harness checks nothing");
+    eprintln!("lying device: early reuse caught in {caught} of 300 sequences");
+}

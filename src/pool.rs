@@ -1399,7 +1399,9 @@ impl DevicePool {
     /// cached granules, largest blocks first, after the device is done with
     /// them. Stops early when enough are free.
     fn reclaim(&mut self, need: u64) -> Result<()> {
-        if self.free_handle_granules() >= need || self.cached_by_stream.is_empty() {
+        // Blocks waiting for other streams (record_stream) count: after the
+        // synchronize they are cached, and reclaimable.
+        if self.free_handle_granules() >= need || (self.cached_by_stream.is_empty() && self.pending.is_empty()) {
             return Ok(());
         }
         self.backend.synchronize(self.device)?;

@@ -496,3 +496,21 @@ fn within_a_memory_limit_growth_caches_up_to_it_unless_gc_asks() {
     assert_eq!(run("memory_limit:64M"), (16 * MIB) as i64, "within the limit: cached, not moved");
     assert_eq!(run("memory_limit:64M,garbage_collection_threshold:0.1"), (8 * MIB) as i64, "gc threshold recycles");
 }
+
+#[test]
+fn under_pressure_blocks_waiting_for_other_streams_are_waited_for() {
+    // The whole device is one block freed while stream 2 still uses it
+    // (record_stream); nothing else is cached. A new request must wait for
+    // the device (pressure path) and get it, not fail.
+    let (a, backend) = sim("device_capacity:8M,growth_size:0");
+    let p = a.malloc(8 * MIB, 0, 1).unwrap();
+    a.record_stream(p, 2).unwrap();
+    backend.hold_events(true);
+    a.free(p, None, 0, Some(1)).unwrap();
+    assert_eq!(gauge(&a, G::PendingFreeBlocks), 1);
+    let q = a.malloc(8 * MIB, 0, 1).expect("the pending block's memory, after a synchronize");
+    assert_eq!(gauge(&a, G::PendingFreeBlocks), 0);
+    assert_eq!(counter(&a, C::Ooms), 0);
+    a.free(q, None, 0, Some(1)).unwrap();
+    check(&a, 0);
+}

@@ -261,6 +261,8 @@ enum Op {
 }
 
 const STREAMS: [u64; 3] = [0, 1, 2];
+const CAPACITY: u64 = 1 << 20;
+const HANDLE: u64 = 128 << 10;
 const SIZES: [u64; 3] = [4 << 10, 192 << 10, 448 << 10];
 
 struct Live {
@@ -271,7 +273,8 @@ struct Live {
 }
 
 /// Runs `ops` on a 1 MiB device of 64 KiB granules (so pressure, recycling
-/// and remapping happen within a few operations); returns the violations.
+/// and remapping happen within a few operations); returns the violations:
+/// early reuse, and out of memory while the memory was there.
 fn run(ops: &[Op], conf: &str) -> Vec<String> {
     run_on(ops, conf, false)
 }
@@ -289,7 +292,21 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> Vec<String> {
         match op {
             Op::Alloc(size, s) => {
                 let (len, t) = (SIZES[size as usize % SIZES.len()], STREAMS[s as usize % STREAMS.len()]);
-                let Ok(ptr) = a.malloc(len, 0, t) else { continue }; // out of memory is fine
+                let ptr = match a.malloc(len, 0, t) {
+                    Ok(ptr) => ptr,
+                    Err(e) => {
+                        // Out of memory is fine only when the memory is not
+                        // there: live blocks rounded to whole handles (what
+                        // they can pin), the request, and a small-arena handle.
+                        let pinned: u64 = live.iter().map(|b| b.len.div_ceil(HANDLE) * HANDLE).sum();
+                        if pinned + len.div_ceil(HANDLE) * HANDLE + HANDLE <= CAPACITY {
+                            model.lock().unwrap().violations.push(format!(
+                                "{len} bytes on stream {t} failed with {pinned} bytes pinned of {CAPACITY}: {e}"
+                            ));
+                        }
+                        continue;
+                    }
+                };
                 let mut m = model.lock().unwrap();
                 m.check_handout(ptr, len, t);
                 let pos = m.kernel(t);

@@ -1,3 +1,5 @@
+"""What one cuMemGetInfo costs, against a trivial driver call (a tool, not a test): tessera asks it
+when memory may be near its end, on the growth path only."""
 import ctypes, time, torch
 torch.cuda.init(); torch.empty(1, device="cuda")
 lib = ctypes.CDLL("libcuda.so.1")

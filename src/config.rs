@@ -227,7 +227,8 @@ options! {
     /// reserved bytes, growth first unmaps cached memory that the device is
     /// done with and maps it where it is needed, instead of taking more from
     /// the driver. Keeps what nvidia-smi shows near what is live. 1 turns
-    /// this off (cache everything until memory is short).
+    /// this off (cache everything until memory is short). Under a
+    /// memory_limit, growth within the limit caches up to it instead.
     max_cached_fraction: Fraction = "0.08";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles

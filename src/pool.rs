@@ -107,7 +107,9 @@ struct Arena {
 #[derive(Debug)]
 struct PendingFree {
     block: BlockId,
-    events: Vec<EventId>,
+    /// (stream, event recorded on it at the free), one per stream that used
+    /// the block.
+    events: Vec<(u64, EventId)>,
     /// Recording an event failed: the block waits for a successful
     /// device synchronize instead.
     needs_sync: bool,
@@ -1497,7 +1499,7 @@ impl DevicePool {
             let mut needs_sync = false;
             for s in uses {
                 match self.backend.record_event(self.device, s) {
-                    Ok(e) => events.push(e),
+                    Ok(e) => events.push((s, e)),
                     Err(e) => {
                         // Without an event the device may still use the
                         // block: it waits for a synchronize instead (tried
@@ -1738,14 +1740,27 @@ impl DevicePool {
 
     /// Moves pending frees whose events all completed to the cache.
     fn process_pending(&mut self) -> Result<()> {
+        // Events of one stream complete in the order they were recorded, and
+        // `pending` keeps that order: once one is found not done, the later
+        // ones of its stream are not asked (about one query per busy stream
+        // per call, not one per pending block). Up to BUSY streams are
+        // remembered, inline: nothing is allocated here.
+        const BUSY: usize = 8;
+        let (mut busy, mut n_busy) = ([0u64; BUSY], 0usize);
         let mut i = 0;
         while i < self.pending.len() {
             let mut done = true;
             if self.pending[i].needs_sync {
                 done = self.backend.synchronize(self.device).is_ok();
             } else {
-                for &e in &self.pending[i].events {
-                    if !self.backend.event_done(self.device, e)? {
+                for k in 0..self.pending[i].events.len() {
+                    let (stream, event) = self.pending[i].events[k];
+                    let known_busy = busy[..n_busy].contains(&stream);
+                    if known_busy || !self.backend.event_done(self.device, event)? {
+                        if !known_busy && n_busy < BUSY {
+                            busy[n_busy] = stream;
+                            n_busy += 1;
+                        }
                         done = false;
                         break;
                     }
@@ -1755,8 +1770,8 @@ impl DevicePool {
                 i += 1;
                 continue;
             }
-            let p = self.pending.swap_remove(i);
-            for e in p.events {
+            let p = self.pending.remove(i); // keeps the order
+            for (_, e) in p.events {
                 // The block is free either way; an event that fails to go
                 // is kept and destroyed later, never the block held back.
                 self.destroy_event_or_keep(e);

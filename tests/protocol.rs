@@ -160,6 +160,8 @@ struct ModelBackend {
     /// A broken device for the checker's own test: every event is done at
     /// once and synchronizing waits for nothing.
     lie: bool,
+    /// event_done calls, for the cost test.
+    queries: std::sync::atomic::AtomicU64,
 }
 
 impl Backend for ModelBackend {
@@ -212,6 +214,7 @@ impl Backend for ModelBackend {
         Ok(id)
     }
     fn event_done(&self, _device: i32, event: EventId) -> Result<bool> {
+        self.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let m = self.model.lock().unwrap();
         Ok(self.lie || m.done(m.events[&event]))
     }
@@ -285,7 +288,7 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> Vec<String> {
     ))
     .unwrap();
     let model = Arc::new(Mutex::new(Model::default()));
-    let backend = Arc::new(ModelBackend { sim: SimBackend::new(1, config.device_capacity.0), model: model.clone(), lie });
+    let backend = Arc::new(ModelBackend { sim: SimBackend::new(1, config.device_capacity.0), model: model.clone(), lie, queries: Default::default() });
     let a = Allocator::with_backend(config, backend).unwrap();
     let mut live: Vec<Live> = Vec::new();
     for &op in ops {
@@ -447,4 +450,39 @@ fn a_device_that_lies_about_events_is_caught() {
     }
     assert!(caught > 0, "300 sequences on a lying device and no early reuse seen: the harness checks nothing");
     eprintln!("lying device: early reuse caught in {caught} of 300 sequences");
+}
+
+/// Blocks waiting for a busy stream cost one event query per allocation, not
+/// one per block: events of a stream complete in order.
+#[test]
+fn pending_frees_on_a_busy_stream_cost_one_query_per_allocation() {
+    let config = Config::parse("backend:sim,device_capacity:1G").unwrap();
+    let model = Arc::new(Mutex::new(Model::default()));
+    let backend = Arc::new(ModelBackend {
+        sim: SimBackend::new(1, config.device_capacity.0),
+        model: model.clone(),
+        lie: false,
+        queries: Default::default(),
+    });
+    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    for _ in 0..50 {
+        let p = a.malloc(4096, 0, 1).unwrap();
+        model.lock().unwrap().kernel(1);
+        a.record_stream(p, 2).unwrap();
+        model.lock().unwrap().kernel(2); // stream 2 uses it; the device runs nothing
+        a.free(p, None, 0, Some(1)).unwrap();
+    }
+    let before = backend.queries.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..10 {
+        let p = a.malloc(4096, 0, 1).unwrap();
+        a.free(p, None, 0, Some(1)).unwrap();
+    }
+    let asked = backend.queries.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(asked <= 10, "{asked} event queries for 10 allocations with 50 blocks pending on one stream");
+    // Once stream 2 is done, one allocation frees them all.
+    model.lock().unwrap().synchronize();
+    let p = a.malloc(4096, 0, 1).unwrap();
+    assert_eq!(a.stats(0).unwrap().gauge(tessera::stats::TesseraGauge::PendingFreeBlocks).current, 0);
+    a.free(p, None, 0, Some(1)).unwrap();
+    check(&a, 0);
 }

@@ -901,7 +901,6 @@ impl DevicePool {
             return Ok(None);
         };
         self.unindex(id);
-        self.bm(id).stream = stream;
         self.stats.bump(C::CrossStreamReuses, 1);
         Ok(Some(id))
     }
@@ -927,7 +926,6 @@ impl DevicePool {
         self.destroy_event_or_keep(event);
         waited?;
         self.unindex(id);
-        self.bm(id).stream = stream;
         self.stats.bump(C::CrossStreamReuses, 1);
         Ok(Some(id))
     }
@@ -937,16 +935,20 @@ impl DevicePool {
     fn hand_out(&mut self, id: BlockId, rounded: u64, requested: u64, stream: u64, graph: u64) -> u64 {
         let b = self.bm(id);
         b.state = State::Allocated;
+        let rest_stream = b.stream;
         b.stream = stream;
         b.requested = requested;
         let rest_graph = b.graph;
         b.graph = graph;
         if b.size - rounded >= MIN_BLOCK_BYTES {
-            // The rest may touch a block cached for the same stream when `id`
-            // came from another stream: merge, not just index.
+            // The rest stays cached for the stream it was cached for: when
+            // `id` came from another stream, the device may still use the
+            // rest there, and only that stream's epochs can tell when it is
+            // done (the new stream's earlier epoch events say nothing of it).
             let rest = self.split_front(id, rounded);
             self.bm(rest).state = State::Cached;
             self.bm(rest).requested = 0;
+            self.bm(rest).stream = rest_stream;
             self.bm(rest).graph = rest_graph;
             self.coalesce_and_index(rest);
         }

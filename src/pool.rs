@@ -901,6 +901,10 @@ impl DevicePool {
             return Ok(None);
         };
         self.unindex(id);
+        // The device is done with all of it: the whole block (the rest that
+        // hand_out splits off too) becomes this stream's, as never used.
+        self.bm(id).stream = stream;
+        self.bm(id).freed_seq = 0;
         self.stats.bump(C::CrossStreamReuses, 1);
         Ok(Some(id))
     }

@@ -12,8 +12,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 &&
   echo "== GPU found: training with tessera (python_example/train_gpt.py)"
   PYTHONPATH=python_example exec python3 python_example/train_gpt.py --steps "${STEPS:-50}"
 fi
-echo "== no GPU here: replaying a GPT-2 training trace (40 steps, 115k events) on the simulated device"
-for trace in tests/data/gpt_varlen.trace.gz tests/data/kv_grow.trace.gz; do
+echo "== no GPU here: replaying the PyTorch allocation traces of tests/data on the simulated device"
+for trace in tests/data/*.trace.gz; do
   echo "-- $trace"
   ./target/release/tessera-replay "$trace" --frontier
 done

@@ -287,43 +287,12 @@ def wl_churn(torch, seed, scale):
 
 
 def wl_multistream(torch, seed, scale):
-    """record_trace.py's multistream: a producer stream fills a buffer of log-uniform size
-    1 KiB - 16 MiB, a consumer stream computes a result from it (record_stream, the buffer dropped
-    at once); results are held 4-64 iterations, a quarter of them reduced on the default stream
-    first. 2500 iterations, about 100 MiB live at the peak."""
-    rng = random.Random(seed)
-    iters = steps_of(2500, scale)
-    P, C = torch.cuda.Stream(), torch.cuda.Stream()
-    default = torch.cuda.current_stream()
-    held, sums = [], []
-    lo, hi = math.log(1 << 10), math.log(16 * MiB)
-    for i in range(iters):
-        n = int(math.exp(rng.uniform(lo, hi))) // 4
-        with torch.cuda.stream(P):
-            buf = torch.empty(n, dtype=torch.float32, device="cuda")
-            buf.fill_(float(i % 7))
-        C.wait_stream(P)
-        with torch.cuda.stream(C):
-            out = buf * 2.0
-        buf.record_stream(C)
-        del buf
-        held.append(out)
-        limit = rng.randint(4, 64)
-        while len(held) > limit:
-            old = held.pop(0)
-            if rng.random() < 0.25:
-                default.wait_stream(C)
-                sums.append(old.sum())
-                old.record_stream(default)
-            del old
-        if len(sums) > 32:
-            sums.clear()
-        if i % 200 == 199:
-            torch.cuda.synchronize()
-    held.clear()
-    sums.clear()
-    torch.cuda.synchronize()
-    return iters
+    """record_trace.py's multistream (without its sleeping consumer steps): a producer stream fills
+    a buffer of log-uniform size 1 KiB - 16 MiB, a consumer stream computes a result from it
+    (record_stream, the buffer dropped at once); results are held 4-64 iterations, a quarter of them
+    reduced on the default stream first. 2500 iterations, about 100 MiB live at the peak."""
+    import record_trace
+    return record_trace.wl_multistream(torch, random.Random(seed), scale, widen_pending=False)
 
 
 WORKLOADS = {"gpt2": wl_gpt2, "resnet": wl_resnet, "kvcache": wl_kvcache, "churn": wl_churn,

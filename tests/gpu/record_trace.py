@@ -71,11 +71,13 @@ def wl_mixed(torch, rng, scale):
     return f"{n_allocs} allocations, live bound {bound / GiB:.0f} GiB"
 
 
-def wl_multistream(torch, rng, scale):
+def wl_multistream(torch, rng, scale, widen_pending=True):
     """Producer stream P allocates and fills a buffer; consumer stream C waits for P, computes a
     result from it (allocated on C), the buffer gets record_stream(C) and is dropped at once (its
     free completes only once C is done). Results are held a random while; some are reduced on the
-    default stream (record_stream on it) before they go. ~2 allocations and 2 frees an iteration."""
+    default stream (record_stream on it) before they go. ~2 allocations and 2 frees an iteration.
+    widen_pending: one consumer step in ten first sleeps on the GPU (bench_frontier.py runs it
+    without, so that no random number is drawn for it)."""
     iters = max(1, round(2_500 * scale))
     P, C = torch.cuda.Stream(), torch.cuda.Stream()
     default = torch.cuda.current_stream()
@@ -88,7 +90,7 @@ def wl_multistream(torch, rng, scale):
             buf.fill_(float(i % 7))
         C.wait_stream(P)
         with torch.cuda.stream(C):
-            if rng.random() < 0.1:
+            if widen_pending and rng.random() < 0.1:
                 torch.cuda._sleep(20_000)  # widen the window in which the free is pending
             out = buf * 2.0
         buf.record_stream(C)

@@ -886,18 +886,18 @@ impl DevicePool {
     /// safe to reuse on any stream with no wait. Polls the epoch events
     /// first. A scan of one arena's cached blocks: for misses only.
     fn find_done_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        let others = |p: &Self| {
-            p.cached_by_stream
-                .range((arena, 0, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, u64::MAX, NIL))
-                .filter(|&&(_, s, size, _, _)| s != stream && s & GRAPH_KEY == 0 && size >= rounded)
-                .map(|&(_, _, size, addr, id)| (size, addr, id))
-                .collect::<Vec<_>>()
-        };
-        if others(self).is_empty() {
+        let candidates: Vec<(u64, u64, BlockId)> = self
+            .cached_by_stream
+            .range((arena, 0, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, u64::MAX, NIL))
+            .filter(|&&(_, s, size, _, _)| s != stream && s & GRAPH_KEY == 0 && size >= rounded)
+            .map(|&(_, _, size, addr, id)| (size, addr, id))
+            .collect();
+        if candidates.is_empty() {
             return Ok(None);
         }
+        // Polling events changes what is known done, not what is cached.
         self.advance_epochs()?;
-        let Some((_, _, id)) = others(self).into_iter().filter(|&(_, _, id)| self.device_done(id)).min() else {
+        let Some((_, _, id)) = candidates.into_iter().filter(|&(_, _, id)| self.device_done(id)).min() else {
             return Ok(None);
         };
         self.unindex(id);

@@ -22,9 +22,10 @@ pub struct ReplayResult {
     pub oom_message: Option<String>,
     pub stats: TesseraStats,
     pub elapsed_ns: u128,
-    /// The pool's mapped blocks when the replay stopped (at the OOM, or
-    /// after the last event), in address order.
-    pub final_blocks: Vec<crate::pool::BlockView>,
+    /// The pool's segments (maximal runs of mapped blocks, with their
+    /// blocks) when the replay stopped (at the OOM, or after the last
+    /// event), in address order.
+    pub final_segments: Vec<(crate::pool::ArenaKind, Vec<crate::pool::BlockView>)>,
 }
 
 impl ReplayResult {
@@ -128,7 +129,7 @@ pub fn replay_with_timeline(
     }
     result.elapsed_ns = start.elapsed().as_nanos();
     result.stats = alloc.stats(0).map_err(|e| e.to_string())?;
-    result.final_blocks = alloc.with_pool(0, |p| Ok(p.blocks())).map_err(|e| e.to_string())?;
+    result.final_segments = alloc.with_pool(0, |p| Ok(p.segments())).map_err(|e| e.to_string())?;
     Ok(result)
 }
 
@@ -154,31 +155,27 @@ fn take_sample(alloc: &Allocator, event: usize, live_bytes: u64) -> crate::error
 /// arena's lowest mapped granule), its length in granules, and its blocks as
 /// `STATE:SIZE@STREAM`, STATE one of A (allocated), c (cached), p (pending).
 pub fn block_map(r: &ReplayResult, granule_bytes: u64) -> String {
-    let mut segments: Vec<(crate::pool::ArenaKind, u64, u64, Vec<String>)> = Vec::new(); // (arena, start, end, blocks)
-    for v in &r.final_blocks {
-        let state = match v.state {
-            "active_allocated" => "A",
-            "active_pending_free" => "p",
-            _ => "c",
-        };
-        let text = format!("{state}:{}@{}", crate::error::format_bytes(v.size), v.stream);
-        match segments.last_mut() {
-            Some((arena, _, end, blocks)) if *arena == v.arena && *end == v.addr => {
-                *end += v.size;
-                blocks.push(text);
-            }
-            _ => segments.push((v.arena, v.addr, v.addr + v.size, vec![text])),
-        }
-    }
     let mut out = String::new();
     let mut base: HashMap<crate::pool::ArenaKind, u64> = HashMap::new();
-    for (arena, start, end, blocks) in segments {
-        let base = *base.entry(arena).or_insert(start);
+    for (arena, blocks) in &r.final_segments {
+        let (start, end) = (blocks[0].addr, blocks.last().map_or(0, |b| b.addr + b.size));
+        let base = *base.entry(*arena).or_insert(start);
+        let texts: Vec<String> = blocks
+            .iter()
+            .map(|v| {
+                let state = match v.state {
+                    "active_allocated" => "A",
+                    "active_pending_free" => "p",
+                    _ => "c",
+                };
+                format!("{state}:{}@{}", crate::error::format_bytes(v.size), v.stream)
+            })
+            .collect();
         out.push_str(&format!(
             "{arena:?} granule {} x{}: {}\n",
             (start - base) / granule_bytes,
             (end - start).div_ceil(granule_bytes),
-            blocks.join(" ")
+            texts.join(" ")
         ));
     }
     out

@@ -35,7 +35,7 @@ pub struct Allocator {
     /// History recording asked for: applied to pools made later too.
     history: Mutex<(bool, usize)>,
     /// `watch_graphs` was called: pools made later watch too.
-    graphs_watched: std::sync::atomic::AtomicBool,
+    graphs_watched: AtomicBool,
 }
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -61,7 +61,7 @@ impl Allocator {
             slots: (0..count).map(|_| Mutex::new(Slot::default())).collect(),
             oom_callbacks: Mutex::new(Vec::new()),
             history: Mutex::new((false, 0)),
-            graphs_watched: std::sync::atomic::AtomicBool::new(false),
+            graphs_watched: AtomicBool::new(false),
         })
     }
 
@@ -95,7 +95,7 @@ impl Allocator {
                 va_size_bytes: self.config.va_size.0,
                 expandable: self.config.expandable_segments,
                 limit_bytes: limit,
-                graph_pools: self.config.graph_pools || self.graphs_watched.load(std::sync::atomic::Ordering::SeqCst),
+                graph_pools: self.config.graph_pools || self.graphs_watched.load(Ordering::SeqCst),
             };
             let mut pool = DevicePool::new(device, self.backend.clone(), settings)?;
             let (on, entries) = *self.history.lock().unwrap_or_else(|p| p.into_inner());
@@ -145,19 +145,26 @@ impl Allocator {
     /// Declares that the CUDA graphs captured so far are destroyed: the
     /// memory kept private to them becomes reusable. Returns the bytes.
     pub fn release_graph_pools(&self) -> u64 {
-        self.slots.iter().map(|slot| lock(slot).pool.as_mut().map_or(0, |p| p.release_graph_pools())).sum()
+        let mut released = 0;
+        self.each_pool(|pool| released += pool.release_graph_pools());
+        released
+    }
+
+    /// Runs `f` on every device's pool that exists, one lock at a time.
+    fn each_pool(&self, mut f: impl FnMut(&mut DevicePool)) {
+        for slot in &self.slots {
+            if let Some(pool) = lock(slot).pool.as_mut() {
+                f(pool);
+            }
+        }
     }
 
     /// From now on every pool, present and future, keeps the memory of CUDA
     /// graph captures private to them (`graph_pools:true`, switched on at
     /// run time; it cannot be switched off). Call before the first capture.
     pub fn watch_graphs(&self) {
-        self.graphs_watched.store(true, std::sync::atomic::Ordering::SeqCst);
-        for slot in &self.slots {
-            if let Some(pool) = lock(slot).pool.as_mut() {
-                pool.watch_graphs();
-            }
-        }
+        self.graphs_watched.store(true, Ordering::SeqCst);
+        self.each_pool(DevicePool::watch_graphs);
     }
 
     /// Registers a callback run before tessera gives up on a request.
@@ -169,11 +176,7 @@ impl Allocator {
     /// of `max_entries` per device (cheap when off: one branch).
     pub fn record_history(&self, enabled: bool, max_entries: usize) {
         *self.history.lock().unwrap_or_else(|p| p.into_inner()) = (enabled, max_entries);
-        for slot in &self.slots {
-            if let Some(pool) = lock(slot).pool.as_mut() {
-                pool.record_history(enabled, max_entries);
-            }
-        }
+        self.each_pool(|pool| pool.record_history(enabled, max_entries));
     }
 
     /// The recorded alloc and free events of a device in the trace format of
@@ -305,12 +308,11 @@ impl Allocator {
     /// Releases cached memory of every device to the driver.
     pub fn empty_cache(&self) -> Result<()> {
         let mut first_error = None;
-        for slot in &self.slots {
-            if let Some(pool) = lock(slot).pool.as_mut()
-                && let Err(e) = pool.empty_cache() {
-                    first_error.get_or_insert(e);
-                }
-        }
+        self.each_pool(|pool| {
+            if let Err(e) = pool.empty_cache() {
+                first_error.get_or_insert(e);
+            }
+        });
         first_error.map_or(Ok(()), Err)
     }
 

@@ -372,9 +372,11 @@ def memory_stats(device=None):
     Each part is read under tessera's lock, but not all at one instant: while other threads
     allocate, derived keys may disagree slightly."""
     device = _default_device(device)
+    # The snapshot first: taking it gives back what the front caches hold (blocks coalesce),
+    # and the counters read after it include that.
+    facts = _segment_facts(device)
     dev = stats(device)
     arenas = {pool: _arena_stats(device, arena) for pool, arena in _POOLS if arena is not None}
-    facts = _segment_facts(device)
 
     def gauge(pool, name):
         return (dev if pool == "all" else arenas[pool])[name]

@@ -1,5 +1,6 @@
-//! The process-wide allocator: the configuration, the backend and one pool
-//! per device, each pool behind its own lock (devices never contend). The
+//! The process-wide allocator: the configuration, the backend and, per
+//! device, a pool behind its own lock (devices never contend) with its front
+//! caches before it (front.rs: the hot path, per-stream locks). The
 //! global instance is built once, at the first call that needs it, from
 //! `TESSERA_CONF` or from a string given to [`configure`] before that.
 //! Invariant: a device's pool exists iff a call for that device succeeded
@@ -9,16 +10,23 @@
 use crate::backend::{self, Backend};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::pool::{ArenaKind, DevicePool, PoolSettings};
+use crate::front::{lock, Front, FrontFree, PoolSlot};
+use crate::pool::{round_size, ArenaKind, DevicePool, PoolSettings};
 use crate::stats::{TesseraCounter, TesseraStats};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 #[derive(Default)]
 struct Slot {
     pool: Option<DevicePool>,
     /// Set by set_memory_fraction; overrides the configured limit.
     fraction: Option<f64>,
+}
+
+impl PoolSlot for Slot {
+    fn pool_mut(&mut self) -> Option<&mut DevicePool> {
+        self.pool.as_mut()
+    }
 }
 
 /// Called before tessera gives up on a request: (device, bytes requested).
@@ -29,6 +37,8 @@ pub struct Allocator {
     config: Config,
     backend: Arc<dyn Backend>,
     slots: Vec<Mutex<Slot>>,
+    /// Per device, in front of its slot: lock a front's shard before the slot.
+    fronts: Vec<Front>,
     /// Shared so that they run with no lock held: a callback may free,
     /// allocate (and so run the callbacks again) or register another.
     oom_callbacks: Mutex<Vec<SharedOomCallback>>,
@@ -36,12 +46,6 @@ pub struct Allocator {
     history: Mutex<(bool, usize)>,
     /// `watch_graphs` was called: pools made later watch too.
     graphs_watched: AtomicBool,
-}
-
-fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
-    // A panic while holding the lock is a bug that the C boundary already
-    // reported; keep serving rather than poison every later call.
-    slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Allocator {
@@ -56,12 +60,13 @@ impl Allocator {
         let count = backend.device_count()?;
         tracing::info!(backend = backend.name(), devices = count, "tessera initialised");
         Ok(Allocator {
-            config,
             backend,
             slots: (0..count).map(|_| Mutex::new(Slot::default())).collect(),
+            fronts: (0..count).map(|_| Front::new(config.front_caches, config.graph_pools)).collect(),
             oom_callbacks: Mutex::new(Vec::new()),
             history: Mutex::new((false, 0)),
             graphs_watched: AtomicBool::new(false),
+            config,
         })
     }
 
@@ -79,8 +84,31 @@ impl Allocator {
         })
     }
 
-    /// Runs `f` on the device's pool, making the pool on first use.
+    /// Runs `f` on the device's pool, making the pool on first use, with the
+    /// fronts' counts merged into its statistics. Blocks the fronts hold stay
+    /// lent (the pool shows them cached): see `drain_fronts`.
     pub fn with_pool<T>(&self, device: i32, f: impl FnOnce(&mut DevicePool) -> Result<T>) -> Result<T> {
+        self.fronts[self.index(device)?].merge(self.slot(device)?);
+        self.pool_op(device, f)
+    }
+
+    /// The device's fronts give back every block they hold: free ones are
+    /// cached in the pool, handed-out ones become its allocations (for
+    /// tools that show blocks, and tests).
+    pub fn drain_fronts(&self, device: i32) -> Result<()> {
+        self.fronts[self.index(device)?].drain(self.slot(device)?, true);
+        Ok(())
+    }
+
+    fn index(&self, device: i32) -> Result<usize> {
+        self.slot(device)?;
+        Ok(device as usize)
+    }
+
+    /// Runs `f` on the device's pool, making the pool on first use. Blocks
+    /// lent to the fronts stay there. A pool that `f` left poisoned stops
+    /// its fronts.
+    fn pool_op<T>(&self, device: i32, f: impl FnOnce(&mut DevicePool) -> Result<T>) -> Result<T> {
         let mut slot = lock(self.slot(device)?);
         if slot.pool.is_none() {
             let limit = self.limit_for(device, slot.fraction)?;
@@ -102,7 +130,25 @@ impl Allocator {
             pool.record_history(on, entries);
             slot.pool = Some(pool);
         }
-        f(slot.pool.as_mut().expect("made above"))
+        let pool = slot.pool.as_mut().expect("made above");
+        let result = f(pool);
+        if pool.poisoned().is_some() {
+            self.fronts[device as usize].stop();
+        }
+        result
+    }
+
+    /// Checks the invariants of the device's fronts and pool (panics on the
+    /// first broken one). For tests and fuzzers.
+    pub fn check_invariants(&self, device: i32) -> Result<()> {
+        let slot = self.slot(device)?;
+        self.fronts[device as usize].check(slot);
+        Ok(())
+    }
+
+    /// Whether the device's pool stopped serving after driver failures.
+    pub fn poisoned(&self, device: i32) -> bool {
+        self.slot(device).is_ok_and(|s| lock(s).pool.as_ref().is_some_and(|p| p.poisoned().is_some()))
     }
 
     fn limit_for(&self, device: i32, fraction: Option<f64>) -> Result<Option<u64>> {
@@ -116,17 +162,28 @@ impl Allocator {
     /// Allocates; when memory is short, runs the OOM callbacks (outside the
     /// device's lock: they may free memory) and retries once before giving up.
     pub fn malloc(&self, size: u64, device: i32, stream: u64) -> Result<u64> {
-        let first = self.with_pool(device, |p| p.malloc(size, stream));
-        let Err(Error::OutOfMemory(_)) = first else { return first };
-        let callbacks = self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let result = if callbacks.is_empty() {
-            first
-        } else {
-            for cb in &callbacks {
-                cb(device, size);
+        let front = &self.fronts[self.index(device)?];
+        if front.enabled() {
+            let capturing = front.graphs() && !matches!(self.backend.capture_id(device, stream), Ok(None));
+            if !capturing && let Some(addr) = front.malloc(round_size(size), size, stream) {
+                return Ok(addr);
             }
-            self.with_pool(device, |p| p.malloc(size, stream))
-        };
+            // A miss: best fit, growth and reclamation see every free block.
+            front.drain(self.slot(device)?, false);
+        }
+        let first = self.pool_op(device, |p| p.malloc(size, stream));
+        let Err(Error::OutOfMemory(_)) = first else { return first };
+        // Other threads' frees may have reached the fronts since the drain.
+        let mut retry = front.drain(self.slot(device)?, false) > 0;
+        let callbacks = self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for cb in &callbacks {
+            cb(device, size);
+            retry = true;
+        }
+        if retry && !callbacks.is_empty() {
+            front.drain(self.slot(device)?, false);
+        }
+        let result = if retry { self.pool_op(device, |p| p.malloc(size, stream)) } else { first };
         if let Err(Error::OutOfMemory(_)) = &result {
             if let Some(path) = &self.config.oom_snapshot.0 {
                 match std::fs::write(path, self.snapshot_json()) {
@@ -134,7 +191,7 @@ impl Allocator {
                     Err(e) => tracing::warn!("tessera: could not write the OOM snapshot to {path}: {e}"),
                 }
             }
-            self.with_pool(device, |p| {
+            self.pool_op(device, |p| {
                 p.on_final_oom(size, stream);
                 Ok(())
             })?;
@@ -151,6 +208,7 @@ impl Allocator {
     }
 
     /// Runs `f` on every device's pool that exists, one lock at a time.
+    /// Blocks lent to the fronts stay there.
     fn each_pool(&self, mut f: impl FnMut(&mut DevicePool)) {
         for slot in &self.slots {
             if let Some(pool) = lock(slot).pool.as_mut() {
@@ -164,6 +222,9 @@ impl Allocator {
     /// run time; it cannot be switched off). Call before the first capture.
     pub fn watch_graphs(&self) {
         self.graphs_watched.store(true, Ordering::SeqCst);
+        for front in &self.fronts {
+            front.watch_graphs();
+        }
         self.each_pool(DevicePool::watch_graphs);
     }
 
@@ -176,6 +237,14 @@ impl Allocator {
     /// of `max_entries` per device (cheap when off: one branch).
     pub fn record_history(&self, enabled: bool, max_entries: usize) {
         *self.history.lock().unwrap_or_else(|p| p.into_inner()) = (enabled, max_entries);
+        // The fronts do not record: while recording, every call takes the pool.
+        for (front, slot) in self.fronts.iter().zip(&self.slots) {
+            if enabled {
+                front.disable(slot);
+            } else if self.config.front_caches {
+                front.enable();
+            }
+        }
         self.each_pool(|pool| pool.record_history(enabled, max_entries));
     }
 
@@ -211,6 +280,8 @@ impl Allocator {
         let mut segments = Vec::new();
         let mut traces = Vec::new();
         for (device, slot) in self.slots.iter().enumerate() {
+            // Blocks handed out by the fronts show as allocated.
+            self.fronts[device].drain(slot, true);
             let slot = lock(slot);
             let mut trace = Vec::new();
             if let Some(pool) = slot.pool.as_ref() {
@@ -258,6 +329,7 @@ impl Allocator {
 
     /// Statistics of one arena of a device (zeros for a device not used yet).
     pub fn arena_stats(&self, device: i32, arena: ArenaKind) -> Result<TesseraStats> {
+        self.fronts[self.index(device)?].merge(self.slot(device)?);
         let slot = lock(self.slot(device)?);
         Ok(slot.pool.as_ref().map(|p| p.arena_stats(arena)).unwrap_or_default())
     }
@@ -265,21 +337,34 @@ impl Allocator {
     /// Frees `ptr`. The pointer is authoritative: if it belongs to another
     /// device than the one named, it is freed there and the mismatch counted.
     pub fn free(&self, ptr: u64, size: Option<u64>, device: i32, stream: Option<u64>) -> Result<()> {
-        let named = self.slot(device).ok();
-        if let Some(slot) = named
-            && let Some(pool) = lock(slot).pool.as_mut().filter(|p| p.owns(ptr)) {
-                return pool.free(ptr, size, stream);
-            }
+        if let Ok(slot) = self.slot(device) {
+            // The stream picks the front's shard; unnamed, the pool knows it.
+            let stream = stream.or_else(|| {
+                let slot = lock(slot);
+                slot.pool.as_ref().and_then(|p| p.allocated_stream(ptr).or_else(|| p.lent_stream(ptr)))
+            });
+            if let Some(stream) = stream
+                && let FrontFree::Handled(result) = self.front_free(device, ptr, size, stream) {
+                    return result;
+                }
+        }
         for (d, slot) in self.slots.iter().enumerate() {
-            if let Some(pool) = lock(slot).pool.as_mut().filter(|p| p.owns(ptr)) {
-                pool.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
-                pool.free(ptr, size, None)?;
-                return Err(Error::InvalidArgument(format!(
-                    "free of {ptr:#x} named device {device}, but it was allocated on device {d}; freed it there"
-                )));
+            let found = {
+                let slot = lock(slot);
+                slot.pool.as_ref().and_then(|p| p.allocated_stream(ptr).or_else(|| p.lent_stream(ptr)))
+            };
+            if let Some(stream) = found {
+                if let FrontFree::Handled(_) = self.front_free(d as i32, ptr, size, stream) {
+                    if let Some(pool) = lock(slot).pool.as_mut() {
+                        pool.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
+                    }
+                    return Err(Error::InvalidArgument(format!(
+                        "free of {ptr:#x} named device {device}, but it was allocated on device {d}; freed it there"
+                    )));
+                }
             }
         }
-        match named.and_then(|slot| lock(slot).pool.as_mut().map(|p| p.free(ptr, size, stream))) {
+        match self.slot(device).ok().and_then(|slot| lock(slot).pool.as_mut().map(|p| p.free(ptr, size, stream))) {
             Some(result) => result, // counts and reports the invalid free
             None => Err(Error::InvalidArgument(format!(
                 "free of {ptr:#x} on device {device}: not a live tessera allocation"
@@ -287,11 +372,23 @@ impl Allocator {
         }
     }
 
+    /// Frees through the device's front (which falls back to its pool).
+    fn front_free(&self, device: i32, ptr: u64, size: Option<u64>, stream: u64) -> FrontFree {
+        let front = &self.fronts[device as usize];
+        let capturing = |s: u64| !matches!(self.backend.capture_id(device, s), Ok(None));
+        front.free(&self.slots[device as usize], ptr, size, stream, &capturing)
+    }
+
     /// Finds the device that owns `ptr` and records the extra stream there.
     pub fn record_stream(&self, ptr: u64, stream: u64) -> Result<()> {
-        for slot in &self.slots {
+        for (d, slot) in self.slots.iter().enumerate() {
+            let lent = lock(slot).pool.as_ref().and_then(|p| p.lent_stream(ptr));
+            if let Some(s) = lent {
+                // Handed out by a front: the pool takes it back first.
+                self.fronts[d].take_back(slot, ptr, s);
+            }
             let mut slot = lock(slot);
-            if let Some(pool) = slot.pool.as_mut().filter(|p| p.owns(ptr)) {
+            if let Some(pool) = slot.pool.as_mut().filter(|p| p.owns(ptr) || p.lent_stream(ptr).is_some()) {
                 return pool.record_stream(ptr, stream);
             }
         }
@@ -308,6 +405,9 @@ impl Allocator {
     /// Releases cached memory of every device to the driver.
     pub fn empty_cache(&self) -> Result<()> {
         let mut first_error = None;
+        for (front, slot) in self.fronts.iter().zip(&self.slots) {
+            front.drain(slot, false);
+        }
         self.each_pool(|pool| {
             if let Err(e) = pool.empty_cache() {
                 first_error.get_or_insert(e);
@@ -331,11 +431,13 @@ impl Allocator {
 
     /// Statistics of a device (zeros for a device not used yet).
     pub fn stats(&self, device: i32) -> Result<TesseraStats> {
+        self.fronts[self.index(device)?].merge(self.slot(device)?);
         let slot = lock(self.slot(device)?);
         Ok(slot.pool.as_ref().map(|p| p.stats()).unwrap_or_default())
     }
 
     pub fn reset_peak_stats(&self, device: i32) -> Result<()> {
+        self.fronts[self.index(device)?].merge(self.slot(device)?);
         if let Some(pool) = lock(self.slot(device)?).pool.as_mut() {
             pool.reset_peaks();
         }
@@ -348,6 +450,16 @@ impl Allocator {
             && let Some(pool) = lock(slot).pool.as_mut() {
                 pool.stats_mut().bump(TesseraCounter::InvalidRequests, 1);
             }
+    }
+}
+
+impl Drop for Allocator {
+    /// The fronts give their blocks back, so that a pool with nothing live
+    /// returns its memory (tests, replays; the global one is never dropped).
+    fn drop(&mut self) {
+        for (front, slot) in self.fronts.iter().zip(&self.slots) {
+            front.drain(slot, true);
+        }
     }
 }
 

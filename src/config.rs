@@ -249,6 +249,11 @@ options! {
     /// (asks the driver whether the stream captures on every allocation and
     /// free). Needed for torch.cuda.graph; see README's known limits.
     graph_pools: bool = "false";
+    /// Serve each stream's freed blocks again, for requests of exactly their
+    /// size, from per-stream front caches with their own locks (the hot path:
+    /// threads on distinct streams do not contend, and a cached pair takes
+    /// no device-wide lock). Off: every call takes the device's lock.
+    front_caches: bool = "true";
     /// A file where the snapshot (JSON, in the shape of
     /// torch.cuda.memory._snapshot()) is written when an allocation fails.
     oom_snapshot: OptPath = "none";

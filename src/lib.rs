@@ -9,6 +9,9 @@
 //! - [`pool`]: the policy layer for one device. Blocks, best fit, split,
 //!   coalesce, streams, growth, reclamation, statistics. It never asks which
 //!   backend it runs on.
+//! - [`front`]: the hot path. Per-stream shards, each with its own lock,
+//!   serve a stream's freed blocks again for requests of exactly their size;
+//!   a miss goes to the pool.
 //! - [`allocator`]: the process-wide registry of devices, configuration and
 //!   the error channel.
 //! - [`ffi`]: the C ABI (`include/tessera.h`), where panics stop.
@@ -33,8 +36,10 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod front;
 pub mod log;
 pub mod pool;
 pub mod replay;
+pub mod spin;
 pub mod stats;
 pub mod trace;

@@ -17,13 +17,14 @@
 //! - Every live handle is either mapped (in `mapped`, by address) or free
 //!   (in `free_handles`), never both.
 //! - The index sets hold exactly the blocks of their state; the gauges equal
-//!   a recount. Quick blocks (see `State::Quick`) are in `quick` once each,
-//!   under their (cache key, size), and in no other index.
+//!   a recount. Lent blocks (see `State::Lent`) are in `live` and in no
+//!   index; the pool counts them as cached, and the front cache holding them
+//!   keeps the difference (see front.rs).
 #![forbid(unsafe_code)]
 
 use crate::backend::{Backend, EventId};
 use crate::error::{Error, OomInfo, Result};
-use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
+use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStat, TesseraStats};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -52,11 +53,12 @@ enum State {
     Pending,
     /// Free and unmapped: address space only.
     Hole,
-    /// Free and mapped, reusable at once on `stream` for a request of exactly
-    /// its size: kept whole, not coalesced nor indexed by size, in `quick`
-    /// (the hot path: a cached pair without tree updates). Any request that
-    /// the quick lists cannot serve flushes them first (`flush_quick`).
-    Quick,
+    /// Lent to a front cache (front.rs), which serves it whole, on `stream`,
+    /// for requests of exactly its size and takes its frees, without the
+    /// pool's lock. The pool counts it as cached and keeps it in `live`
+    /// (free routing finds it), in no index; it comes back by `return_lent`
+    /// (free) or `lent_to_live` (allocated).
+    Lent,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +117,73 @@ struct PendingFree {
     needs_sync: bool,
 }
 
+/// What `free_or_lend` did with a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freed {
+    /// Freed in the pool (cached, pending or, for a mismatch, as allocated).
+    Done,
+    /// Lent to the caller's front cache, whole and free.
+    Lent(LentBlock),
+    /// Already lent to the front cache of this stream: not freed here.
+    HeldByFront(u64),
+}
+
+/// A block lent to a front cache: what the front needs to serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LentBlock {
+    pub id: u32,
+    pub addr: u64,
+    pub size: u64,
+    pub arena: ArenaKind,
+    pub stream: u64,
+}
+
+/// What a front cache counted since it last merged into the pool. A front
+/// only hands lent blocks out and takes them back, so three gauges move
+/// (allocated, requested, active) and cached bytes move opposite to
+/// allocated bytes: they are derived at the merge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontDelta {
+    /// `[scope][gauge]`, scope 0 the device, 1 + `ArenaKind` an arena; gauge
+    /// 0 allocated bytes, 1 requested bytes, 2 active blocks. Each a change
+    /// from zero: `current` the net change, `peak` the highest.
+    pub gauges: [[TesseraStat; 3]; 3],
+    /// Per scope, the lowest net change of allocated bytes (so the highest
+    /// of cached bytes).
+    pub alloc_low: [i64; 3],
+    pub cache_hits: u64,
+}
+
+impl FrontDelta {
+    /// A block of `size` bytes (`requested` asked for) handed out.
+    #[inline]
+    pub fn hand_out(&mut self, arena: ArenaKind, size: u64, requested: u64) {
+        for scope in [0, 1 + arena as usize] {
+            let g = &mut self.gauges[scope];
+            g[0].add(size as i64);
+            g[1].add(requested as i64);
+            g[2].add(1);
+        }
+    }
+
+    /// A handed-out block taken back (freed into the front, or returned to
+    /// the pool as an allocation).
+    #[inline]
+    pub fn take_back(&mut self, arena: ArenaKind, size: u64, requested: u64) {
+        for scope in [0, 1 + arena as usize] {
+            let g = &mut self.gauges[scope];
+            g[0].sub(size as i64);
+            g[1].sub(requested as i64);
+            g[2].sub(1);
+            self.alloc_low[scope] = self.alloc_low[scope].min(g[0].current);
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == FrontDelta::default()
+    }
+}
+
 /// Settings of one pool, resolved from the configuration and the backend.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -157,7 +226,7 @@ pub struct DevicePool {
     /// Slab of blocks; `free_slots` lists unused indices.
     blocks: Vec<Block>,
     free_slots: Vec<BlockId>,
-    /// Allocated and pending blocks by address.
+    /// Allocated, pending and lent blocks by address.
     live: HashMap<u64, BlockId, AddrHash>,
     /// Cached blocks by (arena, cache key, size, addr): best fit per stream
     /// (or per graph capture, see `cache_key`). The only index of them.
@@ -171,11 +240,6 @@ pub struct DevicePool {
     /// Mapped handles by address.
     mapped: BTreeMap<u64, HandleIdx>,
     pending: Vec<PendingFree>,
-    /// Quick blocks by (cache key, size), most recently freed last; at most
-    /// `QUICK_KEYS_MAX` keys. Emptied (capacity kept) by `flush_quick`.
-    quick: HashMap<(u64, u64), QuickList, AddrHash>,
-    /// Number of quick blocks in all lists (0 iff every list is empty).
-    quick_blocks: usize,
     /// All statistics of the device.
     stats: TesseraStats,
     /// The block-level gauges per arena (small, large); they sum to `stats`'.
@@ -256,9 +320,9 @@ fn now_us() -> u64 {
 /// hashing). Addresses are not attacker-chosen, and SipHash's cost is most
 /// of a cached malloc+free pair.
 #[derive(Clone, Copy, Default)]
-struct AddrHash;
+pub(crate) struct AddrHash;
 
-struct AddrHasher(u64);
+pub(crate) struct AddrHasher(u64);
 
 impl std::hash::BuildHasher for AddrHash {
     type Hasher = AddrHasher;
@@ -328,24 +392,6 @@ fn round_up(x: u64, to: u64) -> u64 {
 /// Growths that may reuse the driver's last free-bytes answer.
 const FREE_HINT_USES: u32 = 64;
 
-/// The most blocks a quick list keeps; a free beyond it coalesces.
-const QUICK_LIST_MAX: usize = 16;
-/// The most (cache key, size) lists between two flushes.
-const QUICK_KEYS_MAX: usize = 256;
-
-/// A bounded stack of quick blocks, inline: pushing allocates nothing.
-#[derive(Debug, Default, Clone, Copy)]
-struct QuickList {
-    len: usize,
-    ids: [BlockId; QUICK_LIST_MAX],
-}
-
-impl QuickList {
-    fn as_slice(&self) -> &[BlockId] {
-        &self.ids[..self.len]
-    }
-}
-
 /// Cache keys with this bit set name a graph capture's private cache.
 const GRAPH_KEY: u64 = 1 << 63;
 /// The capture of a block freed when the driver could not say whether its
@@ -393,8 +439,6 @@ impl DevicePool {
             free_handles: BTreeSet::new(),
             mapped: BTreeMap::new(),
             pending: Vec::new(),
-            quick: HashMap::with_hasher(AddrHash),
-            quick_blocks: 0,
             stats: TesseraStats::default(),
             arena_stats: [TesseraStats::default(); 2],
             free_seq: 0,
@@ -558,7 +602,7 @@ impl DevicePool {
             State::Hole => {
                 self.holes.remove(&(b.arena, b.size, b.addr, id));
             }
-            State::Allocated | State::Pending | State::Quick => {}
+            State::Allocated | State::Pending | State::Lent => {}
         }
     }
 
@@ -573,7 +617,7 @@ impl DevicePool {
             State::Hole => {
                 self.holes.insert((b.arena, b.size, b.addr, id));
             }
-            State::Allocated | State::Pending | State::Quick => {}
+            State::Allocated | State::Pending | State::Lent => {}
         }
     }
 
@@ -675,24 +719,9 @@ impl DevicePool {
         };
         self.seen_capture |= graph != 0;
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
-        if let Some(id) = self.pop_quick(key, rounded) {
+        if let Some(id) = self.find_cached(arena, key, rounded) {
             self.stats.bump(C::CacheHits, 1);
             return Ok(self.hand_out(id, rounded, size, stream, graph));
-        }
-        // A block that must be split, while quick blocks wait: they may fit
-        // better, and best fit must see them (flush, below).
-        let take_indexed = self.quick_blocks == 0 || self.peek_cached(arena, key, rounded) == Some(rounded);
-        if take_indexed && let Some(id) = self.find_cached(arena, key, rounded) {
-            self.stats.bump(C::CacheHits, 1);
-            return Ok(self.hand_out(id, rounded, size, stream, graph));
-        }
-        // Everything below sees whole, coalesced, indexed cached blocks.
-        if self.quick_blocks > 0 {
-            self.flush_quick();
-            if let Some(id) = self.find_cached(arena, key, rounded) {
-                self.stats.bump(C::CacheHits, 1);
-                return Ok(self.hand_out(id, rounded, size, stream, graph));
-            }
         }
         self.stats.bump(C::CacheMisses, 1);
         // Small requests take a block that another stream cached and the
@@ -800,76 +829,6 @@ impl DevicePool {
             pending_bytes,
             largest_allocations: largest,
         }
-    }
-
-    /// Freed block `id` (cached, unindexed, just stamped) joins its quick
-    /// list, if it belongs to no graph and the list has room. Returns
-    /// whether it did.
-    fn push_quick(&mut self, id: BlockId) -> bool {
-        let b = self.b(id);
-        if b.graph != 0 {
-            return false;
-        }
-        let (key, size, arena) = (cache_key(b), b.size, b.arena);
-        if self.quick.len() >= QUICK_KEYS_MAX && !self.quick.contains_key(&(key, size)) {
-            return false;
-        }
-        let list = self.quick.entry((key, size)).or_default();
-        if list.len >= QUICK_LIST_MAX {
-            return false;
-        }
-        list.ids[list.len] = id;
-        list.len += 1;
-        self.quick_blocks += 1;
-        self.bm(id).state = State::Quick;
-        self.gauge(arena, G::CachedBytes, size as i64);
-        true
-    }
-
-    /// The most recently freed quick block of `key` of exactly `size`
-    /// bytes, made an unindexed cached block.
-    fn pop_quick(&mut self, key: u64, size: u64) -> Option<BlockId> {
-        if self.quick_blocks == 0 {
-            return None;
-        }
-        let list = self.quick.get_mut(&(key, size))?;
-        if list.len == 0 {
-            return None;
-        }
-        list.len -= 1;
-        let id = list.ids[list.len];
-        self.quick_blocks -= 1;
-        let arena = self.b(id).arena;
-        self.bm(id).state = State::Cached;
-        self.gauge(arena, G::CachedBytes, -(size as i64));
-        Some(id)
-    }
-
-    /// Coalesces and indexes every quick block: after it, every free mapped
-    /// block is in `cached_by_stream`. The lists keep their capacity.
-    fn flush_quick(&mut self) {
-        if self.quick_blocks == 0 {
-            return;
-        }
-        let ids: Vec<BlockId> = self.quick.values().flat_map(|l| l.as_slice().iter().copied()).collect();
-        self.quick.clear();
-        self.quick_blocks = 0;
-        // One at a time: a quick block merges with no neighbour, so no block
-        // of `ids` is absorbed before its turn.
-        for id in ids {
-            let (arena, size) = (self.b(id).arena, self.b(id).size as i64);
-            self.bm(id).state = State::Cached;
-            self.gauge(arena, G::CachedBytes, -size);
-            self.coalesce_and_index(id);
-        }
-    }
-
-    /// The size of the block `find_cached` would return.
-    fn peek_cached(&self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<u64> {
-        self.cached_by_stream
-            .range((arena, stream, rounded, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL))
-            .next()
-            .map(|k| k.2)
     }
 
     fn find_cached(&mut self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<BlockId> {
@@ -1420,7 +1379,6 @@ impl DevicePool {
     /// Unmaps every cached granule and releases every handle with nothing
     /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
     pub fn release_cached(&mut self) -> Result<()> {
-        self.flush_quick();
         self.retry_stale_events();
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
@@ -1450,10 +1408,37 @@ impl DevicePool {
 
     /// Frees the allocation at `addr`. `size` and `stream` are what the
     /// caller believes; a mismatch is counted and reported, and the block's
-    /// own values win.
+    /// own values win. A block lent to a front cache is not freed here (an
+    /// error: the allocator routes such frees to the front).
     pub fn free(&mut self, addr: u64, size: Option<u64>, stream: Option<u64>) -> Result<()> {
+        match self.free_or_lend(addr, size, stream, |_| false)? {
+            Freed::Done => Ok(()),
+            Freed::Lent(_) => unreachable!("nothing is lent when lending is refused"),
+            Freed::HeldByFront(_) => Err(Error::InvalidArgument(format!(
+                "free of {addr:#x}: the block is held by a front cache (a double free, or a free routed wrongly)"
+            ))),
+        }
+    }
+
+    /// The stream of the block at `addr` if it is lent to a front cache.
+    pub fn lent_stream(&self, addr: u64) -> Option<u64> {
+        self.live.get(&addr).map(|&id| self.b(id)).filter(|b| b.state == State::Lent).map(|b| b.stream)
+    }
+
+    /// The stream of the live allocation at `addr`.
+    pub fn allocated_stream(&self, addr: u64) -> Option<u64> {
+        self.live.get(&addr).map(|&id| self.b(id)).filter(|b| b.state == State::Allocated).map(|b| b.stream)
+    }
+
+    /// As `free`, but a block that would be cached whole for its stream (no
+    /// other stream used it, no graph capture owns it, sizes and stream as
+    /// allocated) is lent instead when `lend(stream)` says so: it becomes
+    /// `State::Lent`, counted as cached, and the caller's front cache takes
+    /// it. A block already lent is left alone: `HeldByFront(its stream)`.
+    pub fn free_or_lend(&mut self, addr: u64, size: Option<u64>, stream: Option<u64>, lend: impl Fn(u64) -> bool) -> Result<Freed> {
         let id = match self.live.get(&addr) {
             Some(&id) if self.b(id).state == State::Allocated => id,
+            Some(&id) if self.b(id).state == State::Lent => return Ok(Freed::HeldByFront(self.b(id).stream)),
             _ => {
                 self.stats.bump(C::InvalidFrees, 1);
                 return Err(Error::InvalidArgument(format!(
@@ -1495,11 +1480,15 @@ impl DevicePool {
         }
         self.bm(id).requested = 0;
         let uses = std::mem::take(&mut self.bm(id).stream_uses);
+        if uses.is_empty() && !mismatch && self.b(id).graph == 0 && lend(b.stream) {
+            self.live.insert(addr, id);
+            self.bm(id).state = State::Lent;
+            self.gauge(b.arena, G::CachedBytes, b.size as i64);
+            return Ok(Freed::Lent(LentBlock { id, addr, size: b.size, arena: b.arena, stream: b.stream }));
+        }
         if uses.is_empty() {
             self.stamp_free(id);
-            if !self.push_quick(id) {
-                self.coalesce_and_index(id);
-            }
+            self.coalesce_and_index(id);
         } else {
             let mut events = Vec::with_capacity(uses.len());
             let mut needs_sync = false;
@@ -1533,7 +1522,7 @@ impl DevicePool {
                 b.requested, b.stream
             )));
         }
-        Ok(())
+        Ok(Freed::Done)
     }
 
     /// Block `id` (unindexed) becomes cached for its stream, stamped with a
@@ -1549,6 +1538,72 @@ impl DevicePool {
             self.epochs.entry(stream).or_default();
             self.last_free_stream = Some(stream);
         }
+    }
+
+    /// The block `id` if it is lent (for the front caches' checks).
+    pub fn lent_block(&self, id: u32) -> Option<LentBlock> {
+        let b = self.blocks.get(id as usize).filter(|b| b.state == State::Lent)?;
+        Some(LentBlock { id, addr: b.addr, size: b.size, arena: b.arena, stream: b.stream })
+    }
+
+    /// Number of lent blocks.
+    pub fn lent_count(&self) -> usize {
+        self.live.values().filter(|&&id| self.b(id).state == State::Lent).count()
+    }
+
+    /// A lent block comes back free: cached for its stream, stamped with a
+    /// new free number (later than its real last use: only more careful),
+    /// coalesced and indexed.
+    pub fn return_lent(&mut self, id: BlockId) {
+        let b = self.b(id);
+        assert_eq!(b.state, State::Lent, "return_lent of a block that is not lent");
+        let (addr, arena, size) = (b.addr, b.arena, b.size as i64);
+        self.live.remove(&addr);
+        self.gauge(arena, G::CachedBytes, -size);
+        self.stamp_free(id);
+        self.coalesce_and_index(id);
+    }
+
+    /// A lent block that a front cache handed out comes back allocated
+    /// (before a record_stream, a free during a capture, or a drain). The
+    /// front has already taken back its own count of the allocation.
+    pub fn lent_to_live(&mut self, id: BlockId, requested: u64) {
+        let b = self.bm(id);
+        assert_eq!(b.state, State::Lent, "lent_to_live of a block that is not lent");
+        b.state = State::Allocated;
+        b.requested = requested;
+        let (arena, size) = (b.arena, b.size as i64);
+        self.gauge(arena, G::CachedBytes, -size);
+        self.gauge(arena, G::AllocatedBytes, size);
+        self.gauge(arena, G::RequestedBytes, requested as i64);
+        self.gauge(arena, G::ActiveBlocks, 1);
+    }
+
+    /// Adds what a front cache counted since its last merge (see
+    /// `FrontDelta`): current values, cumulative values and counters add up;
+    /// a peak rises to the current value plus the front's own highest change
+    /// (exact while one front changed between two merges, see front.rs).
+    pub fn merge_front(&mut self, delta: &FrontDelta) {
+        if delta.is_zero() {
+            return;
+        }
+        let [small, large] = &mut self.arena_stats;
+        for (scope, dst) in [&mut self.stats, small, large].into_iter().enumerate() {
+            for (k, g) in [G::AllocatedBytes, G::RequestedBytes, G::ActiveBlocks].into_iter().enumerate() {
+                let (g, d) = (dst.gauge_mut(g), &delta.gauges[scope][k]);
+                g.peak = g.peak.max(g.current + d.peak);
+                g.current += d.current;
+                g.allocated += d.allocated;
+                g.freed += d.freed;
+            }
+            let alloc = delta.gauges[scope][0];
+            let c = dst.gauge_mut(G::CachedBytes);
+            c.peak = c.peak.max(c.current - delta.alloc_low[scope]);
+            c.current -= alloc.current;
+            c.allocated += alloc.freed;
+            c.freed += alloc.allocated;
+        }
+        self.stats.bump(C::CacheHits, delta.cache_hits);
     }
 
     /// Polls each stream's epoch event (advancing what the device is known
@@ -1803,7 +1858,7 @@ impl DevicePool {
                 let b = self.b(id);
                 let state = match b.state {
                     State::Allocated => "active_allocated",
-                    State::Cached | State::Quick => "inactive",
+                    State::Cached | State::Lent => "inactive",
                     State::Pending => "active_pending_free",
                     State::Hole => "hole",
                 };
@@ -1841,20 +1896,26 @@ impl DevicePool {
 
     /// Size of the largest cached block, in bytes.
     pub fn largest_cached_bytes(&self) -> u64 {
-        let quick = self.quick.iter().filter(|(_, l)| l.len > 0).map(|(&(_, size), _)| size);
-        self.cached_by_stream.iter().map(|k| k.2).chain(quick).max().unwrap_or(0)
+        self.cached_by_stream.iter().map(|k| k.2).max().unwrap_or(0)
     }
 
     /// Checks every invariant of the module doc; panics with a description
     /// of the first one broken. For tests and fuzzers.
     pub fn check_invariants(&self) {
+        self.check_invariants_lent(&HashMap::new());
+    }
+
+    /// As `check_invariants`, with the lent blocks that front caches handed
+    /// out (block → bytes requested; their merged counts say allocated):
+    /// every other lent block counts as cached.
+    pub fn check_invariants_lent(&self, lent_live: &HashMap<u32, u64>) {
         if self.poisoned.is_some() {
             return; // fail-stop: the mapping state is unknown by definition
         }
         let g = self.settings.granule_bytes;
         let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
         let mut cached_blocks = 0i64;
-        let mut quick_blocks = 0usize;
+        let mut lent_blocks = 0i64;
         let mut chain_blocks = 0usize;
         // Maximal runs of non-hole blocks: what the mapped handles must tile.
         let mut used_runs: Vec<(u64, u64)> = Vec::new();
@@ -1898,11 +1959,17 @@ impl DevicePool {
                                 cached_blocks += 1;
                                 assert!(self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)));
                             }
-                            State::Quick => {
-                                cached += b.size as i64;
-                                quick_blocks += 1;
-                                let list = self.quick.get(&(cache_key(b), b.size)).map_or(&[][..], |l| l.as_slice());
-                                assert_eq!(list.iter().filter(|&&q| q == id).count(), 1, "quick block {id} not listed once");
+                            State::Lent => {
+                                lent_blocks += 1;
+                                assert_eq!(self.live.get(&b.addr), Some(&id), "lent block not in live map");
+                                assert_eq!(b.graph, 0, "a graph's block was lent");
+                                if let Some(&req) = lent_live.get(&id) {
+                                    allocated += b.size as i64;
+                                    requested += req as i64;
+                                    active += 1;
+                                } else {
+                                    cached += b.size as i64;
+                                }
                             }
                             State::Hole => unreachable!(),
                         }
@@ -1936,10 +2003,8 @@ impl DevicePool {
         assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
         assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
-        assert_eq!(quick_blocks, self.quick_blocks, "quick count");
-        assert_eq!(self.quick.values().map(|l| l.len).sum::<usize>(), quick_blocks, "quick lists hold other blocks");
-        assert!(self.quick.len() <= QUICK_KEYS_MAX, "too many quick lists");
-        assert_eq!(self.live.len() as i64, active + pending);
+        assert_eq!(self.live.len() as i64, active - lent_live.len() as i64 + pending + lent_blocks);
+        assert!(lent_live.keys().all(|&id| self.b(id).state == State::Lent), "a front's live block is not lent");
         let (mut physical, mut handles) = (0i64, 0usize);
         for (h, handle) in self.handles.iter().enumerate() {
             let Some(handle) = handle else { continue };

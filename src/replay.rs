@@ -129,6 +129,7 @@ pub fn replay_with_timeline(
     }
     result.elapsed_ns = start.elapsed().as_nanos();
     result.stats = alloc.stats(0).map_err(|e| e.to_string())?;
+    alloc.drain_fronts(0).map_err(|e| e.to_string())?;
     result.final_segments = alloc.with_pool(0, |p| Ok(p.segments())).map_err(|e| e.to_string())?;
     Ok(result)
 }

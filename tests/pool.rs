@@ -418,39 +418,39 @@ fn small_requests_take_blocks_other_streams_are_done_with() {
 }
 
 #[test]
-fn quick_blocks_serve_exact_sizes_and_coalesce_before_anything_else() {
+fn front_blocks_serve_exact_sizes_and_coalesce_before_anything_else() {
     let (a, _) = sim("growth_size:0");
-    // Four adjacent 2 MiB blocks, freed: they wait whole in a quick list.
+    // Four adjacent 2 MiB blocks, freed: they wait whole in a front's list.
     let blocks: Vec<u64> = (0..4).map(|_| a.malloc(2 * MIB, 0, 0).unwrap()).collect();
     for &b in &blocks {
         a.free(b, None, 0, None).unwrap();
         check(&a, 0);
     }
-    assert_eq!(gauge(&a, G::CachedBytes), (8 * MIB) as i64, "quick blocks count as cached");
+    assert_eq!(gauge(&a, G::CachedBytes), (8 * MIB) as i64, "blocks in the fronts count as cached");
     let mapped = gauge(&a, G::MappedBytes);
     // The same size comes back at once, most recently freed first.
     let again = a.malloc(2 * MIB, 0, 0).unwrap();
     assert_eq!(again, blocks[3]);
     a.free(again, None, 0, None).unwrap();
-    // A larger request: the quick blocks coalesce and serve it, no growth.
+    // A larger request: the fronts' blocks coalesce and serve it, no growth.
     let big = a.malloc(8 * MIB, 0, 0).unwrap();
     assert_eq!(big, blocks[0]);
-    assert_eq!(gauge(&a, G::MappedBytes), mapped, "served from the coalesced quick blocks");
+    assert_eq!(gauge(&a, G::MappedBytes), mapped, "served from the coalesced blocks");
     check(&a, 0);
     a.free(big, None, 0, None).unwrap();
-    // A smaller request splits only after the quick blocks are flushed: best
+    // A smaller request splits only after the fronts are drained: best
     // fit sees every free block.
     let small = a.malloc(MIB + 512, 0, 0).unwrap();
     assert_eq!(small, blocks[0]);
     a.free(small, None, 0, None).unwrap();
     a.empty_cache().unwrap();
-    assert_eq!(gauge(&a, G::CachedBytes), 0, "empty_cache releases quick blocks too");
+    assert_eq!(gauge(&a, G::CachedBytes), 0, "empty_cache releases the fronts' blocks too");
     assert_eq!(gauge(&a, G::ReservedBytes), 0);
     check(&a, 0);
 }
 
 #[test]
-fn quick_lists_are_bounded() {
+fn front_lists_are_bounded() {
     let (a, _) = sim("growth_size:0");
     let blocks: Vec<u64> = (0..100).map(|_| a.malloc(4096, 0, 0).unwrap()).collect();
     for &b in &blocks {

@@ -479,9 +479,10 @@ fn pending_frees_on_a_busy_stream_cost_one_query_per_allocation() {
     }
     let asked = backend.queries.load(std::sync::atomic::Ordering::Relaxed) - before;
     assert!(asked <= 10, "{asked} event queries for 10 allocations with 50 blocks pending on one stream");
-    // Once stream 2 is done, one allocation frees them all.
+    // Once stream 2 is done, one allocation that the front caches cannot
+    // serve (another size: the pool's path) frees them all.
     model.lock().unwrap().synchronize();
-    let p = a.malloc(4096, 0, 1).unwrap();
+    let p = a.malloc(8192, 0, 1).unwrap();
     assert_eq!(a.stats(0).unwrap().gauge(tessera::stats::TesseraGauge::PendingFreeBlocks).current, 0);
     a.free(p, None, 0, Some(1)).unwrap();
     check(&a, 0);

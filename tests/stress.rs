@@ -1,6 +1,8 @@
 //! Many threads at once on the host backend (real memory): each thread
 //! allocates, writes, checks and frees on its own stream, and hands some
-//! blocks to other threads to free (as autograd's backward thread does).
+//! blocks to other threads to free (as autograd's backward thread does);
+//! some blocks are recorded on other streams, statistics read and the cache
+//! emptied meanwhile.
 //! Every live block keeps its pattern; at the end no two blocks overlapped,
 //! the invariants hold and the statistics equal a recount.
 //! `TESSERA_STRESS_OPS` sets the operations per thread (default 40,000).
@@ -45,11 +47,13 @@ fn eight_threads_on_eight_streams_keep_every_byte() {
                     let r = xorshift(&mut rng);
                     match r % 16 {
                         0..=6 => {
-                            let size = match r >> 8 & 3 {
+                            let size = match r >> 8 & 7 {
                                 0 => 1 + (r >> 16) % 512,
                                 1 => 512 + (r >> 16) % 8192,
                                 2 => 8192 + (r >> 16) % 65536,
-                                _ => 65536 + (r >> 16) % 1_000_000,
+                                3 => 65536 + (r >> 16) % 1_000_000,
+                                // Repeated sizes: the front caches' exact reuse.
+                                _ => [512, 4096, 100_000, 300_000][(r >> 16) as usize % 4],
                             };
                             match a.malloc(size, 0, t) {
                                 Ok(ptr) => {
@@ -83,6 +87,16 @@ fn eight_threads_on_eight_streams_keep_every_byte() {
                             let b = &live[(r >> 8) as usize % live.len()];
                             assert!(verify(b.ptr, b.size, b.seed), "thread {t}: a live block changed");
                             checked += 1;
+                            // Calls that take blocks back from the fronts
+                            // while other threads serve from them.
+                            match (r >> 20) % 64 {
+                                0..=3 => a.record_stream(b.ptr, (t + 1) % threads).unwrap(),
+                                4..=5 => {
+                                    a.stats(0).unwrap();
+                                }
+                                6 => a.empty_cache().unwrap(),
+                                _ => {}
+                            }
                         }
                         _ => {}
                     }

@@ -23,11 +23,7 @@ pub fn host(conf: &str) -> (Allocator, Arc<HostBackend>) {
 }
 
 pub fn check(a: &Allocator, device: i32) {
-    a.with_pool(device, |p| {
-        p.check_invariants();
-        Ok(())
-    })
-    .unwrap();
+    a.check_invariants(device).unwrap();
 }
 
 /// Fills `len` bytes at `addr` with a pattern derived from `seed`.

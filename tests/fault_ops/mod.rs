@@ -202,11 +202,9 @@ pub fn check_consistent(a: &Allocator, f: &Faulty, what: &str) {
     if poisoned(a) {
         return; // fail-stop after unrecoverable driver failures: nothing to compare
     }
+    a.check_invariants(0).unwrap_or_else(|e| panic!("{what}: check_invariants failed: {e}"));
     let (stats, blocks) = a
-        .with_pool(0, |p| {
-            p.check_invariants();
-            Ok((p.stats(), p.blocks()))
-        })
+        .with_pool(0, |p| Ok((p.stats(), p.blocks())))
         .unwrap_or_else(|e| panic!("{what}: with_pool failed: {e}"));
     let violations = f.violations();
     assert!(violations.is_empty(), "{what}: backend contract broken: {violations:?}");
@@ -345,7 +343,7 @@ pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
 
 /// Whether device 0's pool stopped serving after unrecoverable faults.
 pub fn poisoned(a: &Allocator) -> bool {
-    a.with_pool(0, |p| Ok(p.poisoned().is_some())).unwrap_or(false)
+    a.poisoned(0)
 }
 
 /// Hex of an input, for failure messages and TESSERA_FAULT_INPUT.

@@ -382,10 +382,10 @@ impl Allocator {
     /// Finds the device that owns `ptr` and records the extra stream there.
     pub fn record_stream(&self, ptr: u64, stream: u64) -> Result<()> {
         for (d, slot) in self.slots.iter().enumerate() {
-            let lent = lock(slot).pool.as_ref().and_then(|p| p.lent_stream(ptr));
-            if let Some(s) = lent {
+            let lent = lock(slot).pool.as_ref().and_then(|p| p.lent_at(ptr));
+            if let Some(b) = lent {
                 // Handed out by a front: the pool takes it back first.
-                self.fronts[d].take_back(slot, ptr, s);
+                self.fronts[d].take_back(slot, &b);
             }
             let mut slot = lock(slot);
             if let Some(pool) = slot.pool.as_mut().filter(|p| p.owns(ptr) || p.lent_stream(ptr).is_some()) {

@@ -4,14 +4,16 @@
 //! shard has its own lock, so threads on distinct streams do not contend, and
 //! the pool's lock (best fit, growth, driver calls, reclamation) is taken
 //! only on a miss; the miss first drains every shard's free blocks back, so
-//! best fit and reclamation always see coalesced memory.
+//! best fit and reclamation always see coalesced memory. A block stays in its
+//! list while handed out, so the hot pair is one list lookup each way.
 //!
 //! Invariants (checked by [`Front::check`], with the pool's):
-//! - A block that a shard holds, free in a list or handed out in `live`, is
-//!   `State::Lent` in the pool, held by exactly one shard: the shard of its
-//!   stream. Every lent block is held by a shard.
-//! - A list holds at most `LIST_MAX` blocks of one (stream, size), a shard at
-//!   most `KEYS_MAX` lists; `cached_blocks` is the sum of the list lengths.
+//! - A block in a shard's list, free or handed out, is `State::Lent` in the
+//!   pool, in exactly one list: the list of its (stream, size) in the shard
+//!   of its stream. Every lent block is in a list.
+//! - A list holds at most `LIST_MAX` blocks, a shard at most `KEYS_MAX`
+//!   lists; `cached_blocks` and `out_blocks` count the free and handed-out
+//!   blocks of all its lists.
 //! - The pool's statistics plus every shard's `delta` equal a recount.
 //!   Bit i of `touched` is set if shard i holds free blocks or a delta.
 //!
@@ -21,12 +23,12 @@
 //! never two shards, except `check`, which takes all in index order.
 #![forbid(unsafe_code)]
 
-use crate::pool::{round_size, AddrHash, ArenaKind, DevicePool, Freed, FrontDelta, LentBlock};
-use crate::stats::TesseraCounter as C;
 use crate::error::{Error, Result};
+use crate::pool::{round_size, AddrHash, ArenaKind, DevicePool, Freed, FrontDelta, LentBlock};
+use crate::spin::{SpinGuard, SpinLock};
+use crate::stats::TesseraCounter as C;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use crate::spin::{SpinGuard, SpinLock};
 use std::sync::{Mutex, MutexGuard};
 
 const SHARD_BITS: u32 = 6;
@@ -54,37 +56,96 @@ pub fn shard_of(stream: u64) -> usize {
     (stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARD_BITS)) as usize
 }
 
-/// A bounded stack of free blocks (id, address) of one (stream, size),
-/// inline: pushing allocates nothing.
+/// One lent block of a list.
+#[derive(Debug, Clone, Copy, Default)]
+struct Item {
+    id: u32,
+    addr: u64,
+    /// Bytes asked for, while handed out.
+    requested: u64,
+}
+
+/// Up to `LIST_MAX` lent blocks of one (stream, size), inline: pushing
+/// allocates nothing. Items `0..len` are in use; bit i of `free` is set iff
+/// item i is free (the others are handed out).
 #[derive(Debug, Clone, Copy)]
 struct List {
     arena: ArenaKind,
     len: usize,
-    items: [(u32, u64); LIST_MAX],
+    free: u32,
+    items: [Item; LIST_MAX],
 }
 
-/// A block a shard handed out.
-#[derive(Debug, Clone, Copy)]
-struct Out {
-    id: u32,
-    size: u64,
-    requested: u64,
-    stream: u64,
-    arena: ArenaKind,
+impl List {
+    fn new(arena: ArenaKind) -> List {
+        List { arena, len: 0, free: 0, items: [Item::default(); LIST_MAX] }
+    }
+
+    /// The index of the item at `addr`.
+    fn find(&self, addr: u64) -> Option<usize> {
+        self.items[..self.len].iter().position(|it| it.addr == addr)
+    }
+
+    fn is_free(&self, i: usize) -> bool {
+        self.free & (1 << i) != 0
+    }
+
+    /// Removes item i (the last one takes its place).
+    fn remove(&mut self, i: usize) {
+        let last = self.len - 1;
+        let last_free = self.is_free(last);
+        self.items[i] = self.items[last];
+        self.free &= !(1 << i) & !(1 << last);
+        if last_free && i != last {
+            self.free |= 1 << i;
+        }
+        self.len = last;
+    }
 }
 
 #[derive(Default)]
 struct ShardState {
-    /// Free lent blocks by (stream, size), most recently freed last.
+    /// Lent blocks by (stream, size).
     lists: HashMap<(u64, u64), List, AddrHash>,
-    /// Sum of the lists' lengths.
+    /// Free blocks in all lists.
     cached_blocks: usize,
-    /// Lent blocks handed out by this shard, by address.
-    live: HashMap<u64, Out, AddrHash>,
+    /// Handed-out blocks in all lists.
+    out_blocks: usize,
     /// Counted since the last merge into the pool.
     delta: FrontDelta,
     /// This shard's bit is set in `Front::touched`.
     marked: bool,
+}
+
+impl ShardState {
+    /// Adds a free lent block to its list; false if the list or the shard
+    /// is full.
+    fn push(&mut self, b: &LentBlock) -> bool {
+        if self.lists.len() >= KEYS_MAX && !self.lists.contains_key(&(b.stream, b.size)) {
+            return false;
+        }
+        let list = self.lists.entry((b.stream, b.size)).or_insert_with(|| List::new(b.arena));
+        if list.len == LIST_MAX {
+            return false;
+        }
+        list.items[list.len] = Item { id: b.id, addr: b.addr, requested: 0 };
+        list.free |= 1 << list.len;
+        list.len += 1;
+        self.cached_blocks += 1;
+        true
+    }
+
+    /// Takes handed-out block `b` out of its list (it goes back to the pool
+    /// as an allocation): its item, or None if it is not handed out here.
+    fn take_out(&mut self, b: &LentBlock) -> Option<Item> {
+        let list = self.lists.get_mut(&(b.stream, b.size))?;
+        let i = list.find(b.addr).filter(|&i| !list.is_free(i))?;
+        let item = list.items[i];
+        list.remove(i);
+        self.out_blocks -= 1;
+        self.delta.take_back(b.arena, b.size, item.requested);
+        Some(item)
+    }
 }
 
 /// One lock per shard, each on its own cache lines.
@@ -110,29 +171,6 @@ pub struct Front {
     enabled: AtomicBool,
     /// Graph captures are watched: blocks of capturing streams go to the pool.
     graphs: AtomicBool,
-}
-
-/// Accounting of taking back `out`, handed out earlier.
-fn count_back(delta: &mut FrontDelta, out: &Out) {
-    delta.take_back(out.arena, out.size, out.requested);
-}
-
-impl ShardState {
-    /// Puts a free lent block in its list; false if the list or the shard
-    /// is full.
-    fn push(&mut self, stream: u64, size: u64, arena: ArenaKind, id: u32, addr: u64) -> bool {
-        if self.lists.len() >= KEYS_MAX && !self.lists.contains_key(&(stream, size)) {
-            return false;
-        }
-        let list = self.lists.entry((stream, size)).or_insert_with(|| List { arena, len: 0, items: [(0, 0); LIST_MAX] });
-        if list.len == LIST_MAX {
-            return false;
-        }
-        list.items[list.len] = (id, addr);
-        list.len += 1;
-        self.cached_blocks += 1;
-        true
-    }
 }
 
 impl Front {
@@ -169,29 +207,31 @@ impl Front {
     /// The hot path: a free block of exactly `rounded` bytes that `stream`
     /// freed, handed out again; None on a miss.
     pub fn malloc(&self, rounded: u64, requested: u64, stream: u64) -> Option<u64> {
-        let idx = shard_of(stream);
-        let mut guard = self.shards[idx].0.lock();
+        let mut guard = self.shards[shard_of(stream)].0.lock();
         let sh = &mut *guard;
         // Read under the lock: `disable` drains after clearing it.
         if sh.cached_blocks == 0 || !self.enabled() {
             return None;
         }
-        let list = sh.lists.get_mut(&(stream, rounded)).filter(|l| l.len > 0)?;
-        list.len -= 1;
-        let (id, addr) = list.items[list.len];
-        let out = Out { id, size: rounded, requested, stream, arena: list.arena };
+        let list = sh.lists.get_mut(&(stream, rounded)).filter(|l| l.free != 0)?;
+        let i = (u32::BITS - 1 - list.free.leading_zeros()) as usize; // the latest free slot
+        list.free &= !(1 << i);
+        let item = &mut list.items[i];
+        item.requested = requested;
+        let (addr, arena) = (item.addr, list.arena);
         sh.cached_blocks -= 1;
-        sh.live.insert(addr, out);
-        sh.delta.hand_out(out.arena, out.size, out.requested);
+        sh.out_blocks += 1;
+        sh.delta.hand_out(arena, rounded, requested);
         sh.delta.cache_hits += 1;
         Some(addr)
     }
 
-    /// Frees `addr`, named by the caller with `stream` (PyTorch passes the
-    /// allocation's). A block this front handed out is cached in its list at
-    /// once; any other goes to the pool, which lends it to this shard when
-    /// it belongs here. `capturing(stream)` asks the driver (only called
-    /// when graphs are watched).
+    /// Frees `addr`, named by the caller with `size` and `stream` (PyTorch
+    /// passes the allocation's). The hot path: a block handed out by the
+    /// stream's shard becomes free in its list. Anything else goes through
+    /// the pool: it lends a block to the stream's shard when it belongs
+    /// there, and reports double, mismatched and foreign frees.
+    /// `capturing(stream)` asks the driver (only when graphs are watched).
     pub fn free<S: PoolSlot>(
         &self,
         slot: &Mutex<S>,
@@ -200,90 +240,122 @@ impl Front {
         stream: u64,
         capturing: &dyn Fn(u64) -> bool,
     ) -> FrontFree {
-        let mut idx = shard_of(stream);
-        for attempt in 0..2 {
+        if let Some(size) = size {
+            let idx = shard_of(stream);
             let mut guard = self.shards[idx].0.lock();
             let sh = &mut *guard;
-            if let Some(out) = sh.live.remove(&addr) {
-                let mismatch = size.is_some_and(|s| s != out.requested && s != out.size) || stream != out.stream;
-                if mismatch || !self.enabled() || (self.graphs() && capturing(out.stream)) {
-                    // The pool frees it: it reports a mismatch, keeps a
-                    // capture's memory private, or serves nothing.
-                    count_back(&mut sh.delta, &out);
+            let rounded = round_size(size);
+            if sh.out_blocks > 0
+                && let Some(list) = sh.lists.get_mut(&(stream, rounded))
+                && let Some(i) = list.find(addr).filter(|&i| !list.is_free(i))
+            {
+                let requested = list.items[i].requested;
+                let plain = (size == requested || size == rounded)
+                    && self.enabled()
+                    && !(self.graphs() && capturing(stream));
+                if plain {
+                    list.free |= 1 << i;
+                    let arena = list.arena;
+                    sh.cached_blocks += 1;
+                    sh.out_blocks -= 1;
+                    sh.delta.take_back(arena, rounded, requested);
                     self.mark(idx, sh);
+                    return FrontFree::Handled(Ok(()));
+                }
+            }
+        }
+        self.free_through_pool(slot, addr, size, stream)
+    }
+
+    fn free_through_pool<S: PoolSlot>(&self, slot: &Mutex<S>, addr: u64, size: Option<u64>, stream: u64) -> FrontFree {
+        for _attempt in 0..2 {
+            // Which block is it? (The pool alone: no shard is held.)
+            let lent = {
+                let mut pool_guard = lock(slot);
+                let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
+                match pool.lent_at(addr) {
+                    Some(b) => Some(b),
+                    None if pool.owns(addr) => None,
+                    None => return FrontFree::NotFound,
+                }
+            };
+            match lent {
+                Some(b) => {
+                    // In a list of the block's own shard.
+                    let idx = shard_of(b.stream);
+                    let mut guard = self.shards[idx].0.lock();
+                    let sh = &mut *guard;
+                    let Some(list) = sh.lists.get_mut(&(b.stream, b.size)) else { continue };
+                    let Some(i) = list.find(addr) else { continue }; // moved meanwhile
+                    if list.is_free(i) {
+                        let mut pool_guard = lock(slot);
+                        let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
+                        pool.stats_mut().bump(C::InvalidFrees, 1);
+                        return FrontFree::Handled(Err(Error::InvalidArgument(format!(
+                            "free of {addr:#x}, which is not a live tessera allocation on device {} (freed twice)",
+                            pool.device()
+                        ))));
+                    }
+                    let item = sh.take_out(&b).expect("found handed out above");
+                    self.mark(idx, sh);
+                    // The pool frees it: it reports what the caller named
+                    // wrongly, keeps a capture's memory private, or caches it.
                     let mut pool_guard = lock(slot);
                     let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
                     pool.merge_front(&sh.delta);
                     sh.delta = FrontDelta::default();
-                    pool.lent_to_live(out.id, out.requested);
+                    pool.lent_to_live(b.id, item.requested);
                     return FrontFree::Handled(pool.free(addr, size, Some(stream)));
                 }
-                count_back(&mut sh.delta, &out);
-                self.mark(idx, sh);
-                if !sh.push(out.stream, out.size, out.arena, out.id, addr) {
+                None => {
+                    // The pool's own allocation: it may lend it to the shard
+                    // of the stream named, if that is the block's.
+                    let idx = shard_of(stream);
+                    let mut guard = self.shards[idx].0.lock();
+                    let sh = &mut *guard;
                     let mut pool_guard = lock(slot);
-                    if let Some(pool) = pool_guard.pool_mut() {
-                        pool.merge_front(&sh.delta);
-                        sh.delta = FrontDelta::default();
-                        pool.return_lent(out.id);
+                    let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
+                    if !pool.owns(addr) {
+                        continue; // freed or lent meanwhile: look again
                     }
+                    pool.merge_front(&sh.delta);
+                    sh.delta = FrontDelta::default();
+                    let enabled = self.enabled();
+                    let result = pool.free_or_lend(addr, size, Some(stream), |s| enabled && shard_of(s) == idx);
+                    return FrontFree::Handled(match result {
+                        Ok(Freed::Lent(b)) => {
+                            self.mark(idx, sh);
+                            if !sh.push(&b) {
+                                pool.return_lent(b.id);
+                            }
+                            Ok(())
+                        }
+                        Ok(Freed::Done) => Ok(()),
+                        Ok(Freed::HeldByFront(_)) => Err(Error::InvalidArgument(format!("free of {addr:#x}: lent while locked"))),
+                        Err(e) => Err(e),
+                    });
                 }
-                return FrontFree::Handled(Ok(()));
             }
-            // Not handed out here: the pool knows the block.
-            let mut pool_guard = lock(slot);
-            let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
-            let held = pool.lent_stream(addr);
-            if held.is_none() && !pool.owns(addr) {
-                return FrontFree::NotFound;
-            }
-            if let Some(s) = held {
-                if shard_of(s) != idx && attempt == 0 {
-                    idx = shard_of(s); // handed out by another shard
-                    continue;
-                }
-                // Lent, in this shard's lists: already free.
-                pool.stats_mut().bump(C::InvalidFrees, 1);
-                return FrontFree::Handled(Err(Error::InvalidArgument(format!(
-                    "free of {addr:#x}, which is not a live tessera allocation on device {} (freed twice)",
-                    pool.device()
-                ))));
-            }
-            pool.merge_front(&sh.delta);
-            sh.delta = FrontDelta::default();
-            let enabled = self.enabled();
-            let result = pool.free_or_lend(addr, size, Some(stream), |s| enabled && shard_of(s) == idx);
-            return FrontFree::Handled(match result {
-                Ok(Freed::Lent(b)) => {
-                    self.mark(idx, sh);
-                    if !sh.push(b.stream, b.size, b.arena, b.id, b.addr) {
-                        pool.return_lent(b.id);
-                    }
-                    Ok(())
-                }
-                Ok(Freed::Done) => Ok(()),
-                Ok(Freed::HeldByFront(_)) => Err(Error::InvalidArgument(format!("free of {addr:#x}: lent while locked"))),
-                Err(e) => Err(e),
-            });
         }
-        unreachable!("the second attempt returns")
+        FrontFree::Handled(Err(Error::InvalidArgument(format!(
+            "free of {addr:#x}: the block changed hands during the free (freed from two threads at once?)"
+        ))))
     }
 
     /// Takes a block this front handed out back into the pool as an
-    /// ordinary allocation (before a record_stream). False if no shard has
-    /// it out (then it is free: lent and listed).
-    pub fn take_back<S: PoolSlot>(&self, slot: &Mutex<S>, addr: u64, stream: u64) -> bool {
-        let idx = shard_of(stream);
+    /// ordinary allocation (before a record_stream). False if it is not
+    /// handed out (then it is free: lent and listed).
+    pub fn take_back<S: PoolSlot>(&self, slot: &Mutex<S>, b: &LentBlock) -> bool {
+        let idx = shard_of(b.stream);
         let mut guard = self.shards[idx].0.lock();
         let sh = &mut *guard;
-        let Some(out) = sh.live.remove(&addr) else { return false };
-        count_back(&mut sh.delta, &out);
+        let Some(item) = sh.take_out(b) else { return false };
         self.mark(idx, sh);
         let mut pool_guard = lock(slot);
         let Some(pool) = pool_guard.pool_mut() else { return false };
         pool.merge_front(&sh.delta);
         sh.delta = FrontDelta::default();
-        pool.lent_to_live(out.id, out.requested);
+        pool.lent_to_live(b.id, item.requested);
         true
     }
 
@@ -296,28 +368,46 @@ impl Front {
         for idx in (0..SHARDS).filter(|i| mask & (1 << i) != 0) {
             let mut guard = self.shards[idx].0.lock();
             let sh = &mut *guard;
-            if !sh.marked && !(handed_out && !sh.live.is_empty()) {
+            if !sh.marked && !(handed_out && sh.out_blocks > 0) {
                 continue;
             }
             let mut pool_guard = lock(slot);
             let Some(pool) = pool_guard.pool_mut() else { return returned };
-            let outs: Vec<Out> = if handed_out { sh.live.drain().map(|(_, o)| o).collect() } else { Vec::new() };
-            for out in &outs {
-                count_back(&mut sh.delta, out);
+            let mut outs: Vec<(u32, u64)> = Vec::new();
+            if handed_out {
+                for (&(_, size), list) in &sh.lists {
+                    for (i, item) in list.items[..list.len].iter().enumerate() {
+                        if !list.is_free(i) {
+                            sh.delta.take_back(list.arena, size, item.requested);
+                            outs.push((item.id, item.requested));
+                        }
+                    }
+                }
             }
             pool.merge_front(&sh.delta);
             sh.delta = FrontDelta::default();
-            for out in &outs {
-                pool.lent_to_live(out.id, out.requested);
+            for &(id, requested) in &outs {
+                pool.lent_to_live(id, requested);
             }
-            for list in sh.lists.values() {
-                for &(id, _) in &list.items[..list.len] {
-                    pool.return_lent(id);
-                    returned += 1;
+            for list in sh.lists.values_mut() {
+                let mut i = 0;
+                while i < list.len {
+                    if list.is_free(i) {
+                        pool.return_lent(list.items[i].id);
+                        returned += 1;
+                        list.remove(i); // the last item moves to i: look again
+                    } else if handed_out {
+                        list.remove(i);
+                    } else {
+                        i += 1;
+                    }
                 }
             }
-            sh.lists.clear();
+            sh.lists.retain(|_, l| l.len > 0);
             sh.cached_blocks = 0;
+            if handed_out {
+                sh.out_blocks = 0;
+            }
             sh.marked = false;
             self.touched.fetch_and(!(1u64 << idx), Ordering::AcqRel);
         }
@@ -364,7 +454,7 @@ impl Front {
         let mut guards: Vec<SpinGuard<'_, ShardState>> = self.shards.iter().map(|s| s.0.lock()).collect();
         let mut pool_guard = lock(slot);
         let Some(pool) = pool_guard.pool_mut() else {
-            assert!(guards.iter().all(|g| g.live.is_empty() && g.cached_blocks == 0), "a front holds blocks of no pool");
+            assert!(guards.iter().all(|g| g.lists.is_empty()), "a front holds blocks of no pool");
             return;
         };
         let touched = self.touched.load(Ordering::Acquire);
@@ -374,32 +464,81 @@ impl Front {
             pool.merge_front(&sh.delta);
             sh.delta = FrontDelta::default();
             assert!(sh.lists.len() <= KEYS_MAX, "shard {idx}: {} lists", sh.lists.len());
-            let mut listed = 0;
+            let (mut free, mut out) = (0, 0);
             for (&(stream, size), list) in &sh.lists {
                 assert!(list.len <= LIST_MAX, "shard {idx}: a list of {}", list.len);
-                for &(id, addr) in &list.items[..list.len] {
+                assert_eq!(list.free >> list.len, 0, "shard {idx}: free bits past the list's end");
+                assert_eq!(shard_of(stream), idx, "a list of stream {stream:#x} in the wrong shard");
+                for (i, item) in list.items[..list.len].iter().enumerate() {
+                    let id = item.id;
                     let b: LentBlock = pool.lent_block(id).unwrap_or_else(|| panic!("listed block {id} is not lent"));
-                    assert_eq!((b.addr, b.size, b.stream), (addr, size, stream), "listed block {id} is not what its list says");
-                    assert_eq!(b.arena, list.arena, "listed block {id}: arena");
-                    assert_eq!(shard_of(stream), idx, "block {id} listed in the wrong shard");
-                    assert!(seen.insert(id), "block {id} held twice");
-                    listed += 1;
+                    assert_eq!((b.addr, b.size, b.stream, b.arena), (item.addr, size, stream, list.arena), "block {id} is not what its list says");
+                    assert!(seen.insert(id), "block {id} listed twice");
+                    if list.is_free(i) {
+                        free += 1;
+                    } else {
+                        out += 1;
+                        assert!(round_size(item.requested) == size, "block {id}: requested {}", item.requested);
+                        lent_live.insert(id, item.requested);
+                    }
                 }
             }
-            assert_eq!(listed, sh.cached_blocks, "shard {idx}: cached_blocks");
-            if listed > 0 {
+            assert_eq!((free, out), (sh.cached_blocks, sh.out_blocks), "shard {idx}: counts");
+            if free > 0 {
                 assert!(sh.marked && touched & (1 << idx) != 0, "shard {idx} holds free blocks unmarked");
             }
-            for (&addr, out) in &sh.live {
-                let b = pool.lent_block(out.id).unwrap_or_else(|| panic!("handed-out block {} is not lent", out.id));
-                assert_eq!((b.addr, b.size, b.stream, b.arena), (addr, out.size, out.stream, out.arena), "handed-out block {}", out.id);
-                assert_eq!(shard_of(out.stream), idx, "block {} handed out by the wrong shard", out.id);
-                assert!(seen.insert(out.id), "block {} held twice", out.id);
-                assert!(out.requested <= out.size && round_size(out.requested.max(1)) == out.size, "block {}: requested {}", out.id, out.requested);
-                lent_live.insert(out.id, out.requested);
+        }
+        assert_eq!(pool.lent_count(), seen.len(), "lent blocks in no list");
+        pool.check_invariants_lent(&lent_live);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list_of(free: &[bool]) -> List {
+        let mut l = List::new(ArenaKind::Small);
+        for (i, &f) in free.iter().enumerate() {
+            l.items[i] = Item { id: i as u32, addr: 0x1000 * (i as u64 + 1), requested: 0 };
+            if f {
+                l.free |= 1 << i;
             }
         }
-        assert_eq!(pool.lent_count(), seen.len(), "lent blocks no shard holds");
-        pool.check_invariants_lent(&lent_live);
+        l.len = free.len();
+        l
+    }
+
+    #[test]
+    fn removing_an_item_keeps_every_other_item_and_its_state() {
+        // Found by the fault soak: removing the last item, when free, left
+        // its bit set past the end.
+        for len in 1..=4 {
+            for mask in 0u32..(1 << len) {
+                for i in 0..len {
+                    let free: Vec<bool> = (0..len).map(|k| mask & (1 << k) != 0).collect();
+                    let mut l = list_of(&free);
+                    l.remove(i);
+                    assert_eq!(l.len, len - 1);
+                    assert_eq!(l.free >> l.len, 0, "a bit past the end (len {len}, mask {mask:b}, removed {i})");
+                    let mut left: Vec<(u32, bool)> = (0..l.len).map(|k| (l.items[k].id, l.is_free(k))).collect();
+                    left.sort_unstable();
+                    let want: Vec<(u32, bool)> = (0..len).filter(|&k| k != i).map(|k| (k as u32, free[k])).collect();
+                    assert_eq!(left, want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streams_spread_over_the_shards() {
+        // Small integers (tests, the sim) and pointers 16 or 64 bytes apart
+        // (CUDA streams) land in distinct shards in runs of eight.
+        for (base, step) in [(0x100u64, 1u64), (0x5555_0000_1000, 16), (0x7f00_0000_0000, 64)] {
+            let mut shards: Vec<usize> = (0..8).map(|k| shard_of(base + k * step)).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            assert_eq!(shards.len(), 8, "base {base:#x} step {step}");
+        }
     }
 }

@@ -1420,9 +1420,14 @@ impl DevicePool {
         }
     }
 
+    /// The block at `addr` if it is lent to a front cache.
+    pub fn lent_at(&self, addr: u64) -> Option<LentBlock> {
+        self.live.get(&addr).and_then(|&id| self.lent_block(id))
+    }
+
     /// The stream of the block at `addr` if it is lent to a front cache.
     pub fn lent_stream(&self, addr: u64) -> Option<u64> {
-        self.live.get(&addr).map(|&id| self.b(id)).filter(|b| b.state == State::Lent).map(|b| b.stream)
+        self.lent_at(addr).map(|b| b.stream)
     }
 
     /// The stream of the live allocation at `addr`.

@@ -168,7 +168,14 @@ impl Allocator {
             if !capturing && let Some(addr) = front.malloc(round_size(size), size, stream) {
                 return Ok(addr);
             }
-            // A miss: best fit, growth and reclamation see every free block.
+            // A miss. A cached block of exactly this size serves it as it
+            // is; otherwise best fit, growth and reclamation must see every
+            // free block.
+            // (The fronts' counts first, so that peaks stay exact.)
+            front.merge(self.slot(device)?);
+            if !capturing && let Some(addr) = self.pool_op(device, |p| Ok(p.malloc_if_exact(size, stream)))? {
+                return Ok(addr);
+            }
             front.drain(self.slot(device)?, false);
         }
         let first = self.pool_op(device, |p| p.malloc(size, stream));

@@ -831,6 +831,26 @@ impl DevicePool {
         }
     }
 
+    /// Serves the request from a cached block of exactly its size on its
+    /// stream, if there is one (no split, no growth, no driver call: the
+    /// front caches' miss tries this before draining them). Never during
+    /// graph capture watching, nor on a poisoned pool.
+    pub fn malloc_if_exact(&mut self, size: u64, stream: u64) -> Option<u64> {
+        if self.settings.graph_pools || self.poisoned.is_some() || self.history.is_some() {
+            return None;
+        }
+        let rounded = round_size(size);
+        let arena = self.arena_of(rounded);
+        let &(_, _, found, _, id) = self
+            .cached_by_stream
+            .range((arena, stream, rounded, 0, 0)..=(arena, stream, rounded, u64::MAX, NIL))
+            .next()?;
+        debug_assert_eq!(found, rounded);
+        self.unindex(id);
+        self.stats.bump(C::CacheHits, 1);
+        Some(self.hand_out(id, rounded, size, stream, 0))
+    }
+
     fn find_cached(&mut self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<BlockId> {
         let &(_, _, _, _, id) = self
             .cached_by_stream

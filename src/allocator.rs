@@ -361,7 +361,8 @@ impl Allocator {
                 slot.pool.as_ref().and_then(|p| p.allocated_stream(ptr).or_else(|| p.lent_stream(ptr)))
             };
             if let Some(stream) = found {
-                if let FrontFree::Handled(_) = self.front_free(d as i32, ptr, size, stream) {
+                if let FrontFree::Handled(result) = self.front_free(d as i32, ptr, size, stream) {
+                    result?; // a double free there, say, is reported as such
                     if let Some(pool) = lock(slot).pool.as_mut() {
                         pool.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
                     }

@@ -30,6 +30,9 @@
 //!   mapped), pending (freed, waiting for other streams), or a hole (free and
 //!   unmapped).
 //! - *stream*: an opaque `u64` (a `cudaStream_t` on the cuda backend).
+//! - *front cache*: per device, 64 shards keyed by a hash of the stream, each
+//!   holding *lent* blocks (the pool's, lent whole) free or handed out, for
+//!   exact-size reuse on their stream without the pool's lock.
 
 pub mod allocator;
 pub mod backend;

@@ -233,3 +233,16 @@ fn during_a_graph_capture_the_fronts_neither_serve_nor_take_the_stream_s_blocks(
     }
     check(&a, 0);
 }
+
+#[test]
+fn a_double_free_naming_another_device_is_reported_as_a_double_free() {
+    let (a, _) = host("device_count:2,page_size:64K,device_capacity:64M");
+    let p = a.malloc(4096, 1, 5).unwrap();
+    a.free(p, None, 1, Some(5)).unwrap(); // free in device 1's front
+    let err = a.free(p, Some(4096), 0, Some(5)).unwrap_err();
+    assert!(err.to_string().contains("freed twice"), "{err}");
+    assert_eq!(a.stats(1).unwrap().counter(C::InvalidFrees), 1);
+    assert_eq!(a.stats(1).unwrap().counter(C::MismatchedFrees), 0);
+    check(&a, 0);
+    check(&a, 1);
+}

@@ -13,7 +13,7 @@
 #   bash tests/gpu/multi/run.sh          # two GPUs: two devices in one process, DDP under torchrun
 #   python3 tests/gpu/bench_multistream.py # memory shared across streams, tessera vs native
 #   python3 tests/gpu/drv_cost.py         # what one cuMemGetInfo costs (a driver call on the growth path)
-# The last test, memcheck, reruns six tests under compute-sanitizer (about 2-4 minutes).
+# The last test, memcheck, reruns seven tests under compute-sanitizer (about 2-4 minutes).
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD

@@ -79,13 +79,17 @@ struct Options {
     loops: u64,
     trace: String,
     threads: Vec<usize>,
+    /// Pin thread t to CPU t * pin_stride (0: no pinning).
+    pin_stride: usize,
 }
 
-const USAGE: &str = "usage: tessera-bench [--pairs N] [--loops N] [--trace PATH] [--threads LIST] [--quick]
+const USAGE: &str = "usage: tessera-bench [--pairs N] [--loops N] [--trace PATH] [--threads LIST] [--pin S] [--quick]
   --pairs N      malloc+free pairs per thread per measurement (default 300000)
   --loops N      replays of the trace through one allocator (default 1000)
   --trace PATH   the trace to replay (default tests/data/kv_grow.trace.gz)
   --threads L    thread counts, comma separated (default 1,2,4,8)
+  --pin S        pin bench thread t to CPU t*S (S=2 skips SMT siblings numbered
+                 next to each other; see lscpu -e); default: no pinning
   --quick        --pairs 20000 --loops 100";
 
 fn options() -> Result<Options, String> {
@@ -94,6 +98,7 @@ fn options() -> Result<Options, String> {
         loops: 1000,
         trace: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kv_grow.trace.gz").into(),
         threads: vec![1, 2, 4, 8],
+        pin_stride: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -109,6 +114,7 @@ fn options() -> Result<Options, String> {
                     .collect::<Option<Vec<_>>>()
                     .ok_or("bad --threads")?
             }
+            "--pin" => o.pin_stride = value("--pin")?.parse().map_err(|_| "bad --pin")?,
             "--quick" => {
                 o.pairs = 20_000;
                 o.loops = 100;
@@ -187,7 +193,20 @@ struct HotRow {
 
 /// Runs `threads` threads, each on its own stream, `pairs` pairs each.
 /// Best of `reps` repetitions (least wall time).
-fn hot(api: Api, alloc: &Arc<Allocator>, size: u64, label: &'static str, threads: usize, pairs: u64, reps: usize) -> HotRow {
+/// Pins the calling thread to one CPU (best effort: a failure leaves it free).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data, zeroed is its empty set; CPU_SET and
+    // sched_setaffinity get a valid pointer to it and its exact size; pid 0
+    // is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn hot(api: Api, alloc: &Arc<Allocator>, size: u64, label: &'static str, threads: usize, pairs: u64, reps: usize, pin_stride: usize) -> HotRow {
     let mut best: Option<HotRow> = None;
     for _ in 0..reps {
         let barrier = Arc::new(Barrier::new(threads + 1));
@@ -195,6 +214,9 @@ fn hot(api: Api, alloc: &Arc<Allocator>, size: u64, label: &'static str, threads
             .map(|t| {
                 let (alloc, barrier) = (alloc.clone(), barrier.clone());
                 std::thread::spawn(move || {
+                    if pin_stride > 0 {
+                        pin_to_cpu(t * pin_stride);
+                    }
                     let stream = 0x100 + t as u64;
                     pairs_loop(api, &alloc, size, stream, 1); // map this stream's block
                     barrier.wait();
@@ -338,7 +360,7 @@ fn main() {
             let mut line = format!("{:<6} {:>6}", api.name(), label);
             let mut base = None;
             for &t in &o.threads {
-                let row = hot(api, &alloc, size, label, t, o.pairs, 3);
+                let row = hot(api, &alloc, size, label, t, o.pairs, 3, o.pin_stride);
                 let b = *base.get_or_insert(row.pairs_per_s);
                 line += &format!("{:>10.1} ns x{:<5.2}", row.ns_per_pair, row.pairs_per_s / b);
                 rows.push(row);

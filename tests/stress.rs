@@ -1,5 +1,6 @@
 //! Many threads at once on the host backend (real memory): each thread
-//! allocates, writes, checks and frees on its own stream, and hands some
+//! allocates, writes, checks and frees on its stream (its own, or one it
+//! shares with other threads), and hands some
 //! blocks to other threads to free (as autograd's backward thread does);
 //! some blocks are recorded on other streams, statistics read and the cache
 //! emptied meanwhile.
@@ -28,8 +29,20 @@ fn xorshift(state: &mut u64) -> u64 {
 
 #[test]
 fn eight_threads_on_eight_streams_keep_every_byte() {
-    let threads = 8u64;
-    let ops: u64 = std::env::var("TESSERA_STRESS_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(40_000);
+    stress(8, 8, 40_000);
+}
+
+/// Threads sharing streams share front shards: their locks contend, and a
+/// block one thread freed is handed out to the other.
+#[test]
+fn four_threads_on_two_streams_keep_every_byte() {
+    stress(4, 2, 20_000);
+}
+
+/// `threads` threads on `streams` streams (thread t on stream t % streams),
+/// `default_ops` operations each unless TESSERA_STRESS_OPS says otherwise.
+fn stress(threads: u64, streams: u64, default_ops: u64) {
+    let ops: u64 = std::env::var("TESSERA_STRESS_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_ops);
     let (a, backend) = host("page_size:64K,max_handle_size:256K,device_capacity:256M,small_size:64K,growth_size:1M");
     let a = Arc::new(a);
     // Blocks handed between threads: freed by another thread than the one
@@ -55,11 +68,11 @@ fn eight_threads_on_eight_streams_keep_every_byte() {
                                 // Repeated sizes: the front caches' exact reuse.
                                 _ => [512, 4096, 100_000, 300_000][(r >> 16) as usize % 4],
                             };
-                            match a.malloc(size, 0, t) {
+                            match a.malloc(size, 0, t % streams) {
                                 Ok(ptr) => {
                                     let seed = t << 40 | i;
                                     fill(ptr, size, seed);
-                                    live.push(Block { ptr, size, stream: t, seed });
+                                    live.push(Block { ptr, size, stream: t % streams, seed });
                                 }
                                 Err(tessera::error::Error::OutOfMemory(_)) => ooms += 1,
                                 Err(e) => panic!("thread {t}: {e}"),
@@ -134,7 +147,7 @@ fn eight_threads_on_eight_streams_keep_every_byte() {
     check(&a, 0);
     assert_eq!(backend.live_handles(0), 0, "handles leaked");
     eprintln!(
-        "stress: {threads} threads x {ops} operations in {elapsed:.1} s ({:.0} ns/op), {checked} blocks checked, {ooms} OOMs",
+        "stress: {threads} threads on {streams} streams x {ops} operations in {elapsed:.1} s ({:.0} ns/op), {checked} blocks checked, {ooms} OOMs",
         elapsed * 1e9 / (threads * ops) as f64
     );
 }

@@ -33,7 +33,7 @@ use std::sync::{Mutex, MutexGuard};
 
 const SHARD_BITS: u32 = 6;
 /// Shards per device; a stream's shard is a hash of it.
-pub const SHARDS: usize = 1 << SHARD_BITS;
+const SHARDS: usize = 1 << SHARD_BITS;
 /// The most free blocks a list keeps; a free beyond it goes to the pool.
 const LIST_MAX: usize = 16;
 /// The most (stream, size) lists a shard keeps between two drains.

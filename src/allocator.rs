@@ -360,16 +360,16 @@ impl Allocator {
                 let slot = lock(slot);
                 slot.pool.as_ref().and_then(|p| p.allocated_stream(ptr).or_else(|| p.lent_stream(ptr)))
             };
-            if let Some(stream) = found {
-                if let FrontFree::Handled(result) = self.front_free(d as i32, ptr, size, stream) {
-                    result?; // a double free there, say, is reported as such
-                    if let Some(pool) = lock(slot).pool.as_mut() {
-                        pool.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
-                    }
-                    return Err(Error::InvalidArgument(format!(
-                        "free of {ptr:#x} named device {device}, but it was allocated on device {d}; freed it there"
-                    )));
+            if let Some(stream) = found
+                && let FrontFree::Handled(result) = self.front_free(d as i32, ptr, size, stream)
+            {
+                result?; // a double free there, say, is reported as such
+                if let Some(pool) = lock(slot).pool.as_mut() {
+                    pool.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
                 }
+                return Err(Error::InvalidArgument(format!(
+                    "free of {ptr:#x} named device {device}, but it was allocated on device {d}; freed it there"
+                )));
             }
         }
         match self.slot(device).ok().and_then(|slot| lock(slot).pool.as_mut().map(|p| p.free(ptr, size, stream))) {

@@ -368,7 +368,8 @@ impl Front {
         for idx in (0..SHARDS).filter(|i| mask & (1 << i) != 0) {
             let mut guard = self.shards[idx].0.lock();
             let sh = &mut *guard;
-            if !sh.marked && !(handed_out && sh.out_blocks > 0) {
+            // Nothing to give back: no free block, no delta, nothing out.
+            if !(sh.marked || handed_out && sh.out_blocks > 0) {
                 continue;
             }
             let mut pool_guard = lock(slot);

@@ -49,7 +49,7 @@ fn peaks_are_exact_on_one_stream() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        if rng % 2 == 0 || live.is_empty() {
+        if rng.is_multiple_of(2) || live.is_empty() {
             let size = [512, 1024, 4096, 1 << 20, 3 << 20][(rng >> 8) as usize % 5];
             live.push((a.malloc(size, 0, 1).unwrap(), size));
             now += size;

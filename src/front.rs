@@ -3,8 +3,9 @@
 //! its size on s (stream order makes that reuse safe without an event). Each
 //! shard has its own lock, so threads on distinct streams do not contend, and
 //! the pool's lock (best fit, growth, driver calls, reclamation) is taken
-//! only on a miss; the miss first drains every shard's free blocks back, so
-//! best fit and reclamation always see coalesced memory. A block stays in its
+//! only on a miss. A miss takes a pool block of exactly its size if there is
+//! one, else first drains every shard's free blocks back, so that best fit
+//! and reclamation see coalesced memory. A block stays in its
 //! list while handed out, so the hot pair is one list lookup each way.
 //!
 //! Invariants (checked by [`Front::check`], with the pool's):
@@ -34,7 +35,8 @@ use std::sync::{Mutex, MutexGuard};
 const SHARD_BITS: u32 = 6;
 /// Shards per device; a stream's shard is a hash of it.
 const SHARDS: usize = 1 << SHARD_BITS;
-/// The most free blocks a list keeps; a free beyond it goes to the pool.
+/// The most blocks (free or handed out) a list holds; a block lent beyond
+/// it goes back to the pool.
 const LIST_MAX: usize = 16;
 /// The most (stream, size) lists a shard keeps between two drains.
 const KEYS_MAX: usize = 64;

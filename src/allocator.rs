@@ -180,15 +180,16 @@ impl Allocator {
         }
         let first = self.pool_op(device, |p| p.malloc(size, stream));
         let Err(Error::OutOfMemory(_)) = first else { return first };
-        // Other threads' frees may have reached the fronts since the drain.
+        // Other threads' frees may have reached the fronts since the drain;
+        // the callbacks' frees may too.
         let mut retry = front.drain(self.slot(device)?, false) > 0;
         let callbacks = self.oom_callbacks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for cb in &callbacks {
-            cb(device, size);
-            retry = true;
-        }
-        if retry && !callbacks.is_empty() {
+        if !callbacks.is_empty() {
+            for cb in &callbacks {
+                cb(device, size);
+            }
             front.drain(self.slot(device)?, false);
+            retry = true;
         }
         let result = if retry { self.pool_op(device, |p| p.malloc(size, stream)) } else { first };
         if let Err(Error::OutOfMemory(_)) = &result {
@@ -346,20 +347,14 @@ impl Allocator {
     pub fn free(&self, ptr: u64, size: Option<u64>, device: i32, stream: Option<u64>) -> Result<()> {
         if let Ok(slot) = self.slot(device) {
             // The stream picks the front's shard; unnamed, the pool knows it.
-            let stream = stream.or_else(|| {
-                let slot = lock(slot);
-                slot.pool.as_ref().and_then(|p| p.allocated_stream(ptr).or_else(|| p.lent_stream(ptr)))
-            });
+            let stream = stream.or_else(|| lock(slot).pool.as_ref().and_then(|p| p.held_stream(ptr)));
             if let Some(stream) = stream
                 && let FrontFree::Handled(result) = self.front_free(device, ptr, size, stream) {
                     return result;
                 }
         }
         for (d, slot) in self.slots.iter().enumerate() {
-            let found = {
-                let slot = lock(slot);
-                slot.pool.as_ref().and_then(|p| p.allocated_stream(ptr).or_else(|| p.lent_stream(ptr)))
-            };
+            let found = lock(slot).pool.as_ref().and_then(|p| p.held_stream(ptr));
             if let Some(stream) = found
                 && let FrontFree::Handled(result) = self.front_free(d as i32, ptr, size, stream)
             {
@@ -396,7 +391,7 @@ impl Allocator {
                 self.fronts[d].take_back(slot, &b);
             }
             let mut slot = lock(slot);
-            if let Some(pool) = slot.pool.as_mut().filter(|p| p.owns(ptr) || p.lent_stream(ptr).is_some()) {
+            if let Some(pool) = slot.pool.as_mut().filter(|p| p.held_stream(ptr).is_some()) {
                 return pool.record_stream(ptr, stream);
             }
         }

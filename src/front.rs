@@ -137,6 +137,12 @@ impl ShardState {
         true
     }
 
+    /// Adds this shard's counts to the pool's and starts counting afresh.
+    fn merge_into(&mut self, pool: &mut DevicePool) {
+        pool.merge_front(&self.delta);
+        self.delta = FrontDelta::default();
+    }
+
     /// Takes handed-out block `b` out of its list (it goes back to the pool
     /// as an allocation): its item, or None if it is not handed out here.
     fn take_out(&mut self, b: &LentBlock) -> Option<Item> {
@@ -298,15 +304,10 @@ impl Front {
                             pool.device()
                         ))));
                     }
-                    let item = sh.take_out(&b).expect("found handed out above");
-                    self.mark(idx, sh);
                     // The pool frees it: it reports what the caller named
                     // wrongly, keeps a capture's memory private, or caches it.
-                    let mut pool_guard = lock(slot);
-                    let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
-                    pool.merge_front(&sh.delta);
-                    sh.delta = FrontDelta::default();
-                    pool.lent_to_live(b.id, item.requested);
+                    let Some(mut pool_guard) = self.hand_back(idx, sh, slot, &b) else { return FrontFree::NotFound };
+                    let pool = pool_guard.pool_mut().expect("hand_back found the pool");
                     return FrontFree::Handled(pool.free(addr, size, Some(stream)));
                 }
                 None => {
@@ -320,8 +321,7 @@ impl Front {
                     if !pool.owns(addr) {
                         continue; // freed or lent meanwhile: look again
                     }
-                    pool.merge_front(&sh.delta);
-                    sh.delta = FrontDelta::default();
+                    sh.merge_into(pool);
                     let enabled = self.enabled();
                     let result = pool.free_or_lend(addr, size, Some(stream), |s| enabled && shard_of(s) == idx);
                     return FrontFree::Handled(match result {
@@ -350,15 +350,27 @@ impl Front {
     pub fn take_back<S: PoolSlot>(&self, slot: &Mutex<S>, b: &LentBlock) -> bool {
         let idx = shard_of(b.stream);
         let mut guard = self.shards[idx].0.lock();
-        let sh = &mut *guard;
-        let Some(item) = sh.take_out(b) else { return false };
+        self.hand_back(idx, &mut guard, slot, b).is_some()
+    }
+
+    /// Takes block `b`, handed out by shard `idx` (locked by the caller), out
+    /// of its list and makes it an ordinary allocation of the pool, with the
+    /// shard's counts merged. Returns the pool's guard, still locked; None if
+    /// the shard does not have `b` out.
+    fn hand_back<'a, S: PoolSlot>(
+        &self,
+        idx: usize,
+        sh: &mut ShardState,
+        slot: &'a Mutex<S>,
+        b: &LentBlock,
+    ) -> Option<MutexGuard<'a, S>> {
+        let item = sh.take_out(b)?;
         self.mark(idx, sh);
         let mut pool_guard = lock(slot);
-        let Some(pool) = pool_guard.pool_mut() else { return false };
-        pool.merge_front(&sh.delta);
-        sh.delta = FrontDelta::default();
+        let pool = pool_guard.pool_mut()?;
+        sh.merge_into(pool);
         pool.lent_to_live(b.id, item.requested);
-        true
+        Some(pool_guard)
     }
 
     /// Gives every shard's free blocks back to the pool and merges every
@@ -387,8 +399,7 @@ impl Front {
                     }
                 }
             }
-            pool.merge_front(&sh.delta);
-            sh.delta = FrontDelta::default();
+            sh.merge_into(pool);
             for &(id, requested) in &outs {
                 pool.lent_to_live(id, requested);
             }
@@ -429,8 +440,7 @@ impl Front {
             }
             let mut pool_guard = lock(slot);
             let Some(pool) = pool_guard.pool_mut() else { return };
-            pool.merge_front(&sh.delta);
-            sh.delta = FrontDelta::default();
+            sh.merge_into(pool);
         }
     }
 
@@ -464,8 +474,7 @@ impl Front {
         let mut seen = HashSet::new();
         let mut lent_live: HashMap<u32, u64> = HashMap::new();
         for (idx, sh) in guards.iter_mut().enumerate() {
-            pool.merge_front(&sh.delta);
-            sh.delta = FrontDelta::default();
+            sh.merge_into(pool);
             assert!(sh.lists.len() <= KEYS_MAX, "shard {idx}: {} lists", sh.lists.len());
             let (mut free, mut out) = (0, 0);
             for (&(stream, size), list) in &sh.lists {

@@ -946,6 +946,18 @@ impl DevicePool {
         addr
     }
 
+    /// Granules that growth for a request of `rounded` bytes maps at least:
+    /// small large-arena requests grow by growth_bytes, as PyTorch's
+    /// segments do, so that their neighbours hit the cache; others (0) by
+    /// what they need.
+    fn least_growth_granules(&self, arena: ArenaKind, rounded: u64) -> u64 {
+        if arena == ArenaKind::Large && rounded < self.settings.growth_bytes / 2 {
+            self.settings.growth_bytes / self.settings.granule_bytes
+        } else {
+            0
+        }
+    }
+
     /// Maps new granules for a request that no cached block serves and
     /// returns an unindexed cached block of at least `rounded` bytes.
     ///
@@ -959,11 +971,7 @@ impl DevicePool {
         let fresh_granules = round_up(rounded, g) / g;
         if self.settings.expandable && !capturing {
             // What growth will map (see `growth` below), at most.
-            let planned = if arena == ArenaKind::Large && rounded < self.settings.growth_bytes / 2 {
-                fresh_granules.max(self.settings.growth_bytes / g)
-            } else {
-                fresh_granules
-            };
+            let planned = fresh_granules.max(self.least_growth_granules(arena, rounded));
             self.recycle_before_growth(planned)?;
         }
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
@@ -994,14 +1002,8 @@ impl DevicePool {
         };
         let va = self.b(hole).addr;
         let room = self.b(hole).size / g;
-        // Small large-arena requests grow by at least growth_bytes, as
-        // PyTorch's segments do, so that their neighbours hit the cache;
-        // when memory is short, exactly what is needed.
-        let growth = if arena == ArenaKind::Large && rounded < self.settings.growth_bytes / 2 {
-            (self.settings.growth_bytes / g).clamp(new_granules, room)
-        } else {
-            new_granules
-        };
+        // When memory is short, exactly what is needed (below).
+        let growth = self.least_growth_granules(arena, rounded).clamp(new_granules, room);
         let mapped = match self.map_granules(va, growth, room) {
             Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room),
             other => other,
@@ -1445,14 +1447,11 @@ impl DevicePool {
         self.live.get(&addr).and_then(|&id| self.lent_block(id))
     }
 
-    /// The stream of the block at `addr` if it is lent to a front cache.
-    pub fn lent_stream(&self, addr: u64) -> Option<u64> {
-        self.lent_at(addr).map(|b| b.stream)
-    }
-
-    /// The stream of the live allocation at `addr`.
-    pub fn allocated_stream(&self, addr: u64) -> Option<u64> {
-        self.live.get(&addr).map(|&id| self.b(id)).filter(|b| b.state == State::Allocated).map(|b| b.stream)
+    /// The stream of the block at `addr` if it is allocated, or lent to a
+    /// front cache (where it may be handed out): a block a free may name.
+    pub fn held_stream(&self, addr: u64) -> Option<u64> {
+        let b = self.b(*self.live.get(&addr)?);
+        matches!(b.state, State::Allocated | State::Lent).then_some(b.stream)
     }
 
     /// As `free`, but a block that would be cached whole for its stream (no

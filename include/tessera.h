@@ -31,7 +31,7 @@ typedef struct CUstream_st *cudaStream_t;
 /*
  Number of counters (entries of `TesseraStats.counters`).
  */
-#define TESSERA_COUNTER_COUNT 15
+#define TESSERA_COUNTER_COUNT 16
 
 /*
  A quantity that goes up and down (bytes or counts held now).
@@ -152,6 +152,14 @@ enum TesseraCounter
    Driver or OS calls that failed other than for lack of memory.
    */
   TESSERA_COUNTER_DRIVER_ERRORS,
+  /*
+   Allocations under pressure served across a gap: the cached
+   fragments on either side of a hole (of any stream, the device idle)
+   joined with granules mapped into the hole, so that fragments too
+   small alone still serve a request that needs more granules than
+   are free.
+   */
+  TESSERA_COUNTER_GAP_PLACEMENTS,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

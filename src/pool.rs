@@ -757,7 +757,13 @@ impl DevicePool {
         }
         let need = round_up(rounded, self.settings.granule_bytes) / self.settings.granule_bytes;
         if self.settings.expandable {
-            self.reclaim(need)?;
+            let idle = self.reclaim(need)?;
+            // Fewer granules free than a fresh range needs: the cached
+            // fragments beside the holes make up the rest.
+            if idle && self.free_handle_granules() < need
+                && let Some(id) = self.grow_across_gap(arena, rounded, stream)? {
+                    return Ok(self.hand_out(id, rounded, size, stream, 0));
+                }
         } else {
             self.release_cached()?;
         }
@@ -1386,16 +1392,122 @@ impl DevicePool {
 
     /// Under pressure: makes at least `need` granules free by unmapping
     /// cached granules, largest blocks first, after the device is done with
-    /// them. Stops early when enough are free.
-    fn reclaim(&mut self, need: u64) -> Result<()> {
+    /// them. Stops early when enough are free. Returns whether it
+    /// synchronized the device: then every cached block outside graph pools
+    /// is safe on any stream (until the lock is let go).
+    fn reclaim(&mut self, need: u64) -> Result<bool> {
         // Blocks waiting for other streams (record_stream) count: after the
         // synchronize they are cached, and reclaimable.
         if self.free_handle_granules() >= need || (self.cached_by_stream.is_empty() && self.pending.is_empty()) {
-            return Ok(());
+            return Ok(false);
         }
         self.backend.synchronize(self.device)?;
         self.process_pending()?;
-        self.unmap_cached_largest_first(need, false)
+        self.unmap_cached_largest_first(need, false)?;
+        Ok(true)
+    }
+
+    /// Under pressure, the device idle (the caller synchronized): serves
+    /// `rounded` bytes across a gap, the run of cached blocks (any stream,
+    /// no graph's) before a hole, the hole, and the run after it, mapping
+    /// only the hole's granules the block covers. From the gap's start, or
+    /// ending at its end (mapping the back of the hole), whichever maps
+    /// fewer; the gap that maps fewest wins, if fewer than a fresh range.
+    /// Returns an unindexed cached block of the stream, or None.
+    fn grow_across_gap(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
+        let g = self.settings.granule_bytes;
+        let usable = |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && p.b(x).graph == 0;
+        // (new granules, hole, first block, last block, map the hole's back)
+        let mut best: Option<(u64, BlockId, BlockId, BlockId, bool)> = None;
+        for &(_, hole_bytes, _, hole) in self.holes.range((arena, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)) {
+            let room = hole_bytes / g;
+            let (mut before, mut first) = (0, hole);
+            while usable(self, self.b(first).prev) {
+                first = self.b(first).prev;
+                before += self.b(first).size;
+            }
+            let (mut after, mut last) = (0, hole);
+            while usable(self, self.b(last).next) {
+                last = self.b(last).next;
+                after += self.b(last).size;
+            }
+            // From the gap's start: the run before, then the hole's front,
+            // then (the hole all mapped) the run after.
+            if before > 0 && rounded > before && rounded <= before + room * g + after {
+                let new = (round_up(rounded - before, g) / g).min(room);
+                let upto = if new * g + before >= rounded { hole } else { last };
+                if new < best.map_or(round_up(rounded, g) / g, |b| b.0) {
+                    best = Some((new, hole, first, upto, false));
+                }
+            }
+            // Ending at the gap's end: the hole's back, then the run after.
+            if after > 0 && rounded > after && rounded - after <= room * g {
+                let new = round_up(rounded - after, g) / g;
+                if new < best.map_or(round_up(rounded, g) / g, |b| b.0) {
+                    best = Some((new, hole, hole, last, true));
+                }
+            }
+        }
+        let Some((new, hole, first, last, back)) = best else { return Ok(None) };
+        let hole_bytes = self.b(hole).size;
+        // The granules to map: the front of `hole`, or a new hole block
+        // split off its back.
+        let (target, room) = if back && new * g < hole_bytes {
+            self.unindex(hole);
+            let target = self.split_front(hole, hole_bytes - new * g);
+            self.index(hole);
+            (target, new)
+        } else {
+            (hole, hole_bytes / g)
+        };
+        let va = self.b(target).addr;
+        let mapped = match self.map_granules(va, new, room) {
+            Ok(n) => n,
+            Err(Error::PartialMap { mapped_bytes, cause }) => {
+                self.carve_mapped_front(target, mapped_bytes, stream, 0);
+                self.coalesce_and_index(target);
+                return Err(*cause);
+            }
+            Err(e) => {
+                if target != hole {
+                    self.coalesce_and_index(target); // back into the hole
+                }
+                return match e {
+                    Error::OutOfMemory(_) => Ok(None),
+                    e => Err(e),
+                };
+            }
+        };
+        self.carve_mapped_front(target, mapped * g, stream, 0);
+        // Join first..=last (the target's unmapped rest, if any, lies past
+        // `last` when mapping from the front, and before `target` from the
+        // back) into one cached block of `stream`, never used since the
+        // synchronize.
+        let first = if back { target } else { first };
+        let last = if back || last != hole { last } else { target };
+        let mut cur = first;
+        loop {
+            if self.is_indexed_cached(cur) {
+                self.unindex(cur);
+            }
+            let b = self.bm(cur);
+            b.stream = stream;
+            b.freed_seq = 0;
+            if cur == last {
+                break;
+            }
+            cur = self.b(cur).next;
+        }
+        while first != last && self.b(first).next != NIL {
+            let next = self.b(first).next;
+            self.absorb_next(first);
+            if next == last {
+                break;
+            }
+        }
+        debug_assert!(self.b(first).size >= rounded);
+        self.stats.bump(C::GapPlacements, 1);
+        Ok(Some(first))
     }
 
     /// Unmaps every cached granule and releases every handle with nothing

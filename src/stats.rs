@@ -62,15 +62,21 @@ pub enum TesseraCounter {
     InvalidRequests,
     /// Driver or OS calls that failed other than for lack of memory.
     DriverErrors,
+    /// Allocations under pressure served across a gap: the cached
+    /// fragments on either side of a hole (of any stream, the device idle)
+    /// joined with granules mapped into the hole, so that fragments too
+    /// small alone still serve a request that needs more granules than
+    /// are free.
+    GapPlacements,
 }
 
 /// Number of gauges (entries of `TesseraStats.gauges`).
 pub const TESSERA_GAUGE_COUNT: usize = 8;
 /// Number of counters (entries of `TesseraStats.counters`).
-pub const TESSERA_COUNTER_COUNT: usize = 15;
+pub const TESSERA_COUNTER_COUNT: usize = 16;
 // The counts are literal for the C header; they must follow the enums.
 const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::PendingFreeBlocks as usize + 1);
-const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::DriverErrors as usize + 1);
+const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::GapPlacements as usize + 1);
 pub(crate) const GAUGE_COUNT: usize = TESSERA_GAUGE_COUNT;
 pub(crate) const COUNTER_COUNT: usize = TESSERA_COUNTER_COUNT;
 
@@ -210,7 +216,7 @@ mod tests {
         assert_eq!(gauge_names()[0], "allocated_bytes");
         assert_eq!(gauge_names()[GAUGE_COUNT - 1], "pending_free_blocks");
         assert_eq!(counter_names()[0], "cache_hits");
-        assert_eq!(counter_names()[COUNTER_COUNT - 1], "driver_errors");
+        assert_eq!(counter_names()[COUNTER_COUNT - 1], "gap_placements");
         let mut all: Vec<&String> = gauge_names().iter().chain(counter_names()).collect();
         all.sort();
         all.dedup();

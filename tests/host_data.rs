@@ -211,3 +211,74 @@ fn near_capacity_recycling_unmaps_only_what_the_request_needs() {
     assert!(verify(y, 1536 << 10, 2) && verify(z, 256 << 10, 3));
     check(&a, 0);
 }
+
+/// Pages of 64 KiB, every handle one page, growth exact, every block in the
+/// large arena: the pressure path's gap placement, page by page.
+const GAP_CONF: &str = "page_size:64K,device_capacity:1M,max_handle_size:64K,growth_size:0,small_size:16K";
+
+#[test]
+fn under_pressure_a_request_starts_in_the_free_tail_of_a_pinned_page() {
+    let (a, _) = host(GAP_CONF);
+    // x pins pages 0-1 and leaves 32 KiB of page 1 free (cached on stream 1).
+    let x = a.malloc(96 << 10, 0, 1).unwrap();
+    fill(x, 96 << 10, 1);
+    let z = a.malloc(896 << 10, 0, 1).unwrap();
+    a.free(z, None, 0, Some(1)).unwrap();
+    a.empty_cache().unwrap(); // z's 14 pages go back; the 32 KiB tail stays, pinned by x
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::ReservedBytes).current, 2 << 16);
+    // Stream 2 asks for 14 pages and 16 KiB: a fresh range needs 15 pages,
+    // 14 are free. The 32 KiB tail and 14 new pages after it serve it.
+    let r = a.malloc((14 << 16) + (16 << 10), 0, 2).expect("served across the gap");
+    fill(r, (14 << 16) + (16 << 10), 2);
+    assert_eq!(r, x + (96 << 10), "the request starts in x's page");
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.counter(C::GapPlacements), 1);
+    assert_eq!(s.gauge(G::ReservedBytes).current, 16 << 16, "every page of the device, none more");
+    assert!(verify(x, 96 << 10, 1), "x changed");
+    assert!(verify(r, (14 << 16) + (16 << 10), 2));
+    check(&a, 0);
+    a.free(r, None, 0, Some(2)).unwrap();
+    a.free(x, None, 0, Some(1)).unwrap();
+    a.empty_cache().unwrap();
+    check(&a, 0);
+    assert_eq!(a.stats(0).unwrap().gauge(G::ReservedBytes).current, 0);
+}
+
+#[test]
+fn under_pressure_a_request_ends_in_the_free_head_of_a_pinned_page() {
+    let (a, _) = host(GAP_CONF);
+    let l = a.malloc(256 << 10, 0, 3).unwrap(); // pages 0-3
+    let s3 = a.malloc(64 << 10, 0, 3).unwrap(); // page 4: keeps l's hole apart from p's
+    let p = a.malloc(608 << 10, 0, 1).unwrap(); // pages 5-14, the last one half
+    let y = a.malloc(96 << 10, 0, 1).unwrap(); // the rest of page 14, and page 15
+    assert_eq!((s3, p, y), (l + (256 << 10), l + (320 << 10), l + (928 << 10)));
+    fill(s3, 64 << 10, 3);
+    fill(y, 96 << 10, 4);
+    a.free(l, None, 0, Some(3)).unwrap();
+    a.free(p, None, 0, Some(1)).unwrap();
+    a.empty_cache().unwrap(); // holes: pages 0-3 and 5-13; page 14's first 32 KiB cached
+    let k = a.malloc(256 << 10, 0, 3).unwrap(); // best fit: the 4-page hole
+    assert_eq!(k, l);
+    fill(k, 256 << 10, 5);
+    a.set_memory_fraction(0.75, 0).unwrap(); // 12 pages: 7 held, 5 free
+    // 5 pages and 16 KiB on stream 2: a fresh range needs 6 pages. The back
+    // 5 pages of the 9-page hole and the 32 KiB before y serve it.
+    let want = (5 << 16) + (16 << 10);
+    let r = a.malloc(want, 0, 2).expect("served across the gap");
+    fill(r, want, 6);
+    assert_eq!(r, y - (32 << 10) - (5 << 16), "the request ends in y's page");
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.counter(C::GapPlacements), 1);
+    assert_eq!(s.gauge(G::ReservedBytes).current, 12 << 16);
+    for (ptr, len, seed) in [(s3, 64 << 10, 3), (y, 96 << 10, 4), (k, 256 << 10, 5), (r, want, 6)] {
+        assert!(verify(ptr, len, seed), "block at {ptr:#x} changed");
+    }
+    check(&a, 0);
+    // The device is full now: one more page fails cleanly, nothing moves.
+    assert!(matches!(a.malloc(64 << 10, 0, 2), Err(Error::OutOfMemory(_))));
+    for (ptr, len, seed) in [(s3, 64 << 10, 3), (y, 96 << 10, 4), (k, 256 << 10, 5), (r, want, 6)] {
+        assert!(verify(ptr, len, seed), "block at {ptr:#x} changed after the OOM");
+    }
+    check(&a, 0);
+}

@@ -228,7 +228,10 @@ options! {
     /// done with and maps it where it is needed, instead of taking more from
     /// the driver. Keeps what nvidia-smi shows near what is live. 1 turns
     /// this off (cache everything until memory is short). Under a
-    /// memory_limit, growth within the limit caches up to it instead.
+    /// memory_limit, growth within the limit caches up to it instead. When
+    /// recycling cannot bring the cache under the fraction (what is cached
+    /// shares handles with live blocks), growth maps just what the request
+    /// needs, in one-page handles.
     max_cached_fraction: Fraction = "0.08";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles

@@ -980,6 +980,15 @@ impl DevicePool {
             let planned = fresh_granules.max(self.least_growth_granules(arena, rounded));
             self.recycle_before_growth(planned)?;
         }
+        // Still over max_cached_fraction after recycling (no memory limit):
+        // what is cached lies in handles that live blocks share. Then growth
+        // maps just what the request needs, in one-granule handles, so that
+        // recycling can take any of them back later instead of the cache
+        // growing again with every coarse handle.
+        let fragmented = self.settings.expandable
+            && !capturing
+            && self.settings.limit_bytes.is_none()
+            && self.stats.gauge(G::CachedBytes).current as f64 > self.settings.cached_fraction * self.physical_bytes() as f64;
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
         if self.settings.expandable {
             for &(_, _, size, _, id) in
@@ -1009,9 +1018,9 @@ impl DevicePool {
         let va = self.b(hole).addr;
         let room = self.b(hole).size / g;
         // When memory is short, exactly what is needed (below).
-        let growth = self.least_growth_granules(arena, rounded).clamp(new_granules, room);
-        let mapped = match self.map_granules(va, growth, room) {
-            Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room),
+        let growth = if fragmented { new_granules } else { self.least_growth_granules(arena, rounded).clamp(new_granules, room) };
+        let mapped = match self.map_granules(va, growth, room, fragmented) {
+            Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room, false),
             other => other,
         };
         let mapped_granules = match mapped {
@@ -1063,8 +1072,9 @@ impl DevicePool {
     /// hole of `room` granules) with whole handles: free handles that fit
     /// first, then new ones (a larger free handle is traded for them); if
     /// memory is short, one larger free handle when the hole has room for
-    /// it. Returns the granules mapped.
-    fn map_granules(&mut self, va: u64, count: u64, room: u64) -> Result<u64> {
+    /// it. New handles are one granule each when `fine`. Returns the
+    /// granules mapped.
+    fn map_granules(&mut self, va: u64, count: u64, room: u64, fine: bool) -> Result<u64> {
         if self.near_capacity(count) {
             self.refine_free_handles()?;
         }
@@ -1088,7 +1098,7 @@ impl DevicePool {
             let _ = self.release_free_handle(n, h);
         }
         if covered < count {
-            match self.create_handles(count - covered) {
+            match self.create_handles(count - covered, fine) {
                 Ok(new) => {
                     covered = count;
                     plan.extend(new);
@@ -1172,15 +1182,16 @@ impl DevicePool {
     }
 
     /// Creates handles for `granules` granules (each at most
-    /// `max_handle_bytes`), within the limit. On failure, the handles made
-    /// so far stay free for later use.
-    fn create_handles(&mut self, granules: u64) -> Result<Vec<HandleIdx>> {
+    /// `max_handle_bytes`; one granule each when `fine` or near capacity),
+    /// within the limit. On failure, the handles made so far stay free for
+    /// later use.
+    fn create_handles(&mut self, granules: u64, fine: bool) -> Result<Vec<HandleIdx>> {
         let g = self.settings.granule_bytes;
         if let Some(limit) = self.settings.limit_bytes
             && self.physical_bytes() + granules * g > limit {
                 return Err(Error::OutOfMemory(Box::default()));
             }
-        let per_handle = if self.near_capacity(granules) { 1 } else { self.settings.max_handle_bytes / g };
+        let per_handle = if fine || self.near_capacity(granules) { 1 } else { self.settings.max_handle_bytes / g };
         self.create_handles_of(granules, per_handle)
     }
 
@@ -1461,7 +1472,7 @@ impl DevicePool {
             (hole, hole_bytes / g)
         };
         let va = self.b(target).addr;
-        let mapped = match self.map_granules(va, new, room) {
+        let mapped = match self.map_granules(va, new, room, false) {
             Ok(n) => n,
             Err(Error::PartialMap { mapped_bytes, cause }) => {
                 self.carve_mapped_front(target, mapped_bytes, stream, 0);
@@ -2172,3 +2183,4 @@ impl DevicePool {
         }
     }
 }
+

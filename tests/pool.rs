@@ -482,6 +482,27 @@ fn growth_trades_a_larger_free_handle_for_an_exact_one_instead_of_taking_more() 
 }
 
 #[test]
+fn growth_over_a_cache_that_recycling_cannot_shrink_is_exact_in_one_granule_handles() {
+    let (a, _) = sim("growth_size:20M,max_handle_size:8M,device_capacity:1G");
+    // 3 MiB grows by 20 MiB: handles of 8, 8 and 4 MiB; 17 MiB cached.
+    let p = a.malloc(3 * MIB, 0, 0).unwrap();
+    assert_eq!((gauge(&a, G::ReservedBytes), gauge(&a, G::Handles)), ((20 * MIB) as i64, 3));
+    // Stream 1 misses. Recycling takes back the two handles under nothing
+    // live (12 MiB); 5 MiB stay cached in p's handle, a quarter of what is
+    // held, over max_cached_fraction. So the growth maps the 3 granules the
+    // request needs, not 20 MiB: the free 4 MiB handle, and one new
+    // one-granule handle for the 8 MiB one (released).
+    let q = a.malloc(5 * MIB, 0, 1).unwrap();
+    assert_eq!(gauge(&a, G::ReservedBytes), (14 * MIB) as i64, "nothing beyond what the request needs");
+    assert_eq!(gauge(&a, G::Handles), 3);
+    assert_eq!(gauge(&a, G::CachedBytes), (6 * MIB) as i64, "p's 5 MiB and q's last 1 MiB");
+    check(&a, 0);
+    a.free(p, None, 0, Some(0)).unwrap();
+    a.free(q, None, 0, Some(1)).unwrap();
+    check(&a, 0);
+}
+
+#[test]
 fn within_a_memory_limit_growth_caches_up_to_it_unless_gc_asks() {
     let run = |conf: &str| {
         let (a, _) = sim(&format!("growth_size:0,{conf}"));

@@ -21,6 +21,7 @@ Workloads (deterministic given --seed: the same tensor sizes in every run, whate
            under 3 GiB, 3000 allocations
   multistream  producer and consumer streams with record_stream (record_trace.py's multistream),
            about 100 MiB live
+  multistream4  the same with every buffer 4x larger, about 0.35 GiB live
 
 Method. One process per (allocator, workload) pair, warm after its first run:
 1. an uncapped run: peak allocated bytes ("peak live": max_memory_allocated, tessera's
@@ -32,7 +33,7 @@ Method. One process per (allocator, workload) pair, warm after its first run:
    is what the allocator still holds (tensors that live across runs: cuBLAS workspaces), and the
    workload runs again: completed, out of memory, or an error (which ends the pair's bisection).
    Bisection on B between peak allocated (assumed to fail) and 2 x peak + 1 GiB, to max(1% of
-   peak, 4 MiB), at most --max-steps-bisect runs; the first probe is the uncapped run's peak
+   peak, 2 MiB), at most --max-steps-bisect runs; the first probe is the uncapped run's peak
    reserved plus a step (usually a pass, which narrows the range at once).
 Ratios are over the allocator's own peak allocated. Memory the process takes outside the allocator
 (kernel modules, library handles) is left out of the frontier; its size is shown as "non-alloc MiB"
@@ -41,7 +42,7 @@ Ratios are over the allocator's own peak allocated. Memory the process takes out
 Prints progress lines and a markdown table last:
 workload | allocator | peak live GiB | reserved ratio | frontier ratio | frontier GiB | non-alloc MiB | runs
 Writes JSON to --out (default $OUT/bench_frontier.json, else /tmp/bench_frontier.json) and every
-child's output tail to the .log beside it. Default run: 20 pairs, 20 processes of 1 + up to 6 runs;
+child's output tail to the .log beside it. Default run: 24 pairs, 24 processes of 1 + up to 6 runs;
 about 4-6 minutes on an H100.
 """
 
@@ -295,8 +296,15 @@ def wl_multistream(torch, seed, scale):
     return record_trace.wl_multistream(torch, random.Random(seed), scale, widen_pending=False)
 
 
+def wl_multistream4(torch, seed, scale):
+    """multistream with every buffer 4x larger (4 KiB - 64 MiB): the same pattern at about
+    0.35 GiB live, where one 2 MiB granule is under 1% of the peak."""
+    import record_trace
+    return record_trace.wl_multistream(torch, random.Random(seed), scale, widen_pending=False, size_scale=4)
+
+
 WORKLOADS = {"gpt2": wl_gpt2, "resnet": wl_resnet, "kvcache": wl_kvcache, "churn": wl_churn,
-             "multistream": wl_multistream}
+             "multistream": wl_multistream, "multistream4": wl_multistream4}
 # Out of memory, from the allocator or from a library that met it (cuDNN's "unable to find an
 # engine": every plan's workspace failed to allocate).
 OOM_MARKERS = ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED", "CUDNN_STATUS_NOT_INITIALIZED",
@@ -384,7 +392,7 @@ def child(args):
             raise SystemExit
         peak = peak_alloc
         lo, hi = align(peak), align(min(2 * peak + GiB + GRAIN - 1, free1 + res0))
-        res = max(0.01 * peak, 4 * MiB)
+        res = max(0.01 * peak, 2 * MiB)
 
         def probe(budget):
             drv.drop_ballast()

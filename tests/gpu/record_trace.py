@@ -71,20 +71,20 @@ def wl_mixed(torch, rng, scale):
     return f"{n_allocs} allocations, live bound {bound / GiB:.0f} GiB"
 
 
-def wl_multistream(torch, rng, scale, widen_pending=True):
+def wl_multistream(torch, rng, scale, widen_pending=True, size_scale=1):
     """Producer stream P allocates and fills a buffer; consumer stream C waits for P, computes a
     result from it (allocated on C), the buffer gets record_stream(C) and is dropped at once (its
     free completes only once C is done). Results are held a random while; some are reduced on the
     default stream (record_stream on it) before they go. ~2 allocations and 2 frees an iteration.
     widen_pending: one consumer step in ten first sleeps on the GPU (bench_frontier.py runs it
-    without, so that no random number is drawn for it)."""
+    without, so that no random number is drawn for it). size_scale multiplies every buffer's size."""
     iters = max(1, round(2_500 * scale))
     P, C = torch.cuda.Stream(), torch.cuda.Stream()
     default = torch.cuda.current_stream()
     held = collections.deque()
     sums = []
     for i in range(iters):
-        n = log_uniform(rng, 1 * KiB, 16 * MiB) // 4
+        n = log_uniform(rng, 1 * KiB, 16 * MiB) // 4 * size_scale
         with torch.cuda.stream(P):
             buf = torch.empty(n, dtype=torch.float32, device="cuda")
             buf.fill_(float(i % 7))

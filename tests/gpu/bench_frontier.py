@@ -34,7 +34,9 @@ Method. One process per (allocator, workload) pair, warm after its first run:
    workload runs again: completed, out of memory, or an error (which ends the pair's bisection).
    Bisection on B between peak allocated (assumed to fail) and 2 x peak + 1 GiB, to max(1% of
    peak, 2 MiB), at most --max-steps-bisect runs; the first probe is the uncapped run's peak
-   reserved plus a step (usually a pass, which narrows the range at once).
+   reserved plus a step S = max(resolution, 2% of peak) (usually a pass, which narrows the range
+   at once); while probes fail, the next ones are peak reserved + 4 S, 1.25 x peak reserved + S,
+   1.6 x and 2.2 x peak reserved, before the middle of what is left.
 Ratios are over the allocator's own peak allocated. Memory the process takes outside the allocator
 (kernel modules, library handles) is left out of the frontier; its size is shown as "non-alloc MiB"
 (device memory used after the uncapped run minus the allocator's reserved bytes).
@@ -413,7 +415,8 @@ def child(args):
                 raise RuntimeError(f"probe at {budget}: {err}")
             return st == "ok"
 
-        guesses = [peak_res + max(res, 0.02 * peak)]
+        step = max(res, 0.02 * peak)
+        guesses = [peak_res + step, peak_res + 4 * step, 1.25 * peak_res + step, 1.6 * peak_res, 2.2 * peak_res]
         try:
             frontier, verified, runs = bisect(probe, lo, hi, res, args.max_steps_bisect, guesses)
         except RuntimeError as e:

@@ -22,6 +22,8 @@ Workloads (deterministic given --seed: the same tensor sizes in every run, whate
   multistream  producer and consumer streams with record_stream (record_trace.py's multistream),
            about 100 MiB live
   multistream4  the same with every buffer 4x larger, about 0.35 GiB live
+  infer    GPT-2 (6 layers) inference in bf16, batch 1-32 x sequence 16-1024 drawn per step, 30 steps
+           (record_trace.py's infer_varbatch)
 
 Method. One process per (allocator, workload) pair, warm after its first run:
 1. an uncapped run: peak allocated bytes ("peak live": max_memory_allocated, tessera's
@@ -44,8 +46,8 @@ Ratios are over the allocator's own peak allocated. Memory the process takes out
 Prints progress lines and a markdown table last:
 workload | allocator | peak live GiB | reserved ratio | frontier ratio | frontier GiB | non-alloc MiB | runs
 Writes JSON to --out (default $OUT/bench_frontier.json, else /tmp/bench_frontier.json) and every
-child's output tail to the .log beside it. Default run: 24 pairs, 24 processes of 1 + up to 6 runs;
-about 4-6 minutes on an H100.
+child's output tail to the .log beside it. Default run: 28 pairs, 28 processes of 1 + up to 6 runs;
+about 7-8 minutes on an H100 (more than one device call allows: split it with --workloads).
 """
 
 import argparse
@@ -305,8 +307,15 @@ def wl_multistream4(torch, seed, scale):
     return record_trace.wl_multistream(torch, random.Random(seed), scale, widen_pending=False, size_scale=4)
 
 
+def wl_infer(torch, seed, scale):
+    """record_trace.py's infer_varbatch: GPT-2 (6 layers) in bf16 under no_grad, built in the run,
+    30 steps of batch 1-32 x sequence 16-1024 drawn at random, the next tokens copied to the host."""
+    import record_trace
+    return record_trace.wl_infer_varbatch(torch, random.Random(seed), scale)
+
+
 WORKLOADS = {"gpt2": wl_gpt2, "resnet": wl_resnet, "kvcache": wl_kvcache, "churn": wl_churn,
-             "multistream": wl_multistream, "multistream4": wl_multistream4}
+             "multistream": wl_multistream, "multistream4": wl_multistream4, "infer": wl_infer}
 # Out of memory, from the allocator or from a library that met it (cuDNN's "unable to find an
 # engine": every plan's workspace failed to allocate).
 OOM_MARKERS = ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED", "CUDNN_STATUS_NOT_INITIALIZED",

@@ -105,7 +105,8 @@ fn run(ops: Vec<Op>, conf: &str, strict_oom: bool) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // 64 cases each, or PROPTEST_CASES (an explicit `cases` would ignore it).
+    #![proptest_config(ProptestConfig { cases: proptest_cases(64), ..ProptestConfig::default() })]
 
     #[test]
     fn random_operations_fail_only_at_the_physical_limit(ops in prop::collection::vec(op(), 1..300)) {

@@ -360,13 +360,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(4096)
-}
-
 proptest! {
     // 4096 cases each, or PROPTEST_CASES (an explicit `cases` would ignore it).
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: proptest_cases(4096), ..ProptestConfig::default() })]
     #[test]
     fn random_interleavings_never_reuse_memory_early(ops in prop::collection::vec(op(), 1..80)) {
         let v = run(&ops, "");

@@ -22,6 +22,12 @@ pub fn host(conf: &str) -> (Allocator, Arc<HostBackend>) {
     (Allocator::with_backend(config, backend.clone()).unwrap(), backend)
 }
 
+/// Proptest cases: PROPTEST_CASES if set, else `default` (a literal `cases`
+/// in a proptest config would ignore the variable).
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 pub fn check(a: &Allocator, device: i32) {
     a.check_invariants(device).unwrap();
 }

@@ -2183,4 +2183,3 @@ impl DevicePool {
         }
     }
 }
-

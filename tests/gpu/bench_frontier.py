@@ -334,8 +334,8 @@ def allocator_stats(torch, tt):
         s = tt.stats()
         peak_alloc = tt.max_memory_allocated() if hasattr(tt, "max_memory_allocated") else s["allocated_bytes"]["peak"]
         peak_res = tt.max_memory_reserved() if hasattr(tt, "max_memory_reserved") else s["reserved_bytes"]["peak"]
-        extra = {k: s[k] for k in ("alloc_retries", "ooms", "reclaimed_granules", "driver_map_calls",
-                                   "driver_unmap_calls") if k in s}
+        extra = {k: s[k] for k in ("alloc_retries", "ooms", "reclaimed_granules", "gap_placements",
+                                   "driver_map_calls", "driver_unmap_calls") if k in s}
         return peak_alloc, peak_res, s["reserved_bytes"]["current"], extra
     extra = {}
     try:

@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")/../.." || exit 2
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 [ -x "$SAN" ] || { echo "NOTE: compute-sanitizer not found"; exit 1; }
-TESTS=${MEMCHECK_TESTS:-"t_smoke t_multistream t_reclaim t_graphs t_threads t_oom t_oom_report"}
+TESTS=${MEMCHECK_TESTS:-"t_smoke t_multistream t_reclaim t_gap t_graphs t_threads t_oom t_oom_report"}
 failed=0 summary=()
 for t in $TESTS; do
   log=${OUT:-/tmp}/memcheck_$t.log

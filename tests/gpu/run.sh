@@ -13,7 +13,7 @@
 #   bash tests/gpu/multi/run.sh          # two GPUs: two devices in one process, DDP under torchrun
 #   python3 tests/gpu/bench_multistream.py # memory shared across streams, tessera vs native
 #   python3 tests/gpu/drv_cost.py         # what one cuMemGetInfo costs (a driver call on the growth path)
-# The last test, memcheck, reruns seven tests under compute-sanitizer (about 2-4 minutes).
+# The last test, memcheck, reruns eight tests under compute-sanitizer (about 2-4 minutes).
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD
@@ -85,6 +85,7 @@ run_test oom         240 python3 tests/gpu/t_oom.py
 run_test threads     240 python3 tests/gpu/t_threads.py
 run_test multistream 120 python3 tests/gpu/t_multistream.py
 run_test reclaim     120 python3 tests/gpu/t_reclaim.py
+run_test gap         120 python3 tests/gpu/t_gap.py
 run_test shutdown    120 python3 tests/gpu/t_shutdown.py
 run_test graphs      180 python3 tests/gpu/t_graphs.py
 run_test bench       180 python3 tests/gpu/t_bench.py

@@ -6,7 +6,7 @@
 # prints a table last and exits non-zero if any test failed.
 # Diagnostics and benchmarks (not in the test list; run by hand, -h for options):
 #   python3 tests/gpu/record_trace.py mixed|multistream|infer_varbatch OUT.trace.gz  # native-allocator trace (<1 min)
-#   python3 tests/gpu/bench_frontier.py   # OOM frontier, tessera/native/expandable/async x 5 workloads (~5-6 min)
+#   python3 tests/gpu/bench_frontier.py   # OOM frontier, tessera/native/expandable/async x 7 workloads (~8 min)
 #   python3 tests/gpu/bench_capped.py     # GPT-2 steps/s, tessera uncapped vs memory_limit = frontier+5% (~2 min)
 #   python3 tests/gpu/prof_step.py native|tessera   # where a training step's time goes (torch.profiler)
 #   python3 tests/gpu/diag_growth.py native|tessera # does growing the pool wait for the GPU?

@@ -988,7 +988,7 @@ impl DevicePool {
         let fragmented = self.settings.expandable
             && !capturing
             && self.settings.limit_bytes.is_none()
-            && self.stats.gauge(G::CachedBytes).current as f64 > self.settings.cached_fraction * self.physical_bytes() as f64;
+            && self.cache_over_fraction();
         let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
         if self.settings.expandable {
             for &(_, _, size, _, id) in
@@ -1329,9 +1329,7 @@ impl DevicePool {
     /// granules freed.
     fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool, want_granules: u64) -> Result<u64> {
         let g = self.settings.granule_bytes;
-        let cached = |p: &Self, x: BlockId| {
-            x != NIL && p.b(x).state == State::Cached && p.b(x).graph == 0 && (!only_device_done || p.device_done(x))
-        };
+        let cached = |p: &Self, x: BlockId| p.cached_no_graph(x) && (!only_device_done || p.device_done(x));
         if !cached(self, id) {
             return Ok(0);
         }
@@ -1427,18 +1425,17 @@ impl DevicePool {
     /// Returns an unindexed cached block of the stream, or None.
     fn grow_across_gap(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
         let g = self.settings.granule_bytes;
-        let usable = |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && p.b(x).graph == 0;
         // (new granules, hole, first block, last block, map the hole's back)
         let mut best: Option<(u64, BlockId, BlockId, BlockId, bool)> = None;
         for &(_, hole_bytes, _, hole) in self.holes.range((arena, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)) {
             let room = hole_bytes / g;
             let (mut before, mut first) = (0, hole);
-            while usable(self, self.b(first).prev) {
+            while self.cached_no_graph(self.b(first).prev) {
                 first = self.b(first).prev;
                 before += self.b(first).size;
             }
             let (mut after, mut last) = (0, hole);
-            while usable(self, self.b(last).next) {
+            while self.cached_no_graph(self.b(last).next) {
                 last = self.b(last).next;
                 after += self.b(last).size;
             }
@@ -1780,6 +1777,19 @@ impl DevicePool {
         Ok(())
     }
 
+    /// Whether cached bytes exceed `max_cached_fraction` of the reserved
+    /// bytes (what recycling tries to undo before growth).
+    fn cache_over_fraction(&self) -> bool {
+        self.stats.gauge(G::CachedBytes).current as f64 > self.settings.cached_fraction * self.physical_bytes() as f64
+    }
+
+    /// Whether `x` is a cached block outside every graph pool: free, mapped,
+    /// and (the device done with it, or after a synchronize) reusable by
+    /// any stream, so it may be unmapped or joined with its neighbours.
+    fn cached_no_graph(&self, x: BlockId) -> bool {
+        x != NIL && self.b(x).state == State::Cached && self.b(x).graph == 0
+    }
+
     /// Whether the device is known to be done with cached block `id`.
     fn device_done(&self, id: BlockId) -> bool {
         let b = self.b(id);
@@ -1800,7 +1810,6 @@ impl DevicePool {
         }
         let g = self.settings.granule_bytes;
         let reserved = self.physical_bytes() as f64;
-        let cached = self.stats.gauge(G::CachedBytes).current as f64;
         let allowed = self.settings.limit_bytes.unwrap_or(self.total_bytes) as f64;
         let over_gc = self.settings.gc_threshold > 0.0 && reserved + (need * g) as f64 > self.settings.gc_threshold * allowed;
         // Under a memory limit that the growth stays within, tessera may hold
@@ -1809,7 +1818,7 @@ impl DevicePool {
         // of the same step needs back, over and over (seen on GPT-2 capped
         // at its frontier + 5%). garbage_collection_threshold still applies.
         let within_limit = self.settings.limit_bytes.is_some_and(|l| reserved + (need * g) as f64 <= l as f64);
-        if (cached <= self.settings.cached_fraction * reserved || within_limit) && !over_gc {
+        if (!self.cache_over_fraction() || within_limit) && !over_gc {
             return Ok(());
         }
         self.advance_epochs()?;

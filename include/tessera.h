@@ -31,7 +31,7 @@ typedef struct CUstream_st *cudaStream_t;
 /*
  Number of counters (entries of `TesseraStats.counters`).
  */
-#define TESSERA_COUNTER_COUNT 16
+#define TESSERA_COUNTER_COUNT 17
 
 /*
  A quantity that goes up and down (bytes or counts held now).
@@ -160,6 +160,13 @@ enum TesseraCounter
    are free.
    */
   TESSERA_COUNTER_GAP_PLACEMENTS,
+  /*
+   Nanoseconds of wall time spent in the slow-path driver calls:
+   creating, releasing, mapping, unmapping and granting access to
+   handles, asking for free memory, and waiting for the device. What
+   growth and reclamation cost the caller's thread.
+   */
+  TESSERA_COUNTER_DRIVER_NS,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

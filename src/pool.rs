@@ -105,6 +105,19 @@ struct Arena {
     head: BlockId,
 }
 
+/// Where growth maps a request (see `DevicePool::best_gap`): `new` granules
+/// of hole `hole`, joined with the blocks `first..=last` around it. From
+/// the front of the hole (`first` may precede it; `last` is the hole when
+/// its front suffices) or, when `back`, its back (`first` is the hole).
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    new: u64,
+    hole: BlockId,
+    first: BlockId,
+    last: BlockId,
+    back: bool,
+}
+
 /// A block freed while other streams may still use it.
 #[derive(Debug)]
 struct PendingFree {
@@ -967,18 +980,24 @@ impl DevicePool {
     /// Maps new granules for a request that no cached block serves and
     /// returns an unindexed cached block of at least `rounded` bytes.
     ///
-    /// Placement: a cached block of the same stream that ends where a hole
-    /// begins is extended into the hole when that needs fewer new granules
-    /// than a fresh range (the expandable-segment case); otherwise the best
-    /// fitting hole takes a fresh range.
+    /// Placement: the gap that needs fewest new granules (see `best_gap`):
+    /// a cached block of the request's cache key before a hole, extended
+    /// into it (the expandable-segment case), or a hole with such blocks on
+    /// either side, mapped across; otherwise the best fitting hole takes a
+    /// fresh range. Recycling (see `recycle_before_growth`) frees handles
+    /// for just the granules the placement maps, and never takes the
+    /// placement's own cached blocks.
     fn grow(&mut self, arena: ArenaKind, rounded: u64, stream: u64, graph: u64, capturing: bool) -> Result<BlockId> {
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
+        let same_key = move |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && cache_key(p.b(x)) == key;
         if self.settings.expandable && !capturing {
+            let plan = self.best_gap(arena, rounded, &same_key);
             // What growth will map (see `growth` below), at most.
-            let planned = fresh_granules.max(self.least_growth_granules(arena, rounded));
-            self.recycle_before_growth(planned)?;
+            let planned = plan.map_or(fresh_granules, |p| p.new).max(self.least_growth_granules(arena, rounded));
+            let keep = plan.map(|p| self.gap_span(p));
+            self.recycle_before_growth(planned, keep)?;
         }
         // Still over max_cached_fraction after recycling (no memory limit):
         // what is cached lies in handles that live blocks share. Then growth
@@ -989,60 +1008,30 @@ impl DevicePool {
             && !capturing
             && self.settings.limit_bytes.is_none()
             && self.cache_over_fraction();
-        let mut best: Option<(u64, BlockId)> = None; // (new granules, cached block)
-        if self.settings.expandable {
-            for &(_, _, size, _, id) in
-                self.cached_by_stream.range((arena, key, 0, 0, 0)..=(arena, key, u64::MAX, u64::MAX, NIL))
-            {
-                let next = self.b(id).next;
-                if next == NIL || self.b(next).state != State::Hole {
-                    continue;
-                }
-                let new = round_up(rounded - size, g) / g;
-                if new * g <= self.b(next).size && new < best.map_or(fresh_granules, |b| b.0) {
-                    best = Some((new, id));
-                }
-            }
-        }
-        let (start_block, hole, new_granules) = match best {
-            Some((new, id)) => (Some(id), self.b(id).next, new),
+        // Recycling may have opened holes beside cached blocks: look again.
+        let plan = if self.settings.expandable { self.best_gap(arena, rounded, &same_key) } else { None };
+        let plan = match plan {
+            Some(p) => p,
             None => {
                 let &(_, _, _, hole) = self
                     .holes
                     .range((arena, fresh_granules * g, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL))
                     .next()
                     .ok_or_else(|| Error::OutOfMemory(Box::default()))?;
-                (None, hole, fresh_granules)
+                Gap { new: fresh_granules, hole, first: hole, last: hole, back: false }
             }
         };
-        let va = self.b(hole).addr;
-        let room = self.b(hole).size / g;
-        // When memory is short, exactly what is needed (below).
-        let growth = if fragmented { new_granules } else { self.least_growth_granules(arena, rounded).clamp(new_granules, room) };
-        let mapped = match self.map_granules(va, growth, room, fragmented) {
-            Err(Error::OutOfMemory(_)) if growth > new_granules => self.map_granules(va, new_granules, room, false),
-            other => other,
+        // Only a range that ends in the hole may map more than it needs:
+        // small large-arena requests map growth_size, as PyTorch's
+        // segments do (exactly what is needed when memory is short).
+        let room = self.b(plan.hole).size / g;
+        let growth = if fragmented || plan.back || plan.last != plan.hole {
+            plan.new
+        } else {
+            self.least_growth_granules(arena, rounded).clamp(plan.new, room)
         };
-        let mapped_granules = match mapped {
-            Ok(n) => n,
-            Err(Error::PartialMap { mapped_bytes, cause }) => {
-                // Keep the mapped prefix as a cached block: the tiling holds.
-                self.carve_mapped_front(hole, mapped_bytes, stream, graph);
-                self.coalesce_and_index(hole);
-                return Err(*cause);
-            }
-            Err(e) => return Err(e),
-        };
-        self.carve_mapped_front(hole, mapped_granules * g, stream, graph);
-        let id = match start_block {
-            Some(cached) => {
-                self.unindex(cached);
-                self.absorb_next(cached);
-                cached
-            }
-            None => hole,
-        };
-        // Merge with a following cached block of the same stream, but keep it
+        let id = self.map_gap(plan, growth, stream, graph, fragmented, false)?;
+        // Merge with a following cached block of the same key, but keep it
         // unindexed for the caller.
         let next = self.b(id).next;
         if next != NIL && self.mergeable(id, next) {
@@ -1050,6 +1039,127 @@ impl DevicePool {
             self.absorb_next(id);
         }
         Ok(id)
+    }
+
+    /// The least gap that `rounded` bytes fit: the run of blocks that
+    /// `in_run` accepts before a hole, the hole, and the run after it,
+    /// mapping only the hole's granules the request covers. From the run
+    /// before (mapping the hole's front, then, if that is not enough, all
+    /// of it), or ending at the end of the run after (mapping the hole's
+    /// back), whichever maps fewer. The gap that maps fewest new granules
+    /// wins, if fewer than a fresh range (ties: the first in hole order).
+    /// A scan of one arena's holes: for growth only.
+    fn best_gap(&self, arena: ArenaKind, rounded: u64, in_run: &dyn Fn(&Self, BlockId) -> bool) -> Option<Gap> {
+        let g = self.settings.granule_bytes;
+        let mut best: Option<Gap> = None;
+        for &(_, hole_bytes, _, hole) in self.holes.range((arena, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)) {
+            let room = hole_bytes / g;
+            let (mut before, mut first) = (0, hole);
+            while in_run(self, self.b(first).prev) {
+                first = self.b(first).prev;
+                before += self.b(first).size;
+            }
+            let (mut after, mut last) = (0, hole);
+            while in_run(self, self.b(last).next) {
+                last = self.b(last).next;
+                after += self.b(last).size;
+            }
+            let least = best.map_or(round_up(rounded, g) / g, |b| b.new);
+            if before > 0 && rounded > before && rounded <= before + room * g + after {
+                let new = (round_up(rounded - before, g) / g).min(room);
+                let upto = if new * g + before >= rounded { hole } else { last };
+                if new < least {
+                    best = Some(Gap { new, hole, first, last: upto, back: false });
+                }
+            }
+            let least = best.map_or(round_up(rounded, g) / g, |b| b.new);
+            if after > 0 && rounded > after && rounded - after <= room * g {
+                let new = round_up(rounded - after, g) / g;
+                if new < least {
+                    best = Some(Gap { new, hole, first: hole, last, back: true });
+                }
+            }
+        }
+        best
+    }
+
+    /// The address range a gap's blocks cover (what recycling must leave).
+    fn gap_span(&self, gap: Gap) -> (u64, u64) {
+        let last = self.b(gap.last);
+        (self.b(gap.first).addr, last.addr + last.size)
+    }
+
+    /// Maps `growth` granules (at least `gap.new`; exactly `gap.new` when
+    /// mapping the hole's back) of `gap.hole` and joins `gap.first..=last`
+    /// into one unindexed cached block of `stream`/`graph`, returned. New
+    /// handles are one granule each when `fine`. After a synchronize
+    /// (`synced`), the runs may hold other streams' blocks: the block
+    /// becomes the stream's, as never used. On a failed map nothing
+    /// changes but a partly mapped prefix, kept cached.
+    fn map_gap(&mut self, gap: Gap, growth: u64, stream: u64, graph: u64, fine: bool, synced: bool) -> Result<BlockId> {
+        let g = self.settings.granule_bytes;
+        let Gap { new, hole, first, last, back } = gap;
+        let hole_bytes = self.b(hole).size;
+        // The granules to map: the front of `hole`, or a new hole block
+        // split off its back.
+        let (target, room) = if back && new * g < hole_bytes {
+            self.unindex(hole);
+            let target = self.split_front(hole, hole_bytes - new * g);
+            self.index(hole);
+            (target, new)
+        } else {
+            (hole, hole_bytes / g)
+        };
+        let va = self.b(target).addr;
+        let count = if back { new } else { growth };
+        let mapped = match self.map_granules(va, count, room, fine) {
+            Err(Error::OutOfMemory(_)) if count > new => self.map_granules(va, new, room, false),
+            other => other,
+        };
+        let mapped = match mapped {
+            Ok(n) => n,
+            Err(Error::PartialMap { mapped_bytes, cause }) => {
+                // Keep the mapped prefix as a cached block: the tiling holds.
+                self.carve_mapped_front(target, mapped_bytes, stream, graph);
+                self.coalesce_and_index(target);
+                return Err(*cause);
+            }
+            Err(e) => {
+                if target != hole {
+                    self.coalesce_and_index(target); // back into the hole
+                }
+                return Err(e);
+            }
+        };
+        self.carve_mapped_front(target, mapped * g, stream, graph);
+        // Join first..=last (the target's unmapped rest, if any, lies past
+        // `last` when mapping from the front, and before `target` from the
+        // back) into one cached block.
+        let first = if back { target } else { first };
+        let last = if back || last != hole { last } else { target };
+        let mut cur = first;
+        loop {
+            if self.is_indexed_cached(cur) {
+                self.unindex(cur);
+            }
+            if synced {
+                let b = self.bm(cur);
+                b.stream = stream;
+                b.freed_seq = 0;
+            }
+            if cur == last {
+                break;
+            }
+            cur = self.b(cur).next;
+        }
+        while first != last {
+            let next = self.b(first).next;
+            self.absorb_next(first);
+            if next == last {
+                break;
+            }
+        }
+        Ok(first)
     }
 
     /// The front `mapped_bytes` of hole `hole` were just mapped: they become
@@ -1132,7 +1242,7 @@ impl DevicePool {
                 let handle = self.handles[h as usize].as_ref().expect("live handle");
                 (handle.backend_id, handle.granules)
             };
-            if let Err(e) = self.backend.map(self.device, at, n * g, backend_id) {
+            if let Err(e) = self.driver(|b, d| b.map(d, at, n * g, backend_id)) {
                 self.return_handles(&plan[i..]);
                 result = Err(e);
                 break;
@@ -1145,7 +1255,7 @@ impl DevicePool {
             at += n * g;
         }
         if result.is_ok() {
-            result = self.backend.set_access(self.device, va, at - va);
+            result = self.driver(|b, d| b.set_access(d, va, at - va));
             if result.is_ok() && self.history.is_some() {
                 self.record(HistoryAction::Map, va, at - va, at - va, 0);
             }
@@ -1168,6 +1278,15 @@ impl DevicePool {
             return Err(e);
         }
         Ok(covered)
+    }
+
+    /// Runs a slow-path driver call (handles, mappings, memory info, waits
+    /// for the device), adding its wall time to the `driver_ns` counter.
+    fn driver<T>(&mut self, call: impl FnOnce(&dyn Backend, i32) -> Result<T>) -> Result<T> {
+        let start = std::time::Instant::now();
+        let result = call(self.backend.as_ref(), self.device);
+        self.stats.bump(C::DriverNs, start.elapsed().as_nanos() as u64);
+        result
     }
 
     fn return_handles(&mut self, handles: &[HandleIdx]) {
@@ -1203,7 +1322,7 @@ impl DevicePool {
         let mut left = granules;
         while left > 0 {
             let n = left.min(per_handle);
-            let backend_id = match self.backend.create(self.device, n * g) {
+            let backend_id = match self.driver(|b, d| b.create(d, n * g)) {
                 Ok(id) => id,
                 Err(e) => {
                     self.return_handles(&made);
@@ -1256,7 +1375,7 @@ impl DevicePool {
                 self.free_hint = Some((free, at_reserved, uses - 1));
                 free_now
             }
-            None => match self.backend.mem_info(self.device) {
+            None => match self.driver(|b, d| b.mem_info(d)) {
                 Ok((free, _)) => {
                     self.free_hint = Some((free, reserved, FREE_HINT_USES));
                     free
@@ -1273,7 +1392,7 @@ impl DevicePool {
     /// failure it stays free, and nothing changes.
     fn release_free_handle(&mut self, n: u64, h: HandleIdx) -> Result<()> {
         let backend_id = self.handles[h as usize].as_ref().expect("live handle").backend_id;
-        self.backend.release(self.device, backend_id)?;
+        self.driver(|b, d| b.release(d, backend_id))?;
         self.stats.bump(C::DriverReleaseCalls, 1);
         self.free_handles.remove(&(n, h));
         self.handles[h as usize] = None;
@@ -1301,7 +1420,7 @@ impl DevicePool {
         if hi <= lo {
             return Ok(());
         }
-        self.backend.unmap(self.device, lo, hi - lo)?;
+        self.driver(|b, d| b.unmap(d, lo, hi - lo))?;
         self.stats.bump(C::DriverUnmapCalls, 1);
         let inside: Vec<(u64, HandleIdx)> = self.mapped.range(lo..hi).map(|(&va, &h)| (va, h)).collect();
         for (va, h) in inside {
@@ -1325,9 +1444,11 @@ impl DevicePool {
     /// `want_granules` (all of them for u64::MAX). The rest of the run, and
     /// the handles that straddle its ends, stay mapped and cached. Only
     /// blocks the device is known to be done with count when
-    /// `only_device_done`; otherwise the caller has synchronized. Returns the
-    /// granules freed.
-    fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool, want_granules: u64) -> Result<u64> {
+    /// `only_device_done`; otherwise the caller has synchronized. Nothing in
+    /// `keep` (an address range: where growth is about to place a request)
+    /// is unmapped: the run ends at it, on `id`'s side. Returns the granules
+    /// freed.
+    fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool, want_granules: u64, keep: Option<(u64, u64)>) -> Result<u64> {
         let g = self.settings.granule_bytes;
         let cached = |p: &Self, x: BlockId| p.cached_no_graph(x) && (!only_device_done || p.device_done(x));
         if !cached(self, id) {
@@ -1340,8 +1461,18 @@ impl DevicePool {
         while cached(self, self.b(last).next) {
             last = self.b(last).next;
         }
-        let start = self.b(first).addr;
-        let end = self.b(last).addr + self.b(last).size;
+        let (mut start, mut end) = (self.b(first).addr, self.b(last).addr + self.b(last).size);
+        // A range to keep mapped cuts the run: `id`'s side of it remains.
+        if let Some((keep_lo, keep_hi)) = keep.filter(|&(lo, hi)| lo < end && hi > start) {
+            let addr = self.b(id).addr;
+            if addr >= keep_hi {
+                start = keep_hi;
+            } else if addr < keep_lo {
+                end = keep_lo;
+            } else {
+                return Ok(0);
+            }
+        }
         // The handles wholly inside tile one contiguous range; take its top.
         let inside: Vec<(u64, u64)> = self
             .mapped
@@ -1410,9 +1541,9 @@ impl DevicePool {
         if self.free_handle_granules() >= need || (self.cached_by_stream.is_empty() && self.pending.is_empty()) {
             return Ok(false);
         }
-        self.backend.synchronize(self.device)?;
+        self.driver(|b, d| b.synchronize(d))?;
         self.process_pending()?;
-        self.unmap_cached_largest_first(need, false)?;
+        self.unmap_cached_largest_first(need, false, None)?;
         Ok(true)
     }
 
@@ -1424,110 +1555,28 @@ impl DevicePool {
     /// fewer; the gap that maps fewest wins, if fewer than a fresh range.
     /// Returns an unindexed cached block of the stream, or None.
     fn grow_across_gap(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        let g = self.settings.granule_bytes;
-        // (new granules, hole, first block, last block, map the hole's back)
-        let mut best: Option<(u64, BlockId, BlockId, BlockId, bool)> = None;
-        for &(_, hole_bytes, _, hole) in self.holes.range((arena, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)) {
-            let room = hole_bytes / g;
-            let (mut before, mut first) = (0, hole);
-            while self.cached_no_graph(self.b(first).prev) {
-                first = self.b(first).prev;
-                before += self.b(first).size;
+        let Some(gap) = self.best_gap(arena, rounded, &|p: &Self, x| p.cached_no_graph(x)) else { return Ok(None) };
+        match self.map_gap(gap, gap.new, stream, 0, false, true) {
+            Ok(id) => {
+                debug_assert!(self.b(id).size >= rounded);
+                self.stats.bump(C::GapPlacements, 1);
+                Ok(Some(id))
             }
-            let (mut after, mut last) = (0, hole);
-            while self.cached_no_graph(self.b(last).next) {
-                last = self.b(last).next;
-                after += self.b(last).size;
-            }
-            // From the gap's start: the run before, then the hole's front,
-            // then (the hole all mapped) the run after.
-            if before > 0 && rounded > before && rounded <= before + room * g + after {
-                let new = (round_up(rounded - before, g) / g).min(room);
-                let upto = if new * g + before >= rounded { hole } else { last };
-                if new < best.map_or(round_up(rounded, g) / g, |b| b.0) {
-                    best = Some((new, hole, first, upto, false));
-                }
-            }
-            // Ending at the gap's end: the hole's back, then the run after.
-            if after > 0 && rounded > after && rounded - after <= room * g {
-                let new = round_up(rounded - after, g) / g;
-                if new < best.map_or(round_up(rounded, g) / g, |b| b.0) {
-                    best = Some((new, hole, hole, last, true));
-                }
-            }
+            Err(Error::OutOfMemory(_)) => Ok(None),
+            Err(e) => Err(e),
         }
-        let Some((new, hole, first, last, back)) = best else { return Ok(None) };
-        let hole_bytes = self.b(hole).size;
-        // The granules to map: the front of `hole`, or a new hole block
-        // split off its back.
-        let (target, room) = if back && new * g < hole_bytes {
-            self.unindex(hole);
-            let target = self.split_front(hole, hole_bytes - new * g);
-            self.index(hole);
-            (target, new)
-        } else {
-            (hole, hole_bytes / g)
-        };
-        let va = self.b(target).addr;
-        let mapped = match self.map_granules(va, new, room, false) {
-            Ok(n) => n,
-            Err(Error::PartialMap { mapped_bytes, cause }) => {
-                self.carve_mapped_front(target, mapped_bytes, stream, 0);
-                self.coalesce_and_index(target);
-                return Err(*cause);
-            }
-            Err(e) => {
-                if target != hole {
-                    self.coalesce_and_index(target); // back into the hole
-                }
-                return match e {
-                    Error::OutOfMemory(_) => Ok(None),
-                    e => Err(e),
-                };
-            }
-        };
-        self.carve_mapped_front(target, mapped * g, stream, 0);
-        // Join first..=last (the target's unmapped rest, if any, lies past
-        // `last` when mapping from the front, and before `target` from the
-        // back) into one cached block of `stream`, never used since the
-        // synchronize.
-        let first = if back { target } else { first };
-        let last = if back || last != hole { last } else { target };
-        let mut cur = first;
-        loop {
-            if self.is_indexed_cached(cur) {
-                self.unindex(cur);
-            }
-            let b = self.bm(cur);
-            b.stream = stream;
-            b.freed_seq = 0;
-            if cur == last {
-                break;
-            }
-            cur = self.b(cur).next;
-        }
-        while first != last && self.b(first).next != NIL {
-            let next = self.b(first).next;
-            self.absorb_next(first);
-            if next == last {
-                break;
-            }
-        }
-        debug_assert!(self.b(first).size >= rounded);
-        self.stats.bump(C::GapPlacements, 1);
-        Ok(Some(first))
     }
 
     /// Unmaps every cached granule and releases every handle with nothing
     /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
     pub fn release_cached(&mut self) -> Result<()> {
         self.retry_stale_events();
-        self.backend.synchronize(self.device)?;
+        self.driver(|b, d| b.synchronize(d))?;
         self.process_pending()?;
         let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
         for id in ids {
             if self.is_indexed_cached(id) {
-                self.unmap_cached_run(id, false, u64::MAX)?;
+                self.unmap_cached_run(id, false, u64::MAX, None)?;
             }
         }
         while let Some(&(n, h)) = self.free_handles.first() {
@@ -1803,7 +1852,8 @@ impl DevicePool {
     /// `cached_fraction` and `gc_threshold`), unmap cached handles the
     /// device is done with, so that growth maps them again instead of
     /// taking new memory. No synchronization: epoch events tell what is done.
-    fn recycle_before_growth(&mut self, need: u64) -> Result<()> {
+    /// The blocks in `keep` (the growth's placement) stay.
+    fn recycle_before_growth(&mut self, need: u64, keep: Option<(u64, u64)>) -> Result<()> {
         let free = self.free_handle_granules();
         if free >= need || self.cached_by_stream.is_empty() {
             return Ok(());
@@ -1822,21 +1872,21 @@ impl DevicePool {
             return Ok(());
         }
         self.advance_epochs()?;
-        self.unmap_cached_largest_first(need, true)?;
+        self.unmap_cached_largest_first(need, true, keep)?;
         if self.free_handle_granules() < need {
             // Not enough known done: wait for the streams that hold the
             // largest cached blocks to pass their frees (a wait on one
             // stream's event, not a device synchronize), then try again.
             self.wait_epochs()?;
-            self.unmap_cached_largest_first(need, true)?;
+            self.unmap_cached_largest_first(need, true, keep)?;
         }
         Ok(())
     }
 
     /// Unmaps cached handles (only those the device is known to be done
     /// with, if `only_device_done`), largest blocks first, until `need`
-    /// granules of handles are free.
-    fn unmap_cached_largest_first(&mut self, need: u64, only_device_done: bool) -> Result<()> {
+    /// granules of handles are free. Nothing in the range `keep`.
+    fn unmap_cached_largest_first(&mut self, need: u64, only_device_done: bool, keep: Option<(u64, u64)>) -> Result<()> {
         let mut free = self.free_handle_granules();
         // Near capacity, only what is needed: whatever else is unmapped must
         // be mapped again, handle by handle, at the next request.
@@ -1849,7 +1899,7 @@ impl DevicePool {
             }
             // An earlier unmap may have merged this block away.
             if self.is_indexed_cached(id) {
-                free += self.unmap_cached_run(id, only_device_done, if exact { need - free } else { u64::MAX })?;
+                free += self.unmap_cached_run(id, only_device_done, if exact { need - free } else { u64::MAX }, keep)?;
             }
         }
         Ok(())
@@ -1861,7 +1911,7 @@ impl DevicePool {
         let streams: Vec<u64> = self.epochs.keys().copied().collect();
         for stream in streams {
             if let Some((event, seq)) = self.epochs[&stream].event {
-                self.backend.event_synchronize(self.device, event)?;
+                self.driver(|b, d| b.event_synchronize(d, event))?;
                 self.retire_epoch_event(stream, event, seq);
             }
         }

@@ -68,15 +68,20 @@ pub enum TesseraCounter {
     /// small alone still serve a request that needs more granules than
     /// are free.
     GapPlacements,
+    /// Nanoseconds of wall time spent in the slow-path driver calls:
+    /// creating, releasing, mapping, unmapping and granting access to
+    /// handles, asking for free memory, and waiting for the device. What
+    /// growth and reclamation cost the caller's thread.
+    DriverNs,
 }
 
 /// Number of gauges (entries of `TesseraStats.gauges`).
 pub const TESSERA_GAUGE_COUNT: usize = 8;
 /// Number of counters (entries of `TesseraStats.counters`).
-pub const TESSERA_COUNTER_COUNT: usize = 16;
+pub const TESSERA_COUNTER_COUNT: usize = 17;
 // The counts are literal for the C header; they must follow the enums.
 const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::PendingFreeBlocks as usize + 1);
-const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::GapPlacements as usize + 1);
+const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::DriverNs as usize + 1);
 pub(crate) const GAUGE_COUNT: usize = TESSERA_GAUGE_COUNT;
 pub(crate) const COUNTER_COUNT: usize = TESSERA_COUNTER_COUNT;
 
@@ -216,7 +221,7 @@ mod tests {
         assert_eq!(gauge_names()[0], "allocated_bytes");
         assert_eq!(gauge_names()[GAUGE_COUNT - 1], "pending_free_blocks");
         assert_eq!(counter_names()[0], "cache_hits");
-        assert_eq!(counter_names()[COUNTER_COUNT - 1], "gap_placements");
+        assert_eq!(counter_names()[COUNTER_COUNT - 1], "driver_ns");
         let mut all: Vec<&String> = gauge_names().iter().chain(counter_names()).collect();
         all.sort();
         all.dedup();

@@ -283,3 +283,102 @@ fn under_pressure_a_request_ends_in_the_free_head_of_a_pinned_page() {
     }
     check(&a, 0);
 }
+
+/// Pages of 64 KiB, one page per handle, exact growth, all in the large
+/// arena, memory plentiful: growth's placement across gaps.
+const PLACE_CONF: &str = "page_size:64K,device_capacity:64M,max_handle_size:64K,growth_size:0,small_size:16K";
+const P: u64 = 64 << 10;
+
+/// Stream 1's blocks a (pages 0-3), b (4-7), c (8-11), d (12), with b
+/// unmapped (a hole) and a, c cached: returns (a, d), d live and filled.
+fn hole_between_cached_blocks(a: &tessera::allocator::Allocator) -> (u64, u64) {
+    let x = a.malloc(4 * P, 0, 1).unwrap();
+    let b = a.malloc(4 * P, 0, 1).unwrap();
+    let c = a.malloc(4 * P, 0, 1).unwrap();
+    let d = a.malloc(P, 0, 1).unwrap();
+    assert_eq!((b, c, d), (x + 4 * P, x + 8 * P, x + 12 * P));
+    fill(d, P, 9);
+    a.free(b, None, 0, Some(1)).unwrap();
+    a.empty_cache().unwrap(); // b's pages go; x, c and d are live
+    a.free(x, None, 0, Some(1)).unwrap();
+    a.free(c, None, 0, Some(1)).unwrap();
+    (x, d)
+}
+
+#[test]
+fn growth_maps_only_the_hole_between_two_cached_blocks_of_its_stream() {
+    let (a, _) = host(&format!("{PLACE_CONF},max_cached_fraction:1"));
+    let (x, d) = hole_between_cached_blocks(&a);
+    assert_eq!(a.stats(0).unwrap().gauge(G::ReservedBytes).current, (9 * P) as i64);
+    // 10 pages: a fresh range maps 10; a, the hole and c map 4.
+    let r = a.malloc(10 * P, 0, 1).unwrap();
+    fill(r, 10 * P, 1);
+    assert_eq!(r, x, "the request starts at a, spans the hole, ends in c");
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::ReservedBytes).current, (13 * P) as i64, "only the hole's 4 pages are new");
+    assert_eq!(s.gauge(G::CachedBytes).current, (2 * P) as i64, "c's rest stays cached");
+    assert!(verify(r, 10 * P, 1) && verify(d, P, 9));
+    check(&a, 0);
+    a.free(r, None, 0, Some(1)).unwrap();
+    a.free(d, None, 0, Some(1)).unwrap();
+    check(&a, 0);
+}
+
+#[test]
+fn growth_maps_the_back_of_a_hole_before_a_cached_block_of_its_stream() {
+    let (a, _) = host(&format!("{PLACE_CONF},max_cached_fraction:1"));
+    let x = a.malloc(4 * P, 0, 1).unwrap();
+    let h = a.malloc(6 * P, 0, 1).unwrap();
+    let c = a.malloc(4 * P, 0, 1).unwrap();
+    let d = a.malloc(P, 0, 1).unwrap();
+    fill(x, 4 * P, 7);
+    fill(d, P, 9);
+    a.free(h, None, 0, Some(1)).unwrap();
+    a.empty_cache().unwrap(); // a 6-page hole between live x and live c
+    a.free(c, None, 0, Some(1)).unwrap();
+    // 7 pages: nothing cached before the hole (x is live); the hole's back
+    // 3 pages and c serve it.
+    let r = a.malloc(7 * P, 0, 1).unwrap();
+    fill(r, 7 * P, 1);
+    assert_eq!(r, c - 3 * P, "the request ends where c ends");
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::ReservedBytes).current, (12 * P) as i64, "3 new pages, not 7");
+    assert!(verify(r, 7 * P, 1) && verify(x, 4 * P, 7) && verify(d, P, 9));
+    check(&a, 0);
+    // The hole's front 3 pages are still a hole: a 3-page request maps them.
+    let y = a.malloc(3 * P, 0, 2).unwrap();
+    assert_eq!(y, h);
+    fill(y, 3 * P, 2);
+    assert!(verify(r, 7 * P, 1) && verify(x, 4 * P, 7) && verify(y, 3 * P, 2));
+    check(&a, 0);
+}
+
+#[test]
+fn recycling_before_growth_leaves_the_cached_block_growth_extends() {
+    let (a, _) = host(PLACE_CONF); // max_cached_fraction 0.08: recycling on
+    let x = a.malloc(8 * P, 0, 1).unwrap(); // pages 0-7
+    let h = a.malloc(4 * P, 0, 1).unwrap(); // 8-11
+    let d = a.malloc(P, 0, 1).unwrap(); // 12
+    let e = a.malloc(4 * P, 0, 2).unwrap(); // 13-16
+    let f = a.malloc(P, 0, 2).unwrap(); // 17
+    fill(d, P, 4);
+    fill(f, P, 6);
+    a.free(h, None, 0, Some(1)).unwrap();
+    a.empty_cache().unwrap(); // h's pages go: a hole after x
+    a.free(x, None, 0, Some(1)).unwrap();
+    a.free(e, None, 0, Some(2)).unwrap();
+    // 10 pages on stream 1: x and 2 pages of the hole. The cache (12 of 14
+    // pages) is over max_cached_fraction, so recycling frees 2 pages first:
+    // from e, though x is the largest cached block, for x is where the
+    // request goes.
+    let reclaimed = a.stats(0).unwrap().counter(C::ReclaimedGranules);
+    let r = a.malloc(10 * P, 0, 1).unwrap();
+    fill(r, 10 * P, 1);
+    assert_eq!(r, x);
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.counter(C::ReclaimedGranules) - reclaimed, 4, "e's pages, not x's");
+    assert_eq!(s.gauge(G::ReservedBytes).current, (14 * P) as i64, "nothing new from the driver");
+    assert!(verify(r, 10 * P, 1) && verify(d, P, 4) && verify(f, P, 6));
+    check(&a, 0);
+    let _ = e;
+}

@@ -7,7 +7,9 @@
 Each (allocator, workload) pair is its own process: one warm-up run (kernels load, the cache
 fills), then --runs timed runs of the workload, the cache kept between runs as a serving
 process keeps it (no empty_cache). Prints the median seconds per run and each one's ratio to
-native's (above 1: slower). --lib NAME=PATH adds a tessera build under NAME (say, an older
+native's (above 1: slower); for tessera builds also the seconds spent in driver calls
+(the driver_ns counter; 0 for builds older than it) and the map and unmap calls per run.
+--lib NAME=PATH adds a tessera build under NAME (say, an older
 commit's libtessera.so), so two builds can be timed in the same run.
 """
 
@@ -35,13 +37,19 @@ def child(which, workload, runs, lib):
     wl = bench_frontier.WORKLOADS[workload]
     wl(torch, 0, 1.0)
     torch.cuda.synchronize()
-    times = []
+    times, driver = [], []  # per run: seconds; tessera's driver seconds, map and unmap calls
     for _ in range(runs):
+        before = tessera_torch.stats() if lib else None
         t0 = time.perf_counter()
         wl(torch, 0, 1.0)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"allocator": which, "workload": workload, "times": times}), flush=True)
+        if lib:
+            after = tessera_torch.stats()
+            driver.append([(after.get("driver_ns", 0) - before.get("driver_ns", 0)) / 1e9,
+                           after["driver_map_calls"] - before["driver_map_calls"],
+                           after["driver_unmap_calls"] - before["driver_unmap_calls"]])
+    print(json.dumps({"allocator": which, "workload": workload, "times": times, "driver": driver}), flush=True)
 
 
 def main():
@@ -76,7 +84,11 @@ def main():
                 print(f"{workload} {which}: failed: {proc.stderr.strip()[-500:]}", flush=True)
                 continue
             rows[(workload, which)] = statistics.median(r["times"])
-            print(f"{workload:12} {which:12} median {rows[(workload, which)]:.3f} s  runs {[round(t, 3) for t in r['times']]}",
+            drv = ""
+            if r["driver"]:
+                d = sorted(r["driver"])[len(r["driver"]) // 2]
+                drv = f"  in driver calls {d[0]:.3f} s ({d[1]} maps, {d[2]} unmaps, median run)"
+            print(f"{workload:12} {which:12} median {rows[(workload, which)]:.3f} s  runs {[round(t, 3) for t in r['times']]}{drv}",
                   flush=True)
     print("\n| workload | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))

@@ -1543,7 +1543,7 @@ impl DevicePool {
         }
         self.driver(|b, d| b.synchronize(d))?;
         self.process_pending()?;
-        self.unmap_cached_largest_first(need, false, None)?;
+        self.unmap_cached_blocks(need, false, None, false)?;
         Ok(true)
     }
 
@@ -1871,28 +1871,36 @@ impl DevicePool {
         if (!self.cache_over_fraction() || within_limit) && !over_gc {
             return Ok(());
         }
+        // Smallest blocks first: the large cached blocks are the ones that
+        // serve later large requests without growth (fewer handles moved on
+        // every trace than largest first: GPT-2 5,646 -> 3,595 map calls,
+        // KV 4,494 -> 3,598, for the same or lower reserved bytes).
         self.advance_epochs()?;
-        self.unmap_cached_largest_first(need, true, keep)?;
+        self.unmap_cached_blocks(need, true, keep, true)?;
         if self.free_handle_granules() < need {
-            // Not enough known done: wait for the streams that hold the
-            // largest cached blocks to pass their frees (a wait on one
-            // stream's event, not a device synchronize), then try again.
+            // Not enough known done: wait for the streams' epoch events (a
+            // wait on each stream's event, not a device synchronize), then
+            // try again.
             self.wait_epochs()?;
-            self.unmap_cached_largest_first(need, true, keep)?;
+            self.unmap_cached_blocks(need, true, keep, true)?;
         }
         Ok(())
     }
 
     /// Unmaps cached handles (only those the device is known to be done
-    /// with, if `only_device_done`), largest blocks first, until `need`
-    /// granules of handles are free. Nothing in the range `keep`.
-    fn unmap_cached_largest_first(&mut self, need: u64, only_device_done: bool, keep: Option<(u64, u64)>) -> Result<()> {
+    /// with, if `only_device_done`), smallest or largest blocks first, until
+    /// `need` granules of handles are free. Nothing in the range `keep`.
+    fn unmap_cached_blocks(&mut self, need: u64, only_device_done: bool, keep: Option<(u64, u64)>, smallest_first: bool) -> Result<()> {
         let mut free = self.free_handle_granules();
         // Near capacity, only what is needed: whatever else is unmapped must
         // be mapped again, handle by handle, at the next request.
         let exact = self.near_capacity(need.saturating_sub(free));
         let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
-        order.sort_unstable_by(|a, b| b.cmp(a));
+        if smallest_first {
+            order.sort_unstable();
+        } else {
+            order.sort_unstable_by(|a, b| b.cmp(a));
+        }
         for (_, id) in order {
             if free >= need {
                 break;

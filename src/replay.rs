@@ -22,6 +22,9 @@ pub struct ReplayResult {
     pub oom_message: Option<String>,
     pub stats: TesseraStats,
     pub elapsed_ns: u128,
+    /// What the replay's driver calls would have taken on an H100
+    /// (`SimBackend::modelled_driver_ns`).
+    pub modelled_driver_ns: u64,
     /// The pool's segments (maximal runs of mapped blocks, with their
     /// blocks) when the replay stopped (at the OOM, or after the last
     /// event), in address order.
@@ -95,7 +98,7 @@ pub fn replay_with_timeline(
         config.device_capacity = Bytes(c);
     }
     let backend = Arc::new(SimBackend::new(1, config.device_capacity.0));
-    let alloc = Allocator::with_backend(config, backend).map_err(|e| e.to_string())?;
+    let alloc = Allocator::with_backend(config, backend.clone()).map_err(|e| e.to_string())?;
     let mut addrs: HashMap<u64, u64> = HashMap::with_capacity(4096);
     let mut result = ReplayResult { events: events.len(), peak_live_bytes: peak_live_bytes(events), ..Default::default() };
     let start = std::time::Instant::now();
@@ -128,6 +131,7 @@ pub fn replay_with_timeline(
         }
     }
     result.elapsed_ns = start.elapsed().as_nanos();
+    result.modelled_driver_ns = backend.modelled_driver_ns(0);
     result.stats = alloc.stats(0).map_err(|e| e.to_string())?;
     alloc.drain_fronts(0).map_err(|e| e.to_string())?;
     result.final_segments = alloc.with_pool(0, |p| Ok(p.segments())).map_err(|e| e.to_string())?;
@@ -223,6 +227,7 @@ pub fn report_json(r: &ReplayResult, frontier_bytes: Option<u64>, capacity_bytes
         format!("\"driver_unmap_calls\":{}", s.counter(C::DriverUnmapCalls)),
         format!("\"driver_create_calls\":{}", s.counter(C::DriverCreateCalls)),
         format!("\"reclaimed_granules\":{}", s.counter(C::ReclaimedGranules)),
+        format!("\"modelled_driver_ms\":{:.1}", r.modelled_driver_ns as f64 / 1e6),
     ];
     if let Some(f) = frontier_bytes {
         fields.push(format!("\"frontier_bytes\":{f}"));

@@ -382,3 +382,29 @@ fn recycling_before_growth_leaves_the_cached_block_growth_extends() {
     check(&a, 0);
     let _ = e;
 }
+
+#[test]
+fn recycling_takes_the_smallest_cached_blocks_first() {
+    let (a, _) = host(PLACE_CONF); // max_cached_fraction 0.08: recycling on
+    let big = a.malloc(8 * P, 0, 2).unwrap();
+    let s1 = a.malloc(P, 0, 2).unwrap();
+    let small = a.malloc(2 * P, 0, 2).unwrap();
+    let s2 = a.malloc(P, 0, 2).unwrap();
+    fill(s1, P, 1);
+    fill(s2, P, 2);
+    a.free(big, None, 0, Some(2)).unwrap();
+    a.free(small, None, 0, Some(2)).unwrap();
+    // 2 pages on stream 1, with 10 of 12 pages cached: recycling frees the
+    // 2-page block's pages and keeps the 8-page block, which a later large
+    // request can take whole.
+    let r = a.malloc(2 * P, 0, 1).unwrap();
+    fill(r, 2 * P, 3);
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::CachedBytes).current, (8 * P) as i64, "the large block stays cached");
+    assert_eq!(s.gauge(G::ReservedBytes).current, (12 * P) as i64);
+    assert!(verify(r, 2 * P, 3) && verify(s1, P, 1) && verify(s2, P, 2));
+    check(&a, 0);
+    let again = a.malloc(8 * P, 0, 2).unwrap();
+    assert_eq!(again, big, "served by the cached block, no growth");
+    check(&a, 0);
+}

@@ -2,15 +2,29 @@
 //! are numbers that nothing dereferences. Lets the pool run traces at sizes
 //! larger than any GPU, fast. Events complete at once unless a test holds
 //! them ([`SimBackend::hold_events`]), which models a device still busy.
+//! Each handle and mapping call adds what it costs on an H100 to a modelled
+//! driver time ([`SimBackend::modelled_driver_ns`]), so that policies can be
+//! compared by time as well as by calls on the CPU.
 #![forbid(unsafe_code)]
 
 use super::{Backend, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const GRANULARITY: u64 = 4096;
+
+/// What each call costs on an H100 (design.md §2, driver 580), in
+/// microseconds: a fixed part plus a part per MiB of the handle, or per
+/// handle in the range (set access and unmap over many handles cost about
+/// the same per handle: 200 handles take 4.5 ms and 3.0 ms).
+const CREATE_US: (f64, f64) = (10.0, 0.02); // 2 MiB 13.5, 512 MiB 20.8
+const RELEASE_US: (f64, f64) = (10.0, 0.55); // 2 MiB 10, 64 MiB 47, 512 MiB 290
+const MAP_US: f64 = 1.5;
+const SET_ACCESS_US: (f64, f64) = (15.0, 23.0); // fixed, per handle: one 2 MiB handle 38
+const UNMAP_US: (f64, f64) = (1.0, 15.0); // fixed, per handle: one 2 MiB handle 16
+const MIB: f64 = (1u64 << 20) as f64;
 
 #[derive(Default)]
 struct SimDevice {
@@ -23,6 +37,16 @@ struct SimDevice {
     live_events: u64,
     /// Mapped bytes: a cheap cross-check of the pool's own counts.
     mapped_bytes: u64,
+    /// Address -> size of every mapping, to count the handles a range holds.
+    mappings: BTreeMap<u64, u64>,
+    /// What the calls so far would have cost on an H100 (see `CREATE_US`).
+    modelled_ns: f64,
+}
+
+impl SimDevice {
+    fn handles_in(&self, va: u64, size_bytes: u64) -> f64 {
+        self.mappings.range(va..va + size_bytes).count() as f64
+    }
 }
 
 pub struct SimBackend {
@@ -55,6 +79,13 @@ impl SimBackend {
     pub fn live(&self, device: i32) -> (usize, u64, u64) {
         let d = self.dev(device).unwrap();
         (d.handles.len(), d.live_events, d.mapped_bytes)
+    }
+
+    /// Nanoseconds the handle and mapping calls so far would have taken on
+    /// an H100 (a model: see `CREATE_US`). Waits for the device cost nothing
+    /// here: the simulated device is never busy for long.
+    pub fn modelled_driver_ns(&self, device: i32) -> u64 {
+        self.dev(device).map_or(0, |d| d.modelled_ns as u64)
     }
 
     fn dev(&self, device: i32) -> Result<std::sync::MutexGuard<'_, SimDevice>> {
@@ -99,6 +130,7 @@ impl Backend for SimBackend {
             return Err(Error::OutOfMemory(Box::new(OomInfo { device, requested_bytes: size_bytes, ..Default::default() })));
         }
         d.used_bytes += size_bytes;
+        d.modelled_ns += 1e3 * (CREATE_US.0 + CREATE_US.1 * size_bytes as f64 / MIB);
         d.next_id += 1;
         let id = d.next_id;
         d.handles.insert(id, size_bytes);
@@ -112,24 +144,34 @@ impl Backend for SimBackend {
             message: format!("unknown handle {handle}"),
         })?;
         d.used_bytes -= size;
+        d.modelled_ns += 1e3 * (RELEASE_US.0 + RELEASE_US.1 * size as f64 / MIB);
         Ok(())
     }
-    fn map(&self, device: i32, _va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
+    fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
         let mut d = self.dev(device)?;
         match d.handles.get(&handle) {
             Some(&hsize) if size_bytes == hsize => {
                 d.mapped_bytes += size_bytes;
+                d.mappings.insert(va, size_bytes);
+                d.modelled_ns += 1e3 * MAP_US;
                 Ok(())
             }
             _ => Err(Error::Driver { call: "sim_map", code: 1, message: format!("bad handle {handle} or range") }),
         }
     }
-    fn set_access(&self, _device: i32, _va: u64, _size_bytes: u64) -> Result<()> {
+    fn set_access(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
+        let mut d = self.dev(device)?;
+        d.modelled_ns += 1e3 * (SET_ACCESS_US.0 + SET_ACCESS_US.1 * d.handles_in(va, size_bytes));
         Ok(())
     }
-    fn unmap(&self, device: i32, _va: u64, size_bytes: u64) -> Result<()> {
+    fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
         let mut d = self.dev(device)?;
         d.mapped_bytes -= size_bytes;
+        d.modelled_ns += 1e3 * (UNMAP_US.0 + UNMAP_US.1 * d.handles_in(va, size_bytes));
+        let inside: Vec<u64> = d.mappings.range(va..va + size_bytes).map(|(&a, _)| a).collect();
+        for a in inside {
+            d.mappings.remove(&a);
+        }
         Ok(())
     }
     fn synchronize(&self, _device: i32) -> Result<()> {
@@ -162,5 +204,33 @@ impl Backend for SimBackend {
     }
     fn stream_wait_event(&self, _device: i32, _stream: u64, _event: EventId) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modelled_time_counts_handles_in_a_range() {
+        let sim = SimBackend::new(1, 1 << 30);
+        let g = 2 << 20;
+        let va = sim.reserve(0, 64 * g, g).unwrap();
+        let hs: Vec<HandleId> = (0..3).map(|_| sim.create(0, g).unwrap()).collect();
+        let after_create = sim.modelled_driver_ns(0);
+        assert!((after_create as f64 - 3.0 * 1e3 * (CREATE_US.0 + CREATE_US.1 * 2.0)).abs() < 2.0);
+        for (i, &h) in hs.iter().enumerate() {
+            sim.map(0, va + i as u64 * g, g, h).unwrap();
+        }
+        sim.set_access(0, va, 3 * g).unwrap();
+        let mapped = sim.modelled_driver_ns(0) - after_create;
+        let want = 1e3 * (3.0 * MAP_US + SET_ACCESS_US.0 + 3.0 * SET_ACCESS_US.1);
+        assert!((mapped as f64 - want).abs() < 2.0, "{mapped} ns, want {want}");
+        // Unmapping two of the three handles costs two handles' worth.
+        let before = sim.modelled_driver_ns(0);
+        sim.unmap(0, va + g, 2 * g).unwrap();
+        let unmapped = sim.modelled_driver_ns(0) - before;
+        assert!((unmapped as f64 - 1e3 * (UNMAP_US.0 + 2.0 * UNMAP_US.1)).abs() < 2.0);
+        assert_eq!(sim.live(0).2, g, "one handle still mapped");
     }
 }

@@ -221,7 +221,9 @@ options! {
     fine_handles_above: Fraction = "0.9";
     /// Least bytes mapped when a large-arena request under half this size
     /// misses the cache (PyTorch's 20 MiB segments): fewer, larger growths.
-    /// The extra stays cached for the same stream. 0 maps exact sizes.
+    /// The extra stays cached for the same stream. At most an eighth of
+    /// what is reserved, so small pools grow in smaller steps (an empty
+    /// pool maps exact sizes). 0 maps exact sizes.
     growth_size: Bytes = "20M";
     /// While cached (free but mapped) bytes exceed this fraction of the
     /// reserved bytes, growth first unmaps cached memory that the device is

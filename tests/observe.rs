@@ -43,6 +43,8 @@ fn snapshot_lists_segments_and_blocks_in_torch_shape() {
 #[test]
 fn history_ring_records_and_replays() {
     let (a, _) = sim("");
+    let warm = a.malloc(160 * MIB, 0, 0).unwrap(); // cached below: the requests map nothing
+    a.free(warm, None, 0, None).unwrap();
     a.record_history(true, 4);
     for i in 0..3u64 {
         let p = a.malloc((i + 1) * MIB, 0, 0).unwrap();

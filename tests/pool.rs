@@ -95,15 +95,22 @@ fn expandable_growth_extends_a_cached_block_at_the_top() {
 #[test]
 fn small_large_requests_grow_by_growth_size_and_exactly_when_short() {
     let (a, _) = sim("growth_size:20M,device_capacity:1G");
+    // In an empty pool, growth is exact: a step is at most an eighth of
+    // what is reserved.
+    let first = a.malloc(3 * MIB, 0, 0).unwrap();
+    assert_eq!(gauge(&a, G::MappedBytes), (4 * MIB) as i64, "two granules, not 20 MiB");
+    a.free(first, None, 0, None).unwrap();
+    let base = a.malloc(160 * MIB, 0, 0).unwrap(); // 160 MiB held: steps of 20 MiB
+    assert_eq!(base, first);
     let p = a.malloc(3 * MIB, 0, 0).unwrap();
-    assert_eq!(gauge(&a, G::MappedBytes), (20 * MIB) as i64, "one 20 MiB growth");
+    assert_eq!(gauge(&a, G::MappedBytes), (180 * MIB) as i64, "one 20 MiB growth");
     let q = a.malloc(3 * MIB, 0, 0).unwrap();
     assert_eq!(q, p + 3 * MIB, "the neighbour hits the cache");
     assert_eq!(counter(&a, C::CacheHits), 1);
     let big = a.malloc(30 * MIB, 0, 0).unwrap();
     // The cached 14 MiB at the top is extended by exactly the 16 MiB missing.
     assert_eq!(big, p + 6 * MIB);
-    assert_eq!(gauge(&a, G::MappedBytes), (36 * MIB) as i64, "large requests map exactly");
+    assert_eq!(gauge(&a, G::MappedBytes), (196 * MIB) as i64, "large requests map exactly");
     a.free(big, None, 0, None).unwrap();
     check(&a, 0);
     let (a, _) = sim("growth_size:20M,device_capacity:6M");
@@ -483,18 +490,19 @@ fn growth_trades_a_larger_free_handle_for_an_exact_one_instead_of_taking_more() 
 
 #[test]
 fn growth_over_a_cache_that_recycling_cannot_shrink_is_exact_in_one_granule_handles() {
-    let (a, _) = sim("growth_size:20M,max_handle_size:8M,device_capacity:1G");
+    let (a, _) = sim("growth_size:20M,max_handle_size:8M,device_capacity:1G,max_cached_fraction:0.02");
+    let base = a.malloc(160 * MIB, 0, 0).unwrap(); // 20 handles of 8 MiB: steps of 20 MiB
     // 3 MiB grows by 20 MiB: handles of 8, 8 and 4 MiB; 17 MiB cached.
     let p = a.malloc(3 * MIB, 0, 0).unwrap();
-    assert_eq!((gauge(&a, G::ReservedBytes), gauge(&a, G::Handles)), ((20 * MIB) as i64, 3));
+    assert_eq!((gauge(&a, G::ReservedBytes), gauge(&a, G::Handles)), ((180 * MIB) as i64, 23));
     // Stream 1 misses. Recycling takes back the two handles under nothing
-    // live (12 MiB); 5 MiB stay cached in p's handle, a quarter of what is
-    // held, over max_cached_fraction. So the growth maps the 3 granules the
-    // request needs, not 20 MiB: the free 4 MiB handle, and one new
-    // one-granule handle for the 8 MiB one (released).
+    // live (12 MiB); 5 MiB stay cached in p's handle, over
+    // max_cached_fraction of what is held. So the growth maps the 3
+    // granules the request needs, not 20 MiB: the free 4 MiB handle, and
+    // one new one-granule handle for the 8 MiB one (released).
     let q = a.malloc(5 * MIB, 0, 1).unwrap();
-    assert_eq!(gauge(&a, G::ReservedBytes), (14 * MIB) as i64, "nothing beyond what the request needs");
-    assert_eq!(gauge(&a, G::Handles), 3);
+    assert_eq!(gauge(&a, G::ReservedBytes), (174 * MIB) as i64, "nothing beyond what the request needs");
+    assert_eq!(gauge(&a, G::Handles), 23);
     assert_eq!(gauge(&a, G::CachedBytes), (6 * MIB) as i64, "p's 5 MiB and q's last 1 MiB");
     check(&a, 0);
     a.free(p, None, 0, Some(0)).unwrap();

@@ -1,4 +1,4 @@
-"""The CPU-side generators of bench_frontier's traces (tests/sim/multistream_trace.py, churn_trace.py)."""
+"""The CPU-side generators of bench_frontier's traces (tests/sim/multistream_trace.py, churn_trace.py, kv_trace.py)."""
 
 import os
 import subprocess
@@ -9,6 +9,7 @@ REPO = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
 sys.path.insert(0, os.path.join(REPO, "tests", "sim"))
 
 import churn_trace  # noqa: E402
+import kv_trace  # noqa: E402
 import multistream_trace  # noqa: E402
 
 
@@ -57,3 +58,12 @@ def test_churn_trace_replays(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     out = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
     assert '"peak_live_bytes":%d' % peak_live(lines) in out
+
+
+def test_kv_seed_0_has_the_gpu_runs_peak():
+    # bench_frontier.py's kvcache on an H100: tessera's peak allocated bytes, 2,149,711,872; a
+    # second run in the same process (bench_time.py) repeats the first.
+    assert peak_live(kv_trace.trace(0)) == 2_149_711_872
+    two = kv_trace.trace(0, runs=2)
+    assert len(two) == 2 * len(kv_trace.trace(0))
+    assert peak_live(two) == 2_149_711_872

@@ -13,7 +13,8 @@ Replay: ./target/release/tessera-replay OUT.trace --frontier
 
 import math
 import random
-import sys
+
+import trace_cli
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -49,18 +50,10 @@ def trace(seed, ops=3000):
         lines.append("a %d %d 0" % block)
         live.append([i + int(math.exp(rng.uniform(0, math.log(1000)))), size, block])
         total += size
-    for item in live:
+    for item in reversed(live):  # the workload returns: its list goes
         free(item)
     return lines
 
 
-def main():
-    if len(sys.argv) not in (3, 4):
-        sys.exit(__doc__)
-    ops = int(sys.argv[3]) if len(sys.argv) == 4 else 3000
-    with open(sys.argv[2], "w") as f:
-        f.write("\n".join(trace(int(sys.argv[1]), ops)) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    trace_cli.main(__doc__, trace, 3000)

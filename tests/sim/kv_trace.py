@@ -13,7 +13,8 @@ Replay: ./target/release/tessera-replay OUT.trace --frontier
 """
 
 import random
-import sys
+
+import trace_cli
 
 TOKEN_BYTES = 2 * 8 * 32 * 128 * 2  # (2, layers 8, heads 32, T, 128) bf16: 128 KiB per token
 
@@ -63,13 +64,5 @@ def trace(seed, runs=1, steps=300):
     return lines
 
 
-def main():
-    if len(sys.argv) not in (3, 4):
-        sys.exit(__doc__)
-    runs = int(sys.argv[3]) if len(sys.argv) == 4 else 1
-    with open(sys.argv[2], "w") as f:
-        f.write("\n".join(trace(int(sys.argv[1]), runs)) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    trace_cli.main(__doc__, trace, 1)

@@ -16,7 +16,8 @@ Replay: ./target/release/tessera-replay OUT.trace --frontier
 import collections
 import math
 import random
-import sys
+
+import trace_cli
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -63,13 +64,5 @@ def trace(seed, size_scale=1, iters=2500):
     return lines
 
 
-def main():
-    if len(sys.argv) not in (3, 4):
-        sys.exit(__doc__)
-    scale = int(sys.argv[3]) if len(sys.argv) == 4 else 1
-    with open(sys.argv[2], "w") as f:
-        f.write("\n".join(trace(int(sys.argv[1]), scale)) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    trace_cli.main(__doc__, trace, 1)

@@ -67,3 +67,16 @@ def test_kv_seed_0_has_the_gpu_runs_peak():
     two = kv_trace.trace(0, runs=2)
     assert len(two) == 2 * len(kv_trace.trace(0))
     assert peak_live(two) == 2_149_711_872
+
+
+def test_sweep_replays_every_trace():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sim", "sweep.py"), "--seeds", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.endswith(tuple("0123456789")) and "seeds" not in line]
+    names = {r[0] for r in rows}
+    assert {"gpt_varlen.trace.gz", "kv_grow.trace.gz", "churn_x4.trace", "kv_x6.trace"} <= names, out
+    for name, frontier, reserved, maps, driver_ms in rows:
+        # No trace completes in less than its peak live bytes, nor holds less than it at the peak.
+        assert float(frontier) >= 1.0 and float(reserved) >= 1.0, name
+        assert int(maps) > 0 and float(driver_ms) > 0, name
+    assert "2 multi-stream seeds: frontier mean" in out

@@ -1000,6 +1000,7 @@ impl DevicePool {
         let g = self.settings.granule_bytes;
         let fresh_granules = round_up(rounded, g) / g;
         let same_key = move |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && cache_key(p.b(x)) == key;
+        let mut plan = if self.settings.expandable { self.best_gap(arena, rounded, &same_key) } else { None };
         if self.settings.expandable && !capturing {
             // Recycling frees handles for a fresh range even when the gap
             // needs fewer: one recycling round serves the next growths too,
@@ -1007,8 +1008,11 @@ impl DevicePool {
             // keeps coarse handles (measured on the H100, bench_time's
             // KV-cache workload: 1.23x native with just the gap's granules,
             // 1.08x so; the sim agrees, 24% less modelled driver time).
-            let keep = self.best_gap(arena, rounded, &same_key).map(|p| self.gap_span(p));
-            self.recycle_before_growth(fresh_granules.max(self.least_growth_granules(arena, rounded)), keep)?;
+            let keep = plan.map(|p| self.gap_span(p));
+            if self.recycle_before_growth(fresh_granules.max(self.least_growth_granules(arena, rounded)), keep)? {
+                // Recycling opened holes, maybe beside cached blocks: look again.
+                plan = self.best_gap(arena, rounded, &same_key);
+            }
         }
         // Still over max_cached_fraction after recycling (no memory limit):
         // what is cached lies in handles that live blocks share. Then growth
@@ -1019,8 +1023,6 @@ impl DevicePool {
             && !capturing
             && self.settings.limit_bytes.is_none()
             && self.cache_over_fraction();
-        // Recycling may have opened holes beside cached blocks: look again.
-        let plan = if self.settings.expandable { self.best_gap(arena, rounded, &same_key) } else { None };
         let plan = match plan {
             Some(p) => p,
             None => {
@@ -1062,6 +1064,7 @@ impl DevicePool {
     /// A scan of one arena's holes: for growth only.
     fn best_gap(&self, arena: ArenaKind, rounded: u64, in_run: &dyn Fn(&Self, BlockId) -> bool) -> Option<Gap> {
         let g = self.settings.granule_bytes;
+        let fresh = round_up(rounded, g) / g;
         let mut best: Option<Gap> = None;
         for &(_, hole_bytes, _, hole) in self.holes.range((arena, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)) {
             let room = hole_bytes / g;
@@ -1075,7 +1078,7 @@ impl DevicePool {
                 last = self.b(last).next;
                 after += self.b(last).size;
             }
-            let least = best.map_or(round_up(rounded, g) / g, |b| b.new);
+            let least = best.map_or(fresh, |b| b.new);
             if before > 0 && rounded > before && rounded <= before + room * g + after {
                 let new = (round_up(rounded - before, g) / g).min(room);
                 let upto = if new * g + before >= rounded { hole } else { last };
@@ -1083,7 +1086,7 @@ impl DevicePool {
                     best = Some(Gap { new, hole, first, last: upto, back: false });
                 }
             }
-            let least = best.map_or(round_up(rounded, g) / g, |b| b.new);
+            let least = best.map_or(fresh, |b| b.new);
             if after > 0 && rounded > after && rounded - after <= room * g {
                 let new = round_up(rounded - after, g) / g;
                 if new < least {
@@ -1863,11 +1866,12 @@ impl DevicePool {
     /// `cached_fraction` and `gc_threshold`), unmap cached handles the
     /// device is done with, so that growth maps them again instead of
     /// taking new memory. No synchronization: epoch events tell what is done.
-    /// The blocks in `keep` (the growth's placement) stay.
-    fn recycle_before_growth(&mut self, need: u64, keep: Option<(u64, u64)>) -> Result<()> {
+    /// The blocks in `keep` (the growth's placement) stay. Returns whether
+    /// it unmapped anything (else the blocks are as they were).
+    fn recycle_before_growth(&mut self, need: u64, keep: Option<(u64, u64)>) -> Result<bool> {
         let free = self.free_handle_granules();
         if free >= need || self.cached_by_stream.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let g = self.settings.granule_bytes;
         let reserved = self.physical_bytes() as f64;
@@ -1880,7 +1884,7 @@ impl DevicePool {
         // at its frontier + 5%). garbage_collection_threshold still applies.
         let within_limit = self.settings.limit_bytes.is_some_and(|l| reserved + (need * g) as f64 <= l as f64);
         if (!self.cache_over_fraction() || within_limit) && !over_gc {
-            return Ok(());
+            return Ok(false);
         }
         // Smallest blocks first: the large cached blocks are the ones that
         // serve later large requests without growth. Against largest first
@@ -1896,7 +1900,7 @@ impl DevicePool {
             self.wait_epochs()?;
             self.unmap_cached_blocks(need, true, keep, true)?;
         }
-        Ok(())
+        Ok(self.free_handle_granules() > free)
     }
 
     /// Unmaps cached handles (only those the device is known to be done

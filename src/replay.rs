@@ -187,17 +187,31 @@ pub fn block_map(r: &ReplayResult, granule_bytes: u64) -> String {
 }
 
 /// The least capacity, to `step_bytes`, with which the replay completes,
-/// found by bisection between the peak live bytes and the uncapped run's
-/// peak reserved bytes. Returns `(frontier_bytes, replays run)`.
+/// found by bisection between the peak live bytes and the least capacity
+/// from the uncapped run's peak reserved bytes up that is seen to complete
+/// (a capacity changes the policy near it: the uncapped peak alone proves
+/// nothing). Returns `(frontier_bytes, replays run)`.
 pub fn frontier(events: &[Event], config: &Config, step_bytes: u64) -> Result<(u64, usize), String> {
     let uncapped = replay(events, config, None)?;
     if uncapped.oom_at.is_some() {
         return Err(format!("the trace does not complete even uncapped: {}", uncapped.oom_message.unwrap_or_default()));
     }
     let mut lo = peak_live_bytes(events) / step_bytes; // in steps; lo - 1 fails for sure
-    let mut hi = uncapped.peak_reserved_bytes().div_ceil(step_bytes).max(lo); // succeeds
+    let mut hi = uncapped.peak_reserved_bytes().div_ceil(step_bytes).max(lo);
     lo = lo.saturating_sub(1);
     let mut runs = 1;
+    // Up from the uncapped peak, one step, then two, four...: the first
+    // capacity that completes bounds the bisection (the failures below it).
+    let mut up = 1;
+    loop {
+        runs += 1;
+        if replay(events, config, Some(hi * step_bytes))?.oom_at.is_none() {
+            break;
+        }
+        lo = hi;
+        hi += up;
+        up *= 2;
+    }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         runs += 1;

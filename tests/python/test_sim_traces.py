@@ -1,5 +1,6 @@
 """The CPU-side generators of bench_frontier's traces (tests/sim/multistream_trace.py, churn_trace.py, kv_trace.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,20 @@ def test_sweep_replays_every_trace():
         assert float(frontier) >= 1.0 and float(reserved) >= 1.0, name
         assert int(maps) > 0 and float(driver_ms) > 0, name
     assert "2 multi-stream seeds: frontier mean" in out
+
+
+def test_frontier_completes_and_one_step_less_does_not(tmp_path):
+    # Seed 0's uncapped replay reserves at most 98 MiB, yet the replay capped at 98 MiB runs out
+    # (a capacity changes the policy near it); the frontier is the capacity seen to complete:
+    # 100 MiB, what bench_frontier.py measures on an H100/H200 once the driver's floor is left out.
+    exe = os.path.join(REPO, "target", "release", "tessera-replay")
+    path = tmp_path / "ms0.trace"
+    path.write_text("\n".join(multistream_trace.trace(0)) + "\n")
+
+    def report(*args):
+        out = subprocess.run([exe, str(path), *args], capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    frontier = report("--frontier")["frontier_bytes"]
+    assert report("--capacity", str(frontier)).get("oom_at_event") is None
+    assert report("--capacity", str(frontier - (2 << 20))).get("oom_at_event") is not None

@@ -66,7 +66,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from gpu_util import REPO, last_json, note  # noqa: E402  (gpu_util also puts python_example on sys.path)
 
-MiB, GiB = 1 << 20, 1 << 30
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 GRAIN = 2 * MiB
 
 ALLOCATORS = {  # name -> PYTORCH_CUDA_ALLOC_CONF (None: unset)
@@ -154,6 +154,18 @@ class Driver:
         finally:
             self._pop()
         self.ballast = []
+
+    def floor(self):
+        """The free bytes the driver reports when it hands out nothing more, to 64 KiB: memory that
+        no allocator gets (3.125 MiB on an H100/H200 with driver 580: tests/gpu/vmm_headroom.py)."""
+        self.take_ballast(0)
+        piece = GRAIN
+        while piece >= 64 * KiB:
+            if not self._alloc(piece):
+                piece //= 2
+        free = self.mem_info()[0]
+        self.drop_ballast()
+        return free
 
     def take_ballast(self, target_free):
         """Allocate until free memory is target_free (to GRAIN above it). Returns bytes taken."""
@@ -395,6 +407,7 @@ def child(args):
         peak_alloc, peak_res, _, extra = allocator_stats(torch, tt)
         res0 = allocator_stats(torch, tt)[2]
         free1, _ = drv.mem_info()
+        out["driver_floor"] = drv.floor()
         out.update(status=status, error=error, workload_s=secs, peak_allocated=peak_alloc,
                    peak_reserved=peak_res, stats=extra, reserved_between_runs=res0,
                    nonalloc=(free0 - free1) - res0)
@@ -434,6 +447,9 @@ def child(args):
         failed = [p["budget"] for p in out["probes"] if p["status"] != "ok"]
         out.update(frontier=frontier, frontier_verified=verified, bisect_lo=lo, bisect_hi=hi, resolution=int(res),
                    frontier_bracket=[max([lo] + [f for f in failed if frontier is None or f < frontier]), frontier])
+        at = [p for p in out["probes"] if p["budget"] == frontier and p["status"] == "ok"]
+        if at:
+            out["usable_frontier"] = at[0]["free_before"] + at[0]["reserved_before"] - out["driver_floor"]
         drv.drop_ballast()
     except SystemExit:
         pass
@@ -602,6 +618,8 @@ def main():
         row["peak_live"] = peak
         row["reserved_ratio"] = row["peak_reserved"] / peak if peak and row.get("peak_reserved") else None
         row["frontier_ratio"] = fr / peak if peak and fr else None
+        usable = row.get("usable_frontier")
+        row["usable_ratio"] = usable / peak if peak and usable else None
     device = next((r.get("device") for r in rows if r.get("device")), None)
     torch_v = next((r.get("torch") for r in rows if r.get("torch")), None)
     result = {"device": device, "torch": torch_v, "args": {k: v for k, v in vars(args).items() if k != "child"},
@@ -613,10 +631,12 @@ def main():
     print("frontier: the least memory the allocator may take (free after a driver ballast, plus what it held "
           "between runs) with which the workload completes, to the bisection's resolution; '(> x)': the "
           "largest failing budget was x. Ratios over the allocator's own peak allocated. non-alloc: device "
-          "memory the process took outside the allocator (left out of the frontier)\n")
-    print("| workload | allocator | peak live GiB | reserved ratio | frontier ratio | frontier GiB "
+          "memory the process took outside the allocator (left out of the frontier). usable: the memory the driver "
+          "could hand out at the frontier (free after the ballast, less the floor below which it hands out "
+          "nothing, to any allocator), plus what the allocator held, over peak allocated\n")
+    print("| workload | allocator | peak live GiB | reserved ratio | frontier ratio | usable ratio | frontier GiB "
           "| non-alloc MiB | runs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         fr, peak = row.get("frontier"), row["peak_live"]
         fr_ratio = fmt_ratio(row["frontier_ratio"])
@@ -628,7 +648,8 @@ def main():
             if fr - below > row["resolution"] * 1.01:
                 fr_ratio += f" (> {below / peak:.2f})"
         cells = [row["workload"], row["allocator"], f"{gib(peak):.3f}" if peak else "-",
-                 fmt_ratio(row["reserved_ratio"]), fr_ratio, f"{gib(fr):.3f}" if fr else "-",
+                 fmt_ratio(row["reserved_ratio"]), fr_ratio, fmt_ratio(row["usable_ratio"]),
+                 f"{gib(fr):.3f}" if fr else "-",
                  f"{row['nonalloc'] / MiB:.0f}" if row.get("nonalloc") is not None else "-",
                  str(1 + len(probes))]
         line = "| " + " | ".join(cells) + " |"

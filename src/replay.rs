@@ -249,10 +249,12 @@ pub fn report_json(r: &ReplayResult, frontier_bytes: Option<u64>, capacity_bytes
     }
     if let Some(c) = capacity_bytes {
         fields.push(format!("\"capacity_bytes\":{c}"));
-        fields.push(format!("\"oom_at_event\":{}", r.oom_at.map_or("null".to_string(), |i| i.to_string())));
-        if let Some(m) = &r.oom_message {
-            fields.push(format!("\"oom_message\":\"{}\"", m.replace('\\', "\\\\").replace('"', "\\\"")));
-        }
+    }
+    // Also without a capacity: a memory_limit in the configuration can stop
+    // the replay too, and the report must say so.
+    fields.push(format!("\"oom_at_event\":{}", r.oom_at.map_or("null".to_string(), |i| i.to_string())));
+    if let Some(m) = &r.oom_message {
+        fields.push(format!("\"oom_message\":\"{}\"", m.replace('\\', "\\\\").replace('"', "\\\"")));
     }
     format!("{{{}}}", fields.join(","))
 }

@@ -98,3 +98,19 @@ def test_frontier_completes_and_one_step_less_does_not(tmp_path):
     frontier = report("--frontier")["frontier_bytes"]
     assert report("--capacity", str(frontier)).get("oom_at_event") is None
     assert report("--capacity", str(frontier - (2 << 20))).get("oom_at_event") is not None
+
+
+def test_a_memory_limit_that_stops_the_replay_is_reported(tmp_path):
+    # Without --capacity, a memory_limit under the peak live bytes stops the replay: the report
+    # names the event and the message (it used to read as a complete run).
+    exe = os.path.join(REPO, "target", "release", "tessera-replay")
+    path = tmp_path / "ms.trace"
+    lines = multistream_trace.trace(1, iters=300)
+    path.write_text("\n".join(lines) + "\n")
+    limit = peak_live(lines) // 2
+    out = subprocess.run([exe, str(path), "--conf", "memory_limit:%d" % limit], capture_output=True, text=True,
+                         check=True).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["oom_at_event"] is not None and "out of memory" in report["oom_message"]
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1])["oom_at_event"] is None

@@ -202,14 +202,17 @@ pub fn frontier(events: &[Event], config: &Config, step_bytes: u64) -> Result<(u
     let mut runs = 1;
     // Up from the uncapped peak, one step, then two, four...: the first
     // capacity that completes bounds the bisection (the failures below it).
-    let mut up = 1;
+    let (mut up, last) = (1, 2 * hi + 64);
     loop {
         runs += 1;
         if replay(events, config, Some(hi * step_bytes))?.oom_at.is_none() {
             break;
         }
+        if hi >= last {
+            return Err(format!("no capacity up to {} bytes completes the trace, though it completes uncapped", hi * step_bytes));
+        }
         lo = hi;
-        hi += up;
+        hi = (hi + up).min(last);
         up *= 2;
     }
     while hi - lo > 1 {

@@ -1166,12 +1166,11 @@ impl DevicePool {
             }
             cur = self.b(cur).next;
         }
-        while first != last {
-            let next = self.b(first).next;
+        // `first` swallows its neighbours up to and including `last`.
+        let mut absorbed = first;
+        while absorbed != last {
+            absorbed = self.b(first).next;
             self.absorb_next(first);
-            if next == last {
-                break;
-            }
         }
         Ok(first)
     }

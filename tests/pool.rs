@@ -491,7 +491,7 @@ fn growth_trades_a_larger_free_handle_for_an_exact_one_instead_of_taking_more() 
 #[test]
 fn growth_over_a_cache_that_recycling_cannot_shrink_is_exact_in_one_granule_handles() {
     let (a, _) = sim("growth_size:20M,max_handle_size:8M,device_capacity:1G,max_cached_fraction:0.02");
-    let base = a.malloc(160 * MIB, 0, 0).unwrap(); // 20 handles of 8 MiB: steps of 20 MiB
+    let _base = a.malloc(160 * MIB, 0, 0).unwrap(); // 20 handles of 8 MiB: steps of 20 MiB
     // 3 MiB grows by 20 MiB: handles of 8, 8 and 4 MiB; 17 MiB cached.
     let p = a.malloc(3 * MIB, 0, 0).unwrap();
     assert_eq!((gauge(&a, G::ReservedBytes), gauge(&a, G::Handles)), ((180 * MIB) as i64, 23));

@@ -157,7 +157,7 @@ class Driver:
 
     def floor(self):
         """The free bytes the driver reports when it hands out nothing more, to 64 KiB: memory that
-        no allocator gets (3.125 MiB on an H200 with driver 580: tests/gpu/vmm_headroom.py)."""
+        no allocator gets (2.19 MiB on an H100, 3.125 MiB on an H200, driver 580: tests/gpu/vmm_headroom.py)."""
         self.take_ballast(0)
         piece = GRAIN
         while piece >= 64 * KiB:

@@ -167,8 +167,8 @@ impl Backend for SimBackend {
     fn unmap(&self, device: i32, va: u64, size_bytes: u64) -> Result<()> {
         let mut d = self.dev(device)?;
         d.mapped_bytes -= size_bytes;
-        d.modelled_ns += 1e3 * (UNMAP_US.0 + UNMAP_US.1 * d.handles_in(va, size_bytes));
         let inside: Vec<u64> = d.mappings.range(va..va + size_bytes).map(|(&a, _)| a).collect();
+        d.modelled_ns += 1e3 * (UNMAP_US.0 + UNMAP_US.1 * inside.len() as f64);
         for a in inside {
             d.mappings.remove(&a);
         }

@@ -13,6 +13,14 @@ import churn_trace  # noqa: E402
 import kv_trace  # noqa: E402
 import multistream_trace  # noqa: E402
 
+REPLAY = os.path.join(REPO, "target", "release", "tessera-replay")
+
+
+def replay_report(path, *args):
+    """tessera-replay's JSON report of the trace at `path`."""
+    out = subprocess.run([REPLAY, str(path), *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
 
 def peak_live(lines):
     live, peak, sizes = 0, 0, {}
@@ -36,10 +44,9 @@ def test_seed_0_has_the_gpu_runs_peak():
 
 
 def test_trace_replays(tmp_path):
-    exe = os.path.join(REPO, "target", "release", "tessera-replay")
     path = tmp_path / "ms.trace"
     path.write_text("\n".join(multistream_trace.trace(1, iters=300)) + "\n")
-    out = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([REPLAY, str(path)], capture_output=True, text=True, check=True).stdout
     assert '"peak_live_bytes":%d' % peak_live(multistream_trace.trace(1, iters=300)) in out
 
 
@@ -53,11 +60,10 @@ def test_churn_keeps_its_live_set_under_3_gib():
 
 
 def test_churn_trace_replays(tmp_path):
-    exe = os.path.join(REPO, "target", "release", "tessera-replay")
     path = tmp_path / "churn.trace"
     lines = churn_trace.trace(2, ops=500)
     path.write_text("\n".join(lines) + "\n")
-    out = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([REPLAY, str(path)], capture_output=True, text=True, check=True).stdout
     assert '"peak_live_bytes":%d' % peak_live(lines) in out
 
 
@@ -87,30 +93,20 @@ def test_frontier_completes_and_one_step_less_does_not(tmp_path):
     # Seed 0's uncapped replay reserves at most 98 MiB, yet the replay capped at 98 MiB runs out
     # (a capacity changes the policy near it); the frontier is the capacity seen to complete:
     # 100 MiB, what bench_frontier.py measures on an H100/H200 once the driver's floor is left out.
-    exe = os.path.join(REPO, "target", "release", "tessera-replay")
     path = tmp_path / "ms0.trace"
     path.write_text("\n".join(multistream_trace.trace(0)) + "\n")
-
-    def report(*args):
-        out = subprocess.run([exe, str(path), *args], capture_output=True, text=True, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    frontier = report("--frontier")["frontier_bytes"]
-    assert report("--capacity", str(frontier)).get("oom_at_event") is None
-    assert report("--capacity", str(frontier - (2 << 20))).get("oom_at_event") is not None
+    frontier = replay_report(path, "--frontier")["frontier_bytes"]
+    assert replay_report(path, "--capacity", str(frontier)).get("oom_at_event") is None
+    assert replay_report(path, "--capacity", str(frontier - (2 << 20))).get("oom_at_event") is not None
 
 
 def test_a_memory_limit_that_stops_the_replay_is_reported(tmp_path):
     # Without --capacity, a memory_limit under the peak live bytes stops the replay: the report
     # names the event and the message (it used to read as a complete run).
-    exe = os.path.join(REPO, "target", "release", "tessera-replay")
     path = tmp_path / "ms.trace"
     lines = multistream_trace.trace(1, iters=300)
     path.write_text("\n".join(lines) + "\n")
     limit = peak_live(lines) // 2
-    out = subprocess.run([exe, str(path), "--conf", "memory_limit:%d" % limit], capture_output=True, text=True,
-                         check=True).stdout
-    report = json.loads(out.strip().splitlines()[-1])
+    report = replay_report(path, "--conf", "memory_limit:%d" % limit)
     assert report["oom_at_event"] is not None and "out of memory" in report["oom_message"]
-    out = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out.strip().splitlines()[-1])["oom_at_event"] is None
+    assert replay_report(path)["oom_at_event"] is None

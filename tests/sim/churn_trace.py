@@ -19,10 +19,6 @@ import trace_cli
 MiB, GiB = 1 << 20, 1 << 30
 
 
-def rounded(n):
-    return max(512, (n + 511) // 512 * 512)
-
-
 def trace(seed, ops=3000):
     rng = random.Random(seed)
     lines, next_addr = [], [0x10000]
@@ -46,7 +42,7 @@ def trace(seed, ops=3000):
             total -= item[1]
             free(item)
         next_addr[0] += 0x1000
-        block = (next_addr[0], rounded(size))
+        block = (next_addr[0], trace_cli.rounded(size))
         lines.append("a %d %d 0" % block)
         live.append([i + int(math.exp(rng.uniform(0, math.log(1000)))), size, block])
         total += size

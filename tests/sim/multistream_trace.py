@@ -26,17 +26,13 @@ def log_uniform(rng, lo, hi):
     return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def rounded(n):
-    return max(512, (n + 511) // 512 * 512)
-
-
 def trace(seed, size_scale=1, iters=2500):
     rng = random.Random(seed)
     lines, next_addr = [], [0x10000]
 
     def alloc(nbytes, stream):
         next_addr[0] += 0x1000
-        block = (next_addr[0], rounded(nbytes), stream)
+        block = (next_addr[0], trace_cli.rounded(nbytes), stream)
         lines.append("a %d %d %d" % block)
         return block
 

@@ -1,6 +1,12 @@
-"""The command line the tests/sim trace generators share: SEED OUT.trace [N]."""
+"""What the tests/sim trace generators share: the command line (SEED OUT.trace [N]) and
+PyTorch's rounding of request sizes."""
 
 import sys
+
+
+def rounded(n):
+    """A request of n bytes as the allocators see it: a multiple of 512, at least 512."""
+    return max(512, (n + 511) // 512 * 512)
 
 
 def main(doc, trace, default):

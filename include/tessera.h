@@ -19,11 +19,6 @@ typedef struct CUstream_st *cudaStream_t;
 
 
 /*
- The code of every injected `Error::Driver`.
- */
-#define INJECTED_CODE -7777
-
-/*
  Number of gauges (entries of `TesseraStats.gauges`).
  */
 #define TESSERA_GAUGE_COUNT 8
@@ -177,13 +172,6 @@ typedef uint32_t TesseraCounter;
 #endif // __cplusplus
 
 /*
- The calls that can be made to fail.
- */
-typedef struct FaultPoint FaultPoint;
-
-typedef struct Option_TesseraOomCallback Option_TesseraOomCallback;
-
-/*
  One gauge: current value, peak since the last reset, and the cumulative
  increments and decrements.
  */
@@ -203,7 +191,14 @@ typedef struct TesseraStats {
   uint64_t counters[TESSERA_COUNTER_COUNT];
 } TesseraStats;
 
-
+/*
+ A function tessera calls before it gives up on an allocation:
+ `(device, bytes requested, user_data)`. It may free memory (e.g. run a
+ garbage collection); tessera retries once after all callbacks ran. A
+ nullable function pointer (`Option` of one is what C sees as a plain
+ pointer, NULL for `None`).
+ */
+typedef void (*TesseraOomCallback)(int device, uint64_t size, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -215,11 +210,6 @@ extern "C" {
  entry point: PyTorch must be given `tessera_malloc` instead.
  */
 void *tessera_try_malloc(ssize_t size, int device, cudaStream_t stream);
-
-/*
- Throws `std::runtime_error(message)` (src/shim.cpp).
- */
-extern void tessera_throw_runtime_error(const char *message);
 
 /*
  Allocates `size` bytes on `device` for use on `stream`: the entry point
@@ -330,7 +320,7 @@ int64_t tessera_history_trace(int device, char *buf, uintptr_t len);
  Registers an OOM callback (called on the allocating thread, with no
  tessera lock held). Returns 0 or -1.
  */
-int32_t tessera_register_oom_callback(struct Option_TesseraOomCallback callback, void *user_data);
+int32_t tessera_register_oom_callback(TesseraOomCallback callback, void *user_data);
 
 /*
  Switches `graph_pools` on at run time, for every device: from now on

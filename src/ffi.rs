@@ -86,9 +86,13 @@ pub extern "C" fn tessera_try_malloc(size: libc::ssize_t, device: c_int, stream:
     })
 }
 
-unsafe extern "C-unwind" {
-    /// Throws `std::runtime_error(message)` (src/shim.cpp).
-    fn tessera_throw_runtime_error(message: *const c_char) -> !;
+/// The C++ shim (src/shim.cpp): internal, so not in the header.
+/// cbindgen:ignore
+mod shim {
+    unsafe extern "C-unwind" {
+        /// Throws `std::runtime_error(message)`.
+        pub fn tessera_throw_runtime_error(message: *const std::ffi::c_char) -> !;
+    }
 }
 
 /// Allocates `size` bytes on `device` for use on `stream`: the entry point
@@ -103,7 +107,7 @@ pub extern "C-unwind" fn tessera_malloc(size: libc::ssize_t, device: c_int, stre
     if ptr.is_null() && size != 0 {
         // SAFETY: the message is a valid C string owned by this thread; the
         // exception unwinds through this frame only, which owns nothing.
-        unsafe { tessera_throw_runtime_error(tessera_last_error()) }
+        unsafe { shim::tessera_throw_runtime_error(tessera_last_error()) }
     }
     ptr
 }
@@ -278,13 +282,15 @@ pub unsafe extern "C" fn tessera_history_trace(device: c_int, buf: *mut c_char, 
 
 /// A function tessera calls before it gives up on an allocation:
 /// `(device, bytes requested, user_data)`. It may free memory (e.g. run a
-/// garbage collection); tessera retries once after all callbacks ran.
-pub type TesseraOomCallback = extern "C" fn(device: c_int, size: u64, user_data: *mut c_void);
+/// garbage collection); tessera retries once after all callbacks ran. A
+/// nullable function pointer (`Option` of one is what C sees as a plain
+/// pointer, NULL for `None`).
+pub type TesseraOomCallback = Option<extern "C" fn(device: c_int, size: u64, user_data: *mut c_void)>;
 
 /// Registers an OOM callback (called on the allocating thread, with no
 /// tessera lock held). Returns 0 or -1.
 #[unsafe(no_mangle)]
-pub extern "C" fn tessera_register_oom_callback(callback: Option<TesseraOomCallback>, user_data: *mut c_void) -> i32 {
+pub extern "C" fn tessera_register_oom_callback(callback: TesseraOomCallback, user_data: *mut c_void) -> i32 {
     guarded("register_oom_callback", -1, || {
         let cb = callback.ok_or_else(|| Error::InvalidArgument("OOM callback is NULL".into()))?;
         let data = user_data as usize;

@@ -85,3 +85,35 @@ fn committed_header_matches_the_source() {
     };
     assert!(out.success(), "include/tessera.h differs from the committed one: commit the regenerated header");
 }
+
+#[test]
+fn the_header_holds_the_public_abi_only() {
+    // Every function it declares is one the library exports, no symbol the
+    // library itself imports (`extern`), no test support (the fault
+    // injector's codes and types), no opaque type a C caller cannot use.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let header = std::fs::read_to_string(root.join("include/tessera.h")).unwrap();
+    let lib = lib_dir().join("libtessera.so");
+    let nm = Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().expect("nm runs");
+    let exported = String::from_utf8_lossy(&nm.stdout);
+    let exported: Vec<&str> = exported.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    let mut functions = 0;
+    for line in header.lines().map(str::trim) {
+        assert!(!line.starts_with("extern ") || line == "extern \"C\" {", "the header declares an import of the library: {line}");
+        if let Some(name) = line.strip_prefix("#define ") {
+            let name = name.split_whitespace().next().unwrap();
+            assert!(name.starts_with("TESSERA_"), "a define outside the TESSERA_ prefix: {line}");
+        }
+        if let Some(rest) = line.strip_prefix("typedef struct ") {
+            // `typedef struct X X;` declares a type the header never completes.
+            let words: Vec<&str> = rest.trim_end_matches(';').split_whitespace().collect();
+            assert!(!(words.len() == 2 && words[0] == words[1]), "an opaque type in the header: {line}");
+        }
+        if let Some(open) = line.find("tessera_").filter(|_| line.ends_with(");") && !line.starts_with('*')) {
+            let name: String = line[open..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            assert!(exported.contains(&name.as_str()), "{name} is declared but not exported");
+            functions += 1;
+        }
+    }
+    assert!(functions >= 25, "only {functions} functions found in the header");
+}

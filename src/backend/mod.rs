@@ -24,6 +24,8 @@
 //! - Every method may be called from any thread; implementations are Sync.
 
 pub mod cuda;
+/// cbindgen:ignore
+#[cfg(feature = "testing")]
 pub mod faulty;
 pub mod host;
 pub mod sim;

@@ -8,6 +8,13 @@
 #define CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "FAIL line %d: ", __LINE__); \
     fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); return 1; } } while (0)
 
+/* An OOM callback, as C declares one: counts its calls in *user_data. */
+static uint64_t oom_asked;
+static void on_oom(int device, uint64_t size, void *user_data) {
+    if (device == 0) oom_asked = size;
+    ++*(int *)user_data;
+}
+
 static int find(const char *(*name)(int32_t), int32_t count, const char *wanted) {
     for (int32_t i = 0; i < count; i++)
         if (name(i) && strcmp(name(i), wanted) == 0) return i;
@@ -51,7 +58,12 @@ int main(void) {
     CHECK(strstr(tessera_last_error(), "not a live tessera allocation") != NULL, "%s", tessera_last_error());
     CHECK(tessera_try_malloc(-5, 0, NULL) == NULL, "negative size served");
     CHECK(tessera_try_malloc(100, 9, NULL) == NULL, "device 9 served");
+    int oom_calls = 0;
+    CHECK(tessera_register_oom_callback(NULL, NULL) == -1, "a NULL callback accepted");
+    CHECK(tessera_register_oom_callback(on_oom, &oom_calls) == 0, "%s", tessera_last_error());
     CHECK(tessera_try_malloc(1LL << 40, 0, NULL) == NULL, "1 TiB served on a 64 MiB device");
+    CHECK(oom_calls == 1 && oom_asked == 1ULL << 40, "OOM callback ran %d times for %llu bytes", oom_calls,
+          (unsigned long long)oom_asked);
     CHECK(strncmp(tessera_last_error(), "CUDA out of memory. Tried to allocate", 37) == 0, "%s", tessera_last_error());
     CHECK(tessera_try_malloc(0, 0, NULL) == NULL, "size 0 gives NULL");
     CHECK(tessera_get_stats(0, NULL) == -1, "NULL stats accepted");

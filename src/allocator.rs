@@ -11,7 +11,7 @@ use crate::backend::{self, Backend};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::{lock, Front, FrontFree, PoolSlot};
-use crate::pool::{round_size, ArenaKind, DevicePool, PoolSettings};
+use crate::pool::{round_size, ArenaKind, DevicePool};
 use crate::stats::{TesseraCounter, TesseraStats};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -112,20 +112,9 @@ impl Allocator {
         let mut slot = lock(self.slot(device)?);
         if slot.pool.is_none() {
             let limit = self.limit_for(device, slot.fraction)?;
-            let settings = PoolSettings {
-                granule_bytes: self.config.page_size.0,
-                max_handle_bytes: self.config.max_handle_size.0,
-                fine_handles_above: self.config.fine_handles_above.0,
-                small_size_bytes: self.config.small_size.0,
-                growth_bytes: self.config.growth_size.0,
-                cached_fraction: self.config.max_cached_fraction.0,
-                gc_threshold: self.config.garbage_collection_threshold.0,
-                va_size_bytes: self.config.va_size.0,
-                expandable: self.config.expandable_segments,
-                limit_bytes: limit,
-                graph_pools: self.config.graph_pools || self.graphs_watched.load(Ordering::SeqCst),
-            };
-            let mut pool = DevicePool::new(device, self.backend.clone(), settings)?;
+            let mut conf = self.config.clone();
+            conf.graph_pools |= self.graphs_watched.load(Ordering::SeqCst);
+            let mut pool = DevicePool::new(device, self.backend.clone(), &conf, limit)?;
             let (on, entries) = *self.history.lock().unwrap_or_else(|p| p.into_inner());
             pool.record_history(on, entries);
             slot.pool = Some(pool);

@@ -323,6 +323,23 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as a device runs it: `page_size` checked against
+    /// the backend's granularity, `max_handle_size` rounded down and
+    /// `va_size` up to whole pages. (Every check that needs no backend runs
+    /// at parse time, in `validate`.)
+    pub fn for_backend(&self, backend: &str, granularity_bytes: u64) -> Result<Config> {
+        let g = self.page_size.0;
+        if !g.is_multiple_of(granularity_bytes) {
+            return Err(Error::Config(format!(
+                "page_size {g} is not a multiple of the {backend} backend's granularity {granularity_bytes}"
+            )));
+        }
+        let mut conf = self.clone();
+        conf.max_handle_size = Bytes((self.max_handle_size.0 / g * g).max(g));
+        conf.va_size = Bytes(self.va_size.0.div_ceil(g) * g);
+        Ok(conf)
+    }
+
     /// The options table as JSON: `[{"name","default","accepts","doc"}, ...]`.
     pub fn options_json() -> String {
         let esc = |t: &str| t.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ");

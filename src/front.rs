@@ -25,7 +25,8 @@
 #![forbid(unsafe_code)]
 
 use crate::error::{Error, Result};
-use crate::pool::{round_size, AddrHash, ArenaKind, DevicePool, Freed, FrontDelta, LentBlock};
+use crate::hash::AddrHash;
+use crate::pool::{round_size, ArenaKind, DevicePool, Freed, FrontDelta, LentBlock};
 use crate::spin::{SpinGuard, SpinLock};
 use crate::stats::TesseraCounter as C;
 use std::collections::{HashMap, HashSet};

@@ -40,6 +40,7 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod front;
+pub mod hash;
 pub mod log;
 pub mod pool;
 pub mod replay;

@@ -1,0 +1,234 @@
+//! The block chain and its slab: each arena is covered, in address order,
+//! by a doubly linked chain of blocks kept in a slab indexed by integers;
+//! split, coalesce, and the index sets of free blocks (cached by cache key,
+//! holes by size).
+//! Invariants: the chain covers its arena exactly; no two holes, and no two
+//! cached blocks of one cache key, are neighbours; a free block is in its
+//! index set iff it is cached or a hole.
+#![forbid(unsafe_code)]
+
+use super::{ArenaKind, DevicePool};
+use crate::stats::TesseraGauge as G;
+
+/// Index of a block in the slab (`DevicePool::blocks`).
+pub(super) type BlockId = u32;
+
+/// No block: the end of a chain.
+pub(super) const NIL: BlockId = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// Handed out to a caller.
+    Allocated,
+    /// Free and mapped; reusable at once on `stream`.
+    Cached,
+    /// Free, waiting for events on other streams (record_stream).
+    Pending,
+    /// Free and unmapped: address space only.
+    Hole,
+    /// Lent to a front cache (front.rs), which serves it whole, on `stream`,
+    /// for requests of exactly its size and takes its frees, without the
+    /// pool's lock. The pool counts it as cached and keeps it in `live`
+    /// (free routing finds it), in no index; it comes back by `return_lent`
+    /// (free) or `lent_to_live` (allocated).
+    Lent,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Block {
+    pub(super) addr: u64,
+    pub(super) size: u64,
+    pub(super) arena: ArenaKind,
+    pub(super) state: State,
+    /// Allocated: the stream it was allocated on. Cached/Pending: the stream
+    /// that may reuse it at once. Holes: 0.
+    pub(super) stream: u64,
+    /// Bytes the caller asked for (Allocated only).
+    pub(super) requested: u64,
+    /// Address neighbours in the arena's chain, or NIL at the arena's ends.
+    pub(super) prev: BlockId,
+    pub(super) next: BlockId,
+    /// Streams other than `stream` that used the block (record_stream).
+    pub(super) stream_uses: Vec<u64>,
+    /// The CUDA graph capture that owns the block (0: none). Memory a
+    /// capture allocated, or freed while it captured, may be touched by every
+    /// replay of the graph: it is cached only for that capture, never reused
+    /// outside it nor unmapped, until `release_graph_pools`.
+    pub(super) graph: u64,
+    /// Cached blocks: the free sequence number when `stream` last freed it
+    /// (0: never used by the device). The device is done with the block once
+    /// its stream's epoch event recorded at a later number has completed.
+    pub(super) freed_seq: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Arena {
+    pub(super) base: u64,
+    pub(super) size: u64,
+    /// First block of the chain (lowest address).
+    pub(super) head: BlockId,
+}
+
+/// Cache keys with this bit set name a graph capture's private cache.
+pub(super) const GRAPH_KEY: u64 = 1 << 63;
+
+/// The key under which a cached block waits: its stream, or its capture's
+/// private cache.
+pub(super) fn cache_key(b: &Block) -> u64 {
+    if b.graph != 0 { GRAPH_KEY | b.graph } else { b.stream }
+}
+
+impl DevicePool {
+    /// The arena that holds address `addr`.
+    pub(super) fn arena_at(&self, addr: u64) -> ArenaKind {
+        let a = &self.arenas[ArenaKind::Small as usize];
+        if addr >= a.base && addr < a.base + a.size { ArenaKind::Small } else { ArenaKind::Large }
+    }
+
+    /// The arena a request of `size` (rounded) bytes goes to.
+    pub(super) fn arena_of(&self, size: u64) -> ArenaKind {
+        if size <= self.conf.small_size.0 { ArenaKind::Small } else { ArenaKind::Large }
+    }
+
+    /// Puts `b` in a slab slot (a freed one first).
+    pub(super) fn new_block(&mut self, b: Block) -> BlockId {
+        if let Some(id) = self.free_slots.pop() {
+            self.blocks[id as usize] = b;
+            id
+        } else {
+            self.blocks.push(b);
+            (self.blocks.len() - 1) as BlockId
+        }
+    }
+
+    /// Frees the slot of block `id`, which is in no chain any more.
+    pub(super) fn drop_block(&mut self, id: BlockId) {
+        self.blocks[id as usize].stream_uses = Vec::new();
+        self.free_slots.push(id);
+    }
+
+    /// Block `id`.
+    pub(super) fn b(&self, id: BlockId) -> &Block {
+        &self.blocks[id as usize]
+    }
+
+    /// Block `id`, to change.
+    pub(super) fn bm(&mut self, id: BlockId) -> &mut Block {
+        &mut self.blocks[id as usize]
+    }
+
+    /// Removes a free block (cached or hole) from its index sets.
+    pub(super) fn unindex(&mut self, id: BlockId) {
+        let b = &self.blocks[id as usize];
+        match b.state {
+            State::Cached => {
+                self.cached_by_stream.remove(&(b.arena, cache_key(b), b.size, b.addr, id));
+                let (arena, size) = (b.arena, b.size as i64);
+                self.gauge(arena, G::CachedBytes, -size);
+            }
+            State::Hole => {
+                self.holes.remove(&(b.arena, b.size, b.addr, id));
+            }
+            State::Allocated | State::Pending | State::Lent => {}
+        }
+    }
+
+    /// Adds a free block (cached or hole) to its index set.
+    pub(super) fn index(&mut self, id: BlockId) {
+        let b = &self.blocks[id as usize];
+        match b.state {
+            State::Cached => {
+                self.cached_by_stream.insert((b.arena, cache_key(b), b.size, b.addr, id));
+                let (arena, size) = (b.arena, b.size as i64);
+                self.gauge(arena, G::CachedBytes, size);
+            }
+            State::Hole => {
+                self.holes.insert((b.arena, b.size, b.addr, id));
+            }
+            State::Allocated | State::Pending | State::Lent => {}
+        }
+    }
+
+    /// Whether `id` is a cached block in the index (not merged away).
+    pub(super) fn is_indexed_cached(&self, id: BlockId) -> bool {
+        let b = self.b(id);
+        b.state == State::Cached && self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id))
+    }
+
+    /// Whether `x` is a cached block outside every graph pool: free, mapped,
+    /// and (the device done with it, or after a synchronize) reusable by
+    /// any stream, so it may be unmapped or joined with its neighbours.
+    pub(super) fn cached_no_graph(&self, x: BlockId) -> bool {
+        x != NIL && self.b(x).state == State::Cached && self.b(x).graph == 0
+    }
+
+    /// Splits `size` bytes off the front of unindexed block `id`; returns the
+    /// remainder, a new block of the same state, also unindexed.
+    pub(super) fn split_front(&mut self, id: BlockId, size: u64) -> BlockId {
+        let b = self.b(id).clone();
+        debug_assert!(size < b.size);
+        let rest = self.new_block(Block {
+            addr: b.addr + size,
+            size: b.size - size,
+            arena: b.arena,
+            state: b.state,
+            stream: b.stream,
+            requested: 0,
+            prev: id,
+            next: b.next,
+            stream_uses: Vec::new(),
+            freed_seq: b.freed_seq,
+            graph: b.graph,
+        });
+        if b.next != NIL {
+            self.bm(b.next).prev = rest;
+        }
+        let blk = self.bm(id);
+        blk.next = rest;
+        blk.size = size;
+        rest
+    }
+
+    /// Whether neighbours `a` and `b` must be one block: two holes, or two
+    /// cached blocks of one cache key.
+    pub(super) fn mergeable(&self, a: BlockId, b: BlockId) -> bool {
+        let (x, y) = (self.b(a), self.b(b));
+        match (x.state, y.state) {
+            (State::Hole, State::Hole) => true,
+            (State::Cached, State::Cached) => cache_key(x) == cache_key(y),
+            _ => false,
+        }
+    }
+
+    /// Merges unindexed free block `id` with mergeable neighbours, indexes
+    /// the result and returns it.
+    pub(super) fn coalesce_and_index(&mut self, mut id: BlockId) -> BlockId {
+        let prev = self.b(id).prev;
+        if prev != NIL && self.mergeable(prev, id) {
+            self.unindex(prev);
+            self.absorb_next(prev);
+            id = prev;
+        }
+        let next = self.b(id).next;
+        if next != NIL && self.mergeable(id, next) {
+            self.unindex(next);
+            self.absorb_next(id);
+        }
+        self.index(id);
+        id
+    }
+
+    /// Block `id` swallows its next neighbour (both unindexed).
+    pub(super) fn absorb_next(&mut self, id: BlockId) {
+        let next = self.b(id).next;
+        let (nsize, nnext, nseq) = (self.b(next).size, self.b(next).next, self.b(next).freed_seq);
+        let blk = self.bm(id);
+        blk.freed_seq = blk.freed_seq.max(nseq);
+        self.bm(id).size += nsize;
+        self.bm(id).next = nnext;
+        if nnext != NIL {
+            self.bm(nnext).prev = id;
+        }
+        self.drop_block(next);
+    }
+}

@@ -1,0 +1,147 @@
+//! The invariant check: walks every chain, index and handle and recounts
+//! every gauge; panics with the first broken invariant (see each file's).
+//! For tests and fuzzers, after every operation.
+#![forbid(unsafe_code)]
+
+use super::{cache_key, DevicePool, HandleIdx, State, MIN_BLOCK_BYTES, NIL};
+use crate::stats::TesseraGauge as G;
+use std::collections::HashMap;
+
+impl DevicePool {
+    /// Checks every invariant of the module doc; panics with a description
+    /// of the first one broken. For tests and fuzzers.
+    pub fn check_invariants(&self) {
+        self.check_invariants_lent(&HashMap::new());
+    }
+
+    /// As `check_invariants`, with the lent blocks that front caches handed
+    /// out (block → bytes requested; their merged counts say allocated):
+    /// every other lent block counts as cached.
+    pub fn check_invariants_lent(&self, lent_live: &HashMap<u32, u64>) {
+        if self.poisoned.is_some() {
+            return; // fail-stop: the mapping state is unknown by definition
+        }
+        let g = self.conf.page_size.0;
+        let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
+        let mut cached_blocks = 0i64;
+        let mut lent_blocks = 0i64;
+        let mut chain_blocks = 0usize;
+        // Maximal runs of non-hole blocks: what the mapped handles must tile.
+        let mut used_runs: Vec<(u64, u64)> = Vec::new();
+        for arena in &self.arenas {
+            let mut id = arena.head;
+            let mut expect_addr = arena.base;
+            let mut prev = NIL;
+            while id != NIL {
+                let b = self.b(id);
+                chain_blocks += 1;
+                assert_eq!(b.addr, expect_addr, "chain gap or overlap at block {id}");
+                assert_eq!(b.prev, prev, "bad prev link at block {id}");
+                assert!(b.size >= MIN_BLOCK_BYTES && b.size.is_multiple_of(MIN_BLOCK_BYTES), "bad size {}", b.size);
+                if prev != NIL {
+                    assert!(!self.mergeable(prev, id), "unmerged neighbours {prev} and {id}");
+                }
+                match b.state {
+                    State::Hole => {
+                        assert_eq!((b.addr - arena.base) % g, 0, "hole start not granule aligned");
+                        assert_eq!(b.size % g, 0, "hole size not granule aligned");
+                        assert!(self.holes.contains(&(b.arena, b.size, b.addr, id)), "hole not indexed");
+                    }
+                    state => {
+                        match used_runs.last_mut() {
+                            Some(run) if run.1 == b.addr => run.1 += b.size,
+                            _ => used_runs.push((b.addr, b.addr + b.size)),
+                        }
+                        match state {
+                            State::Allocated => {
+                                allocated += b.size as i64;
+                                requested += b.requested as i64;
+                                active += 1;
+                                assert_eq!(self.live.get(&b.addr), Some(&id), "allocated block not in live map");
+                            }
+                            State::Pending => {
+                                pending += 1;
+                                assert_eq!(self.live.get(&b.addr), Some(&id), "pending block not in live map");
+                            }
+                            State::Cached => {
+                                cached += b.size as i64;
+                                cached_blocks += 1;
+                                assert!(self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)));
+                            }
+                            State::Lent => {
+                                lent_blocks += 1;
+                                assert_eq!(self.live.get(&b.addr), Some(&id), "lent block not in live map");
+                                assert_eq!(b.graph, 0, "a graph's block was lent");
+                                if let Some(&req) = lent_live.get(&id) {
+                                    allocated += b.size as i64;
+                                    requested += req as i64;
+                                    active += 1;
+                                } else {
+                                    cached += b.size as i64;
+                                }
+                            }
+                            State::Hole => unreachable!(),
+                        }
+                    }
+                }
+                expect_addr = b.addr + b.size;
+                prev = id;
+                id = b.next;
+            }
+            assert_eq!(expect_addr, arena.base + arena.size, "chain does not cover the arena");
+        }
+        // Mapped handles, merged into contiguous runs, equal the used runs.
+        let mut mapped_runs: Vec<(u64, u64)> = Vec::new();
+        let mut mapped_bytes = 0u64;
+        for (&va, &h) in &self.mapped {
+            let handle = self.handles[h as usize].as_ref().expect("mapped handle is live");
+            assert_eq!(handle.va, Some(va), "handle {h} does not know its address");
+            assert!(!self.free_handles.contains(&(handle.granules, h)), "handle {h} both mapped and free");
+            let end = va + handle.granules * g;
+            mapped_bytes += handle.granules * g;
+            match mapped_runs.last_mut() {
+                Some(run) if run.1 == va => run.1 = end,
+                Some(run) => {
+                    assert!(run.1 < va, "mapped handles overlap at {va:#x}");
+                    mapped_runs.push((va, end));
+                }
+                None => mapped_runs.push((va, end)),
+            }
+        }
+        used_runs.sort_unstable();
+        assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
+        assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
+        assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
+        assert_eq!(self.live.len() as i64, active - lent_live.len() as i64 + pending + lent_blocks);
+        assert!(lent_live.keys().all(|&id| self.b(id).state == State::Lent), "a front's live block is not lent");
+        let (mut physical, mut handles) = (0i64, 0usize);
+        for (h, handle) in self.handles.iter().enumerate() {
+            let Some(handle) = handle else { continue };
+            physical += (handle.granules * g) as i64;
+            handles += 1;
+            if handle.va.is_none() {
+                assert!(self.free_handles.contains(&(handle.granules, h as HandleIdx)), "unmapped handle {h} lost");
+            }
+        }
+        assert_eq!(handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
+        let s = &self.stats;
+        let checks = [
+            (G::AllocatedBytes, allocated),
+            (G::RequestedBytes, requested),
+            (G::ActiveBlocks, active),
+            (G::CachedBytes, cached),
+            (G::PendingFreeBlocks, pending),
+            (G::MappedBytes, mapped_bytes as i64),
+            (G::ReservedBytes, physical),
+            (G::Handles, handles as i64),
+        ];
+        for (gauge, value) in checks {
+            assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");
+            assert!(s.gauge(gauge).peak >= s.gauge(gauge).current);
+        }
+        for gauge in [G::AllocatedBytes, G::RequestedBytes, G::ActiveBlocks, G::CachedBytes, G::MappedBytes, G::PendingFreeBlocks] {
+            let sum: i64 = self.arena_stats.iter().map(|a| a.gauge(gauge).current).sum();
+            assert_eq!(sum, s.gauge(gauge).current, "arena gauges of {gauge:?} do not sum to the device's");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The policy layer for one device: blocks, best fit, split and coalesce,
+//! streams, growth, reclamation and all the counting. It calls the backend
+//! for primitives only and never asks which backend it runs on. Bookkeeping
+//! lives out of band, in slabs indexed by integers; nothing is written into
+//! device memory. One file per concept, each opening with its invariants:
+//!
+//! - `block`: the chain of blocks of each arena, its slab, the index sets;
+//! - `alloc`: best fit, the hand-out, the order of fallbacks on a miss;
+//! - `free`: caching, pending and lending on free; bad frees;
+//! - `lend`: the blocks lent to the front caches and their counts;
+//! - `streams`: epoch events, pending frees, record_stream, cross-stream reuse;
+//! - `growth`: how much to map for a miss, and where;
+//! - `gap`: placement across the cached blocks around a hole;
+//! - `handles`: physical handles and every driver call that maps memory;
+//! - `recycle`: every unmap of cached memory (recycling, reclamation, empty_cache);
+//! - `graphs`: the private caches of CUDA graph captures;
+//! - `history`: the ring of recorded events;
+//! - `view`: read-only pictures of blocks and segments;
+//! - `check`: the invariant check.
+//!
+//! Invariants of the whole (checked by [`DevicePool::check_invariants`]
+//! after every operation in tests):
+//! - Each arena is covered exactly, in address order, by the chain of its
+//!   blocks (`prev`/`next`); no gaps, no overlap.
+//! - Holes start and end on granule boundaries; no two holes are adjacent;
+//!   no two cached blocks of the same cache key (stream, or graph capture)
+//!   are adjacent.
+//! - Handles map whole, at offset 0 (CUDA maps nothing else). The mapped
+//!   handles tile exactly the maximal runs of non-hole blocks: a byte is
+//!   mapped iff it lies outside every hole. Handles never overlap.
+//! - Every live handle is either mapped (in `mapped`, by address) or free
+//!   (in `free_handles`), never both.
+//! - The index sets hold exactly the blocks of their state; the gauges equal
+//!   a recount. Lent blocks (see `State::Lent`) are in `live` and in no
+//!   index; the pool counts them as cached, and the front cache holding them
+//!   keeps the difference (see front.rs).
+#![forbid(unsafe_code)]
+
+mod alloc;
+mod block;
+mod check;
+mod free;
+mod gap;
+mod graphs;
+mod growth;
+mod handles;
+mod history;
+mod lend;
+mod recycle;
+mod streams;
+mod view;
+
+pub use history::{HistoryAction, HistoryEvent};
+pub use lend::{Freed, FrontDelta, LentBlock};
+pub use view::BlockView;
+
+use crate::backend::{Backend, EventId};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::hash::AddrHash;
+use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
+use block::{Arena, Block, BlockId, State, GRAPH_KEY, NIL, cache_key};
+use gap::Gap;
+use handles::{Handle, HandleIdx};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use streams::{Epoch, PendingFree};
+
+/// Smallest block, and the rounding of every request (as PyTorch's).
+pub const MIN_BLOCK_BYTES: u64 = 512;
+
+/// Which arena a request goes to: small requests are packed together so
+/// that they pin few granules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ArenaKind {
+    Small = 0,
+    Large = 1,
+}
+
+/// The pool of one device: its arenas, blocks, handles, streams and statistics.
+pub struct DevicePool {
+    device: i32,
+    backend: Arc<dyn Backend>,
+    /// The options (TESSERA_CONF) as config.rs checked them for this
+    /// backend, by their own names; `graph_pools` may be switched on at run
+    /// time (`watch_graphs`).
+    conf: Config,
+    /// The cap on reserved bytes: memory_limit resolved against the device,
+    /// or what set_memory_fraction set.
+    limit_bytes: Option<u64>,
+    arenas: Vec<Arena>,
+    /// Slab of blocks; `free_slots` lists unused indices.
+    blocks: Vec<Block>,
+    free_slots: Vec<BlockId>,
+    /// Allocated, pending and lent blocks by address.
+    live: HashMap<u64, BlockId, AddrHash>,
+    /// Cached blocks by (arena, cache key, size, addr): best fit per stream
+    /// (or per graph capture, see `cache_key`). The only index of them.
+    cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
+    /// Holes by (arena, size, addr).
+    holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
+    /// Slab of physical handles (None: released slot).
+    handles: Vec<Option<Handle>>,
+    /// Unmapped live handles by (granules, index).
+    free_handles: BTreeSet<(u64, HandleIdx)>,
+    /// Mapped handles by address.
+    mapped: BTreeMap<u64, HandleIdx>,
+    pending: Vec<PendingFree>,
+    /// All statistics of the device.
+    stats: TesseraStats,
+    /// The block-level gauges per arena (small, large); they sum to `stats`'.
+    arena_stats: [TesseraStats; 2],
+    /// Counts frees that cache a block (see `Block::freed_seq`).
+    free_seq: u64,
+    /// Per stream that freed blocks: its outstanding epoch event, recorded
+    /// when `free_seq` was the second field, and the highest free number the
+    /// device has passed on it.
+    epochs: HashMap<u64, Epoch>,
+    /// The stream of the last free, to skip the map on the hot path.
+    last_free_stream: Option<u64>,
+    /// Whether any graph capture was seen on this device.
+    seen_capture: bool,
+    /// Events whose destroy failed, to destroy later.
+    stale_events: Vec<EventId>,
+    /// Set after driver failures that left the mapping state unknown: from
+    /// then on the pool serves nothing (fail-stop, never corrupt).
+    poisoned: Option<String>,
+    /// The history ring, when recording: (events, capacity).
+    history: Option<(VecDeque<HistoryEvent>, usize)>,
+    total_bytes: u64,
+    /// The driver's free bytes when last asked, the reserved bytes then, and
+    /// how many more growths may use the answer (see `near_capacity`).
+    free_hint: Option<(u64, u64, u32)>,
+}
+
+impl Drop for DevicePool {
+    /// A pool dropped with nothing live (tests, replays; never the global
+    /// one, which lives until exit) gives its memory and address space back.
+    /// With live blocks it leaks on purpose: someone may still use them.
+    fn drop(&mut self) {
+        if !self.live.is_empty() || self.poisoned.is_some() {
+            return;
+        }
+        let mapped: Vec<u64> = self.mapped.keys().copied().collect();
+        for va in mapped {
+            let h = self.mapped[&va];
+            let size = self.handles[h as usize].as_ref().map_or(0, |h| h.granules * self.conf.page_size.0);
+            if self.backend.unmap(self.device, va, size).is_ok() {
+                self.mapped.remove(&va);
+                if let Some(handle) = self.handles[h as usize].as_mut() {
+                    handle.va = None;
+                }
+            }
+        }
+        for handle in self.handles.iter().flatten().filter(|h| h.va.is_none()) {
+            let _ = self.backend.release(self.device, handle.backend_id);
+        }
+        for epoch in self.epochs.values() {
+            if let Some((event, _)) = epoch.event {
+                let _ = self.backend.destroy_event(self.device, event);
+            }
+        }
+        for &event in &self.stale_events {
+            let _ = self.backend.destroy_event(self.device, event);
+        }
+        if self.mapped.is_empty() {
+            for arena in &self.arenas {
+                let _ = self.backend.unreserve(self.device, arena.base, arena.size);
+            }
+        }
+    }
+}
+
+/// `x` rounded up to a multiple of `to`.
+pub(crate) fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+/// PyTorch's rounding: at least 512 bytes, a multiple of 512.
+pub fn round_size(size: u64) -> u64 {
+    round_up(size.max(1), MIN_BLOCK_BYTES)
+}
+
+impl DevicePool {
+    /// Reserves the arenas of `device`, which runs by `conf` (checked here
+    /// against the backend's granularity) under `limit_bytes`. Fails on a bad
+    /// device or configuration, or when the backend cannot reserve address
+    /// space.
+    pub fn new(device: i32, backend: Arc<dyn Backend>, conf: &Config, limit_bytes: Option<u64>) -> Result<Self> {
+        let conf = conf.for_backend(backend.name(), backend.granularity(device)?)?;
+        let g = conf.page_size.0;
+        let (_, total_bytes) = backend.mem_info(device)?;
+        let mut pool = DevicePool {
+            device,
+            backend,
+            arenas: Vec::new(),
+            blocks: Vec::new(),
+            free_slots: Vec::new(),
+            live: HashMap::with_hasher(AddrHash),
+            cached_by_stream: BTreeSet::new(),
+            holes: BTreeSet::new(),
+            handles: Vec::new(),
+            free_handles: BTreeSet::new(),
+            mapped: BTreeMap::new(),
+            pending: Vec::new(),
+            stats: TesseraStats::default(),
+            arena_stats: [TesseraStats::default(); 2],
+            free_seq: 0,
+            epochs: HashMap::new(),
+            last_free_stream: None,
+            seen_capture: false,
+            stale_events: Vec::new(),
+            poisoned: None,
+            history: None,
+            total_bytes,
+            free_hint: None,
+            conf,
+            limit_bytes,
+        };
+        for kind in [ArenaKind::Small, ArenaKind::Large] {
+            let size = match kind {
+                ArenaKind::Small => round_up(pool.conf.va_size.0 / 4, g),
+                ArenaKind::Large => pool.conf.va_size.0,
+            };
+            let base = match pool.backend.reserve(device, size, g) {
+                Ok(base) => base,
+                Err(e) => {
+                    for arena in &pool.arenas {
+                        let _ = pool.backend.unreserve(device, arena.base, arena.size);
+                    }
+                    pool.arenas.clear();
+                    return Err(e);
+                }
+            };
+            let id = pool.new_block(Block {
+                addr: base,
+                size,
+                arena: kind,
+                state: State::Hole,
+                stream: 0,
+                requested: 0,
+                prev: NIL,
+                next: NIL,
+                stream_uses: Vec::new(),
+                freed_seq: 0,
+                graph: 0,
+            });
+            pool.holes.insert((kind, size, base, id));
+            pool.arenas.push(Arena { base, size, head: id });
+        }
+        Ok(pool)
+    }
+
+    /// The device index.
+    pub fn device(&self) -> i32 {
+        self.device
+    }
+
+    /// Why the pool stopped serving, after driver failures that left its
+    /// mapping state unknown (fail-stop); None while healthy.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// Every statistic of the device.
+    pub fn stats(&self) -> TesseraStats {
+        self.stats
+    }
+
+    /// The statistics, for counters the caller keeps (bad requests).
+    pub fn stats_mut(&mut self) -> &mut TesseraStats {
+        &mut self.stats
+    }
+
+    /// Caps reserved bytes from now on (set_memory_fraction).
+    pub fn set_limit(&mut self, limit_bytes: Option<u64>) {
+        self.limit_bytes = limit_bytes;
+    }
+
+    /// Memory of the device, as the backend reported it.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Statistics of one arena (block-level gauges only: allocated,
+    /// requested, active, cached, mapped, pending).
+    pub fn arena_stats(&self, arena: ArenaKind) -> TesseraStats {
+        self.arena_stats[arena as usize]
+    }
+
+    /// Moves a gauge of the device and of one arena by `delta`.
+    pub(super) fn gauge(&mut self, arena: ArenaKind, g: G, delta: i64) {
+        for s in [&mut self.stats, &mut self.arena_stats[arena as usize]] {
+            if delta >= 0 {
+                s.gauge_mut(g).add(delta);
+            } else {
+                s.gauge_mut(g).sub(-delta);
+            }
+        }
+    }
+
+    /// Peaks back to current values, the device's and each arena's.
+    pub fn reset_peaks(&mut self) {
+        self.stats.reset_peaks();
+        for s in &mut self.arena_stats {
+            s.reset_peaks();
+        }
+    }
+
+    /// Counts `e` if it is a driver failure; returns it.
+    pub(super) fn driver_error(&mut self, e: Error) -> Error {
+        if matches!(e, Error::Driver { .. }) {
+            self.stats.bump(C::DriverErrors, 1);
+        }
+        e
+    }
+}

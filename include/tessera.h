@@ -21,7 +21,7 @@ typedef struct CUstream_st *cudaStream_t;
 /*
  Number of gauges (entries of `TesseraStats.gauges`).
  */
-#define TESSERA_GAUGE_COUNT 8
+#define TESSERA_GAUGE_COUNT 11
 
 /*
  Number of counters (entries of `TesseraStats.counters`).
@@ -69,6 +69,20 @@ enum TesseraGauge
    Blocks waiting for other streams (record_stream) before reuse.
    */
   TESSERA_GAUGE_PENDING_FREE_BLOCKS,
+  /*
+   Segments in PyTorch's sense: maximal runs of mapped granules of an
+   arena (`segment` in torch.cuda.memory_stats()).
+   */
+  TESSERA_GAUGE_SEGMENTS,
+  /*
+   Free, mapped blocks, the ones waiting whole in front caches
+   included (`inactive_split` in torch.cuda.memory_stats()).
+   */
+  TESSERA_GAUGE_CACHED_BLOCKS,
+  /*
+   Bytes of the blocks waiting for other streams (record_stream).
+   */
+  TESSERA_GAUGE_PENDING_FREE_BYTES,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -289,6 +303,27 @@ int32_t tessera_reset_peak_stats(int device);
  `out` is NULL or points to writable memory for one `TesseraStats`.
  */
 int32_t tessera_get_arena_stats(int device, int arena, struct TesseraStats *out);
+
+/*
+ Writes into `*largest_cached_bytes` the size of the largest cached block
+ of `device`: the largest request tessera serves there without mapping
+ memory (PyTorch's cacheInfo; blocks waiting whole in front caches for a
+ request of their exact size are not counted). Returns 0, or -1 with a
+ message (bad device, NULL pointer).
+ # Safety
+ `largest_cached_bytes` is NULL or points to a writable `uint64_t`.
+ */
+int32_t tessera_cache_info(int device, uint64_t *largest_cached_bytes);
+
+/*
+ Writes one line of memory status (allocated, reserved, their peaks,
+ fragmentation, OOMs) into `buf` if `len` bytes suffice: of `device`, or,
+ for -1, of every device in use. Returns the bytes needed (NUL included;
+ call with NULL, 0 to ask), or -1.
+ # Safety
+ `buf` is NULL or points to `len` writable bytes.
+ */
+int64_t tessera_status_line(int device, char *buf, uintptr_t len);
 
 /*
  Writes every device's memory as JSON in the shape of

@@ -135,6 +135,8 @@ def _declare(lib):
         "tessera_release_graph_pools": (i64, []),
         "tessera_watch_graphs": (c_i32, []),
         "tessera_options_json": (i64, [vp, usize]),
+        "tessera_cache_info": (c_i32, [c_int, ctypes.POINTER(ctypes.c_uint64)]),
+        "tessera_status_line": (i64, [c_int, vp, usize]),
     }
     for name, (restype, argtypes) in more.items():
         fn = getattr(lib, name)
@@ -326,24 +328,12 @@ def _stat(current=0, peak=0, allocated=0, freed=0):
     return {"current": current, "peak": peak, "allocated": allocated, "freed": freed}
 
 
-def _segment_facts(device):
-    """Per pool ("all", "small_pool", "large_pool"): segments, inactive blocks, pending bytes and
-    blocks, largest inactive block; from the snapshot (the mapped runs of each arena)."""
-    facts = {pool: dict(segments=0, inactive_blocks=0, pending_bytes=0, largest_free=0)
-             for pool, _ in _POOLS}
-    for seg in json.loads(_read_text(load().tessera_snapshot_json))["segments"]:
-        if seg["device"] != device:
-            continue
-        pool = "small_pool" if seg["segment_type"] == "small" else "large_pool"
-        for f in (facts["all"], facts[pool]):
-            f["segments"] += 1
-            for b in seg["blocks"]:
-                if b["state"] == "inactive":
-                    f["inactive_blocks"] += 1
-                    f["largest_free"] = max(f["largest_free"], b["size"])
-                elif b["state"] != "active_allocated":  # active_pending_free: waiting for streams
-                    f["pending_bytes"] += b["size"]
-    return facts
+def _largest_cached_block(device):
+    """The largest cached block of the device (tessera_cache_info), in bytes."""
+    out = ctypes.c_uint64()
+    if load().tessera_cache_info(device, ctypes.byref(out)) != 0:
+        raise RuntimeError(f"tessera_cache_info({device}) failed: {last_error()}")
+    return out.value
 
 
 def memory_stats(device=None):
@@ -359,22 +349,21 @@ def memory_stats(device=None):
       inactive_split_bytes               cached_bytes (free and mapped, ready for reuse)
       reserved_bytes.all                 reserved_bytes: physical memory held, what nvidia-smi shows
       reserved_bytes.{small,large}_pool  mapped_bytes of that arena
-      segment, inactive_split            current only: mapped runs of the arena and the free blocks
-                                         in them (from the snapshot); peak/allocated/freed are 0
+      segment                            segments: maximal mapped runs of the arena
+      inactive_split                     cached_blocks: free mapped blocks (those waiting whole in
+                                         a front cache for their exact size each count)
       num_alloc_retries, num_ooms        alloc_retries, ooms
       num_device_alloc, num_device_free  driver_map_calls, driver_unmap_calls (torch: "includes cuMemMap")
       max_split_size                     -1 (tessera splits every block, as native's default)
       num_sync_all_streams, oversize_*   0 (no such thing in tessera)
     The extras: tessera.<gauge>.<field> and tessera.<counter> for every gauge and counter, and
-    tessera.segments, .inactive_blocks, .largest_free_block, .pending_free_bytes,
-    .unmapped_reserved_bytes (physical memory held but mapped nowhere: reserved - mapped) and
-    .reserved_unallocated_bytes (reserved - allocated).
-    Each part is read under tessera's lock, but not all at one instant: while other threads
+    tessera.segments, .inactive_blocks, .largest_free_block (the largest cached block),
+    .pending_free_bytes, .unmapped_reserved_bytes (physical memory held but mapped nowhere:
+    reserved - mapped) and .reserved_unallocated_bytes (reserved - allocated).
+    Everything comes from tessera's counters: reading changes nothing in the allocator. Each
+    part is read under tessera's lock, but not all at one instant: while other threads
     allocate, derived keys may disagree slightly."""
     device = _default_device(device)
-    # The snapshot first: taking it gives back what the front caches hold (blocks coalesce),
-    # and the counters read after it include that.
-    facts = _segment_facts(device)
     dev = stats(device)
     arenas = {pool: _arena_stats(device, arena) for pool, arena in _POOLS if arena is not None}
 
@@ -388,20 +377,20 @@ def memory_stats(device=None):
             result[f"{name}.{pool}.{field}"] = int(stat[field])
 
     for pool, _ in _POOLS:
-        f = facts[pool]
         for name, source in (("allocated_bytes", "allocated_bytes"), ("requested_bytes", "requested_bytes"),
                              ("allocation", "active_blocks"), ("inactive_split_bytes", "cached_bytes")):
             put(name, pool, gauge(pool, source))
         put("reserved_bytes", pool, gauge(pool, "reserved_bytes" if pool == "all" else "mapped_bytes"))
         # Active: allocated, or freed but waiting for other streams (counted as freed once done).
-        for name, base, extra in (("active_bytes", gauge(pool, "allocated_bytes"), f["pending_bytes"]),
+        for name, base, extra in (("active_bytes", gauge(pool, "allocated_bytes"),
+                                   gauge(pool, "pending_free_bytes")["current"]),
                                   ("active", gauge(pool, "active_blocks"),
                                    gauge(pool, "pending_free_blocks")["current"])):
             current = base["current"] + extra
             put(name, pool, _stat(current, max(base["peak"], current), base["allocated"],
                                   base["allocated"] - current))
-        put("segment", pool, _stat(current=f["segments"]))
-        put("inactive_split", pool, _stat(current=f["inactive_blocks"]))
+        put("segment", pool, gauge(pool, "segments"))
+        put("inactive_split", pool, gauge(pool, "cached_blocks"))
     for name in ("oversize_allocations", "oversize_segments"):
         for field in _FIELDS:
             result[f"{name}.{field}"] = 0
@@ -416,12 +405,11 @@ def memory_stats(device=None):
                 result[f"tessera.{name}.{field}"] = value[field]
         else:
             result[f"tessera.{name}"] = value
-    f = facts["all"]
     result.update({
-        "tessera.segments": f["segments"],
-        "tessera.inactive_blocks": f["inactive_blocks"],
-        "tessera.largest_free_block": f["largest_free"],
-        "tessera.pending_free_bytes": f["pending_bytes"],
+        "tessera.segments": dev["segments"]["current"],
+        "tessera.inactive_blocks": dev["cached_blocks"]["current"],
+        "tessera.largest_free_block": _largest_cached_block(device),
+        "tessera.pending_free_bytes": dev["pending_free_bytes"]["current"],
         "tessera.unmapped_reserved_bytes": max(
             0, dev["reserved_bytes"]["current"] - dev["mapped_bytes"]["current"]),
         "tessera.reserved_unallocated_bytes": max(
@@ -628,14 +616,11 @@ def on_oom(fn):
 # ----- monitoring --------------------------------------------------------------------------
 
 def status_line(device=None):
-    """One line: allocated, reserved, fragmentation (1 - allocated / reserved), OOMs."""
-    device = _default_device(device)
-    s = stats(device)
-    allocated, reserved = s["allocated_bytes"]["current"], s["reserved_bytes"]["current"]
-    frag = 1 - allocated / reserved if reserved else 0.0
-    return (f"tessera device {device}: allocated {_human(allocated)} (peak "
-            f"{_human(s['allocated_bytes']['peak'])}), reserved {_human(reserved)} (peak "
-            f"{_human(s['reserved_bytes']['peak'])}), fragmentation {frag:.1%}, ooms {s['ooms']}")
+    """One line from the library (tessera_status_line): allocated, reserved, their peaks,
+    fragmentation (1 - allocated / reserved), OOMs; of one device, or of every device in use
+    for device="all"."""
+    device = -1 if device == "all" else _default_device(device)
+    return _read_text(load().tessera_status_line, device)
 
 
 def monitor(interval_s=10, file=None, device=None):

@@ -148,7 +148,7 @@ impl OptionValue for Seconds {
 }
 
 /// One row of the options table, for documentation and `--help` output.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct OptionInfo {
     pub name: &'static str,
     pub default: &'static str,
@@ -197,8 +197,9 @@ macro_rules! options {
 }
 
 options! {
-    /// Which backend runs under the allocator: the CUDA driver, host memory
-    /// (tests) or a simulation (trace replay).
+    /// Which backend runs under the allocator: `cuda` (the driver, loaded at
+    /// run time), `host` (real host memory: mmap and memfd, for tests) or
+    /// `sim` (counted, no memory: trace replay at any size).
     backend: BackendKind = "cuda";
     /// Grow arenas on demand and remap free granules under pressure (PyTorch's
     /// name). When false, cached granules are reused only where they are
@@ -212,12 +213,12 @@ options! {
     /// ~40 us on an H100) while smaller ones let reclamation and empty_cache
     /// work at a finer grain. Rounded down to a multiple of page_size. 8 MiB
     /// won on the shared traces: 4x fewer driver calls than 2 MiB for a
-    /// frontier within 0.02 of it (see README, policy notes).
+    /// frontier within 0.02 of it (README, policy notes).
     max_handle_size: Bytes = "8M";
     /// Once reserved memory passes this fraction of what tessera may hold
-    /// (memory_limit, else what the device has), new handles are one page
+    /// (memory_limit, else what the device has), new handles are one granule
     /// each: near the limit, reclamation must be able to take back any single
-    /// page. 1: never.
+    /// granule. 1: never.
     fine_handles_above: Fraction = "0.9";
     /// Least bytes mapped when a large-arena request under half this size
     /// misses the cache (PyTorch's 20 MiB segments): fewer, larger growths.
@@ -233,7 +234,7 @@ options! {
     /// memory_limit, growth within the limit caches up to it instead. When
     /// recycling cannot bring the cache under the fraction (what is cached
     /// shares handles with live blocks), growth maps just what the request
-    /// needs, in one-page handles.
+    /// needs, in one-granule handles.
     max_cached_fraction: Fraction = "0.08";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles
@@ -252,7 +253,9 @@ options! {
     device_count: u32 = "1";
     /// Keep memory used by CUDA graph captures private to each capture
     /// (asks the driver whether the stream captures on every allocation and
-    /// free). Needed for torch.cuda.graph; see README's known limits.
+    /// free). `tessera_torch.install()` switches it on at the first
+    /// `CUDAGraph.capture_begin`; C++ code that captures sets it or calls
+    /// `tessera_watch_graphs()` first.
     graph_pools: bool = "false";
     /// Serve each stream's freed blocks again, for requests of exactly their
     /// size, from per-stream front caches with their own locks (the hot path:
@@ -265,8 +268,9 @@ options! {
     /// Every this many seconds, one line of memory status per device on
     /// stderr (0: never). For the logs of long runs.
     status_interval: Seconds = "0";
-    /// Virtual address space reserved per arena (one small and one large
-    /// arena per device). Far larger than the device: addresses are cheap.
+    /// Virtual address space reserved for the large arena of each device
+    /// (the small one gets a quarter). Far larger than the device:
+    /// addresses are cheap.
     va_size: Bytes = "1T";
 }
 
@@ -342,20 +346,18 @@ impl Config {
 
     /// The options table as JSON: `[{"name","default","accepts","doc"}, ...]`.
     pub fn options_json() -> String {
-        let esc = |t: &str| t.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ");
-        let rows: Vec<String> = OPTIONS
-            .iter()
-            .map(|o| {
-                format!(
-                    "{{\"name\":\"{}\",\"default\":\"{}\",\"accepts\":\"{}\",\"doc\":\"{}\"}}",
-                    esc(o.name),
-                    esc(o.default),
-                    esc(o.accepts),
-                    esc(o.doc.trim())
-                )
-            })
-            .collect();
-        format!("[{}]", rows.join(","))
+        let rows: Vec<OptionInfo> = OPTIONS.iter().map(|o| OptionInfo { doc: o.doc.trim(), ..*o }).collect();
+        serde_json::to_string(&rows).expect("the options serialize")
+    }
+
+    /// The options table in Markdown (the README's configuration table is
+    /// this text, checked by a test).
+    pub fn markdown_table() -> String {
+        let mut out = String::from("| key | default | meaning |\n|---|---|---|\n");
+        for o in OPTIONS {
+            out.push_str(&format!("| `{}` | `{}` | {} Accepts {}. |\n", o.name, o.default, o.doc.trim(), o.accepts));
+        }
+        out
     }
 
     /// The options table as text, one option a line (for `--help` and docs).
@@ -406,13 +408,22 @@ mod tests {
         assert!(Config::parse("page_size:99999999999999999999T").is_err());
     }
 
+    /// Where the README's configuration table stands.
+    const TABLE_START: &str = "<!-- options: generated from src/config.rs; TESSERA_WRITE_README=1 cargo test --lib config rewrites it -->\n";
+    const TABLE_END: &str = "<!-- end of options -->";
+
     #[test]
-    fn readme_documents_every_option() {
-        let readme = include_str!("../README.md");
-        for o in OPTIONS {
-            let row = format!("| `{}` | `{}` |", o.name, o.default);
-            assert!(readme.contains(&row), "README's configuration table lacks the row {row}");
+    fn readme_configuration_table_is_the_declared_one() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let start = readme.find(TABLE_START).expect("the README marks its options table") + TABLE_START.len();
+        let end = start + readme[start..].find(TABLE_END).expect("the table's end marker");
+        let table = Config::markdown_table();
+        if std::env::var_os("TESSERA_WRITE_README").is_some() {
+            std::fs::write(&path, format!("{}{table}{}", &readme[..start], &readme[end..])).unwrap();
+            return;
         }
+        assert_eq!(&readme[start..end], table, "the README's options table is stale: TESSERA_WRITE_README=1 cargo test --lib config");
     }
 
     #[test]

@@ -234,6 +234,40 @@ pub unsafe extern "C" fn tessera_get_arena_stats(device: c_int, arena: c_int, ou
     })
 }
 
+/// Writes into `*largest_cached_bytes` the size of the largest cached block
+/// of `device`: the largest request tessera serves there without mapping
+/// memory (PyTorch's cacheInfo; blocks waiting whole in front caches for a
+/// request of their exact size are not counted). Returns 0, or -1 with a
+/// message (bad device, NULL pointer).
+/// # Safety
+/// `largest_cached_bytes` is NULL or points to a writable `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_cache_info(device: c_int, largest_cached_bytes: *mut u64) -> i32 {
+    guarded("cache_info", -1, || {
+        if largest_cached_bytes.is_null() {
+            return Err(Error::InvalidArgument("cache_info output pointer is NULL".into()));
+        }
+        let largest = allocator::global()?.largest_cached_bytes(device)?;
+        // SAFETY: non-null, and points to a u64 (caller's contract).
+        unsafe { largest_cached_bytes.write(largest) };
+        Ok(0)
+    })
+}
+
+/// Writes one line of memory status (allocated, reserved, their peaks,
+/// fragmentation, OOMs) into `buf` if `len` bytes suffice: of `device`, or,
+/// for -1, of every device in use. Returns the bytes needed (NUL included;
+/// call with NULL, 0 to ask), or -1.
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_status_line(device: c_int, buf: *mut c_char, len: usize) -> i64 {
+    guarded("status_line", -1, || {
+        let device = (device != -1).then_some(device);
+        Ok(copy_out(&allocator::global()?.status_line(device)?, buf, len))
+    })
+}
+
 /// Copies `text` and a NUL into `buf` if `len` bytes suffice; returns the
 /// bytes needed (NUL included) either way.
 fn copy_out(text: &str, buf: *mut c_char, len: usize) -> i64 {

@@ -1,12 +1,12 @@
 //! Front caches: the hot path of one device, in front of its pool. A block
 //! freed on stream s waits whole in the shard of s for a request of exactly
 //! its size on s (stream order makes that reuse safe without an event). Each
-//! shard has its own lock, so threads on distinct streams do not contend, and
-//! the pool's lock (best fit, growth, driver calls, reclamation) is taken
-//! only on a miss. A miss takes a pool block of exactly its size if there is
-//! one, else first drains every shard's free blocks back, so that best fit
-//! and reclamation see coalesced memory. A block stays in its
-//! list while handed out, so the hot pair is one list lookup each way.
+//! shard has its own lock, so threads on distinct streams do not contend,
+//! and the pool is needed only on a miss. A block stays in its list while
+//! handed out, so the hot pair is one list lookup each way. What a miss or
+//! an unusual free does, and in which order, is the device's (device.rs):
+//! every method here that touches the pool is given it, locked by the
+//! caller; the fronts know nothing of that lock.
 //!
 //! Invariants (checked by [`Front::check`], with the pool's):
 //! - A block in a shard's list, free or handed out, is `State::Lent` in the
@@ -20,18 +20,17 @@
 //!
 //! Shards are spin locks (spin.rs): the uncontended pair is cheaper than a
 //! Mutex's, and distinct streams rarely share one.
-//! Lock order: a shard, then the pool. Never a shard while holding the pool;
-//! never two shards, except `check`, which takes all in index order.
+//! Lock order: the pool, then a shard. The hot path (`malloc`, `free`) takes
+//! a shard only; nothing takes two shards but `check`, all in index order.
+//! Lists change membership (a block comes or goes) only with the pool held,
+//! so whoever holds the pool finds every lent block in its list.
 #![forbid(unsafe_code)]
 
-use crate::error::{Error, Result};
 use crate::hash::AddrHash;
-use crate::pool::{round_size, ArenaKind, DevicePool, Freed, FrontDelta, LentBlock};
+use crate::pool::{round_size, ArenaKind, DevicePool, FrontDelta, LentBlock};
 use crate::spin::{SpinGuard, SpinLock};
-use crate::stats::TesseraCounter as C;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 const SHARD_BITS: u32 = 6;
 /// Shards per device; a stream's shard is a hash of it.
@@ -42,16 +41,6 @@ const LIST_MAX: usize = 16;
 /// The most (stream, size) lists a shard keeps between two drains.
 const KEYS_MAX: usize = 64;
 
-/// Locks, ignoring poison: a panic while a lock was held is a bug that the
-/// C boundary already reported; keep serving rather than fail every call.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Where a front finds its device's pool (the allocator's per-device slot).
-pub trait PoolSlot {
-    fn pool_mut(&mut self) -> Option<&mut DevicePool>;
-}
 
 /// The shard of a stream: Fibonacci hashing (stream handles are pointers,
 /// or small integers in tests; both spread).
@@ -162,13 +151,6 @@ impl ShardState {
 #[derive(Default)]
 struct Shard(SpinLock<ShardState>);
 
-/// What `Front::free` did.
-pub enum FrontFree {
-    /// The pool of this device holds the block: freed (or an error).
-    Handled(Result<()>),
-    /// Not a live block of this device.
-    NotFound,
-}
 
 /// The front caches of one device.
 pub struct Front {
@@ -235,149 +217,73 @@ impl Front {
         Some(addr)
     }
 
-    /// Frees `addr`, named by the caller with `size` and `stream` (PyTorch
-    /// passes the allocation's). The hot path: a block handed out by the
-    /// stream's shard becomes free in its list. Anything else goes through
-    /// the pool: it lends a block to the stream's shard when it belongs
-    /// there, and reports double, mismatched and foreign frees.
+    /// The hot free: `addr`, named by the caller with `size` and `stream`
+    /// (PyTorch passes the allocation's), is a block this stream's shard
+    /// handed out; it becomes free in its list. False for anything else
+    /// (another stream's block, a size that fits neither, a capturing
+    /// stream, a block of the pool's): the device frees it through the pool.
     /// `capturing(stream)` asks the driver (only when graphs are watched).
-    pub fn free<S: PoolSlot>(
-        &self,
-        slot: &Mutex<S>,
-        addr: u64,
-        size: Option<u64>,
-        stream: u64,
-        capturing: &dyn Fn(u64) -> bool,
-    ) -> FrontFree {
-        if let Some(size) = size {
-            let idx = shard_of(stream);
-            let mut guard = self.shards[idx].0.lock();
-            let sh = &mut *guard;
-            let rounded = round_size(size);
-            if sh.out_blocks > 0
-                && let Some(list) = sh.lists.get_mut(&(stream, rounded))
-                && let Some(i) = list.find(addr).filter(|&i| !list.is_free(i))
-            {
-                let requested = list.items[i].requested;
-                let plain = (size == requested || size == rounded)
-                    && self.enabled()
-                    && !(self.graphs() && capturing(stream));
-                if plain {
-                    list.free |= 1 << i;
-                    let arena = list.arena;
-                    sh.cached_blocks += 1;
-                    sh.out_blocks -= 1;
-                    sh.delta.take_back(arena, rounded, requested);
-                    self.mark(idx, sh);
-                    return FrontFree::Handled(Ok(()));
-                }
-            }
+    pub fn free(&self, addr: u64, size: u64, stream: u64, capturing: &dyn Fn(u64) -> bool) -> bool {
+        let idx = shard_of(stream);
+        let mut guard = self.shards[idx].0.lock();
+        let sh = &mut *guard;
+        let rounded = round_size(size);
+        if sh.out_blocks == 0 {
+            return false;
         }
-        self.free_through_pool(slot, addr, size, stream)
+        let Some(list) = sh.lists.get_mut(&(stream, rounded)) else { return false };
+        let Some(i) = list.find(addr).filter(|&i| !list.is_free(i)) else { return false };
+        let requested = list.items[i].requested;
+        let plain = (size == requested || size == rounded) && self.enabled() && !(self.graphs() && capturing(stream));
+        if !plain {
+            return false;
+        }
+        list.free |= 1 << i;
+        let arena = list.arena;
+        sh.cached_blocks += 1;
+        sh.out_blocks -= 1;
+        sh.delta.take_back(arena, rounded, requested);
+        self.mark(idx, sh);
+        true
     }
 
-    fn free_through_pool<S: PoolSlot>(&self, slot: &Mutex<S>, addr: u64, size: Option<u64>, stream: u64) -> FrontFree {
-        for _attempt in 0..2 {
-            // Which block is it? (The pool alone: no shard is held.)
-            let lent = {
-                let mut pool_guard = lock(slot);
-                let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
-                match pool.lent_at(addr) {
-                    Some(b) => Some(b),
-                    None if pool.owns(addr) => None,
-                    None => return FrontFree::NotFound,
-                }
-            };
-            match lent {
-                Some(b) => {
-                    // In a list of the block's own shard.
-                    let idx = shard_of(b.stream);
-                    let mut guard = self.shards[idx].0.lock();
-                    let sh = &mut *guard;
-                    let Some(list) = sh.lists.get_mut(&(b.stream, b.size)) else { continue };
-                    let Some(i) = list.find(addr) else { continue }; // moved meanwhile
-                    if list.is_free(i) {
-                        let mut pool_guard = lock(slot);
-                        let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
-                        pool.stats_mut().bump(C::InvalidFrees, 1);
-                        return FrontFree::Handled(Err(Error::InvalidArgument(format!(
-                            "free of {addr:#x}, which is not a live tessera allocation on device {} (freed twice)",
-                            pool.device()
-                        ))));
-                    }
-                    // The pool frees it: it reports what the caller named
-                    // wrongly, keeps a capture's memory private, or caches it.
-                    let Some(mut pool_guard) = self.hand_back(idx, sh, slot, &b) else { return FrontFree::NotFound };
-                    let pool = pool_guard.pool_mut().expect("hand_back found the pool");
-                    return FrontFree::Handled(pool.free(addr, size, Some(stream)));
-                }
-                None => {
-                    // The pool's own allocation: it may lend it to the shard
-                    // of the stream named, if that is the block's.
-                    let idx = shard_of(stream);
-                    let mut guard = self.shards[idx].0.lock();
-                    let sh = &mut *guard;
-                    let mut pool_guard = lock(slot);
-                    let Some(pool) = pool_guard.pool_mut() else { return FrontFree::NotFound };
-                    if !pool.owns(addr) {
-                        continue; // freed or lent meanwhile: look again
-                    }
-                    sh.merge_into(pool);
-                    let enabled = self.enabled();
-                    let result = pool.free_or_lend(addr, size, Some(stream), |s| enabled && shard_of(s) == idx);
-                    return FrontFree::Handled(match result {
-                        Ok(Freed::Lent(b)) => {
-                            self.mark(idx, sh);
-                            if !sh.push(&b) {
-                                pool.return_lent(b.id);
-                            }
-                            Ok(())
-                        }
-                        Ok(Freed::Done) => Ok(()),
-                        Ok(Freed::HeldByFront(_)) => Err(Error::InvalidArgument(format!("free of {addr:#x}: lent while locked"))),
-                        Err(e) => Err(e),
-                    });
-                }
-            }
-        }
-        FrontFree::Handled(Err(Error::InvalidArgument(format!(
-            "free of {addr:#x}: the block changed hands during the free (freed from two threads at once?)"
-        ))))
+    /// Whether a block freed on `stream` that belongs to the shard of its
+    /// own stream `block_stream` may be lent there (see `adopt`).
+    pub fn lends(&self, stream: u64, block_stream: u64) -> bool {
+        self.enabled() && shard_of(block_stream) == shard_of(stream)
     }
 
-    /// Takes a block this front handed out back into the pool as an
-    /// ordinary allocation (before a record_stream). False if it is not
-    /// handed out (then it is free: lent and listed).
-    pub fn take_back<S: PoolSlot>(&self, slot: &Mutex<S>, b: &LentBlock) -> bool {
+    /// Takes lent block `b` (free or handed out) into its list, freshly lent
+    /// by the pool; a full list or shard gives it straight back.
+    pub fn adopt(&self, pool: &mut DevicePool, b: &LentBlock) {
         let idx = shard_of(b.stream);
         let mut guard = self.shards[idx].0.lock();
-        self.hand_back(idx, &mut guard, slot, b).is_some()
+        let sh = &mut *guard;
+        self.mark(idx, sh);
+        if !sh.push(b) {
+            pool.return_lent(b.id);
+        }
     }
 
-    /// Takes block `b`, handed out by shard `idx` (locked by the caller), out
-    /// of its list and makes it an ordinary allocation of the pool, with the
-    /// shard's counts merged. Returns the pool's guard, still locked; None if
-    /// the shard does not have `b` out.
-    fn hand_back<'a, S: PoolSlot>(
-        &self,
-        idx: usize,
-        sh: &mut ShardState,
-        slot: &'a Mutex<S>,
-        b: &LentBlock,
-    ) -> Option<MutexGuard<'a, S>> {
-        let item = sh.take_out(b)?;
+    /// Takes lent block `b` back into the pool as an ordinary allocation, if
+    /// its shard has it handed out (before a free the shard cannot take, or
+    /// a record_stream), with the shard's counts merged first. False if it
+    /// is free in its list (a free of it is a double free).
+    pub fn take_back(&self, pool: &mut DevicePool, b: &LentBlock) -> bool {
+        let idx = shard_of(b.stream);
+        let mut guard = self.shards[idx].0.lock();
+        let sh = &mut *guard;
+        let Some(item) = sh.take_out(b) else { return false };
         self.mark(idx, sh);
-        let mut pool_guard = lock(slot);
-        let pool = pool_guard.pool_mut()?;
         sh.merge_into(pool);
         pool.lent_to_live(b.id, item.requested);
-        Some(pool_guard)
+        true
     }
 
     /// Gives every shard's free blocks back to the pool and merges every
     /// delta; with `handed_out`, the blocks handed out too (they become
     /// ordinary allocations). Returns the free blocks given back.
-    pub fn drain<S: PoolSlot>(&self, slot: &Mutex<S>, handed_out: bool) -> usize {
+    pub fn drain(&self, pool: &mut DevicePool, handed_out: bool) -> usize {
         let mask = if handed_out { u64::MAX } else { self.touched.load(Ordering::Acquire) };
         let mut returned = 0;
         for idx in (0..SHARDS).filter(|i| mask & (1 << i) != 0) {
@@ -387,8 +293,6 @@ impl Front {
             if !(sh.marked || handed_out && sh.out_blocks > 0) {
                 continue;
             }
-            let mut pool_guard = lock(slot);
-            let Some(pool) = pool_guard.pool_mut() else { return returned };
             let mut outs: Vec<(u32, u64)> = Vec::new();
             if handed_out {
                 for (&(_, size), list) in &sh.lists {
@@ -430,30 +334,49 @@ impl Front {
     }
 
     /// Merges every delta into the pool (before statistics are read); the
-    /// free blocks stay.
-    pub fn merge<S: PoolSlot>(&self, slot: &Mutex<S>) {
+    /// blocks stay where they are.
+    pub fn merge(&self, pool: &mut DevicePool) {
         let mask = self.touched.load(Ordering::Acquire);
         for idx in (0..SHARDS).filter(|i| mask & (1 << i) != 0) {
-            let mut guard = self.shards[idx].0.lock();
-            let sh = &mut *guard;
-            if sh.delta.is_zero() {
+            self.shards[idx].0.lock().merge_into(pool);
+        }
+    }
+
+    /// Merges the delta of `stream`'s shard into the pool.
+    pub fn merge_shard(&self, pool: &mut DevicePool, stream: u64) {
+        self.shards[shard_of(stream)].0.lock().merge_into(pool);
+    }
+
+    /// The lent blocks handed out now: block → bytes requested (the pool
+    /// counts every lent block as cached; these are allocated).
+    pub fn handed_out(&self) -> HashMap<u32, u64> {
+        let mut out = HashMap::new();
+        for shard in self.shards.iter() {
+            let sh = shard.0.lock();
+            if sh.out_blocks == 0 {
                 continue;
             }
-            let mut pool_guard = lock(slot);
-            let Some(pool) = pool_guard.pool_mut() else { return };
-            sh.merge_into(pool);
+            for list in sh.lists.values() {
+                for (i, item) in list.items[..list.len].iter().enumerate() {
+                    if !list.is_free(i) {
+                        out.insert(item.id, item.requested);
+                    }
+                }
+            }
         }
+        out
     }
 
     /// Stops serving and gives everything back (history recording; a
     /// poisoned pool).
-    pub fn disable<S: PoolSlot>(&self, slot: &Mutex<S>) {
+    pub fn disable(&self, pool: Option<&mut DevicePool>) {
         self.enabled.store(false, Ordering::SeqCst);
-        self.drain(slot, true);
+        if let Some(pool) = pool {
+            self.drain(pool, true);
+        }
     }
 
-    /// Stops serving at once; the blocks come back at the next drain. For
-    /// callers that hold the pool's lock (and so may not drain).
+    /// Stops serving at once; the blocks come back at the next drain.
     pub fn stop(&self) {
         self.enabled.store(false, Ordering::SeqCst);
     }
@@ -464,10 +387,9 @@ impl Front {
 
     /// Checks the module's invariants and then the pool's, with the deltas
     /// merged. Panics on the first broken one. For tests and fuzzers.
-    pub fn check<S: PoolSlot>(&self, slot: &Mutex<S>) {
+    pub fn check(&self, pool: Option<&mut DevicePool>) {
         let mut guards: Vec<SpinGuard<'_, ShardState>> = self.shards.iter().map(|s| s.0.lock()).collect();
-        let mut pool_guard = lock(slot);
-        let Some(pool) = pool_guard.pool_mut() else {
+        let Some(pool) = pool else {
             assert!(guards.iter().all(|g| g.lists.is_empty()), "a front holds blocks of no pool");
             return;
         };

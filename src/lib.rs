@@ -37,6 +37,7 @@
 pub mod allocator;
 pub mod backend;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod ffi;
 pub mod front;
@@ -44,6 +45,8 @@ pub mod hash;
 pub mod log;
 pub mod pool;
 pub mod replay;
+pub mod snapshot;
 pub mod spin;
 pub mod stats;
+pub mod status;
 pub mod trace;

@@ -8,8 +8,10 @@ use crate::allocator::Allocator;
 use crate::backend::sim::SimBackend;
 use crate::config::{Bytes, Config};
 use crate::error::Error;
+use crate::pool::BlockState;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use crate::trace::{Action, Event};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -63,7 +65,7 @@ pub fn replay(events: &[Event], config: &Config, capacity_bytes: Option<u64>) ->
 }
 
 /// One sample of the pool's state during a replay.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     pub event: usize,
     pub live_bytes: u64,
@@ -75,11 +77,9 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// The sample as one JSON line.
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"event\":{},\"live_bytes\":{},\"reserved_bytes\":{},\"cached_bytes\":{},\"largest_cached_bytes\":{},\"small_mapped_bytes\":{},\"large_mapped_bytes\":{}}}",
-            self.event, self.live_bytes, self.reserved_bytes, self.cached_bytes, self.largest_cached_bytes, self.small_mapped_bytes, self.large_mapped_bytes
-        )
+        serde_json::to_string(self).expect("a sample serializes")
     }
 }
 
@@ -169,9 +169,9 @@ pub fn block_map(r: &ReplayResult, granule_bytes: u64) -> String {
             .iter()
             .map(|v| {
                 let state = match v.state {
-                    "active_allocated" => "A",
-                    "active_pending_free" => "p",
-                    _ => "c",
+                    BlockState::Allocated => "A",
+                    BlockState::PendingFree => "p",
+                    BlockState::Cached => "c",
                 };
                 format!("{state}:{}@{}", crate::error::format_bytes(v.size), v.stream)
             })
@@ -227,37 +227,64 @@ pub fn frontier(events: &[Event], config: &Config, step_bytes: u64) -> Result<(u
     Ok((hi * step_bytes, runs))
 }
 
+/// `x` to `places` decimals, for the report (JSON prints the shortest
+/// form that reads back the same).
+fn rounded(x: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (x * scale).round() / scale
+}
+
+/// The report's fields, in their order.
+#[derive(Serialize)]
+struct Report<'a> {
+    events: usize,
+    peak_live_bytes: u64,
+    peak_reserved_bytes: u64,
+    reserved_ratio: f64,
+    ns_per_event: f64,
+    cache_hits: u64,
+    cache_misses: u64,
+    driver_map_calls: u64,
+    driver_unmap_calls: u64,
+    driver_create_calls: u64,
+    reclaimed_granules: u64,
+    modelled_driver_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frontier_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frontier_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity_bytes: Option<u64>,
+    /// Also without a capacity: a memory_limit in the configuration can
+    /// stop the replay too, and the report must say so.
+    oom_at_event: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oom_message: Option<&'a str>,
+}
+
 /// The replay report as one JSON line (the stable interface of
 /// `tessera-replay`).
 pub fn report_json(r: &ReplayResult, frontier_bytes: Option<u64>, capacity_bytes: Option<u64>) -> String {
     let s = &r.stats;
-    let peak_reserved = r.peak_reserved_bytes();
-    let mut fields = vec![
-        format!("\"events\":{}", r.events),
-        format!("\"peak_live_bytes\":{}", r.peak_live_bytes),
-        format!("\"peak_reserved_bytes\":{peak_reserved}"),
-        format!("\"reserved_ratio\":{:.4}", peak_reserved as f64 / r.peak_live_bytes.max(1) as f64),
-        format!("\"ns_per_event\":{:.1}", r.elapsed_ns as f64 / r.events.max(1) as f64),
-        format!("\"cache_hits\":{}", s.counter(C::CacheHits)),
-        format!("\"cache_misses\":{}", s.counter(C::CacheMisses)),
-        format!("\"driver_map_calls\":{}", s.counter(C::DriverMapCalls)),
-        format!("\"driver_unmap_calls\":{}", s.counter(C::DriverUnmapCalls)),
-        format!("\"driver_create_calls\":{}", s.counter(C::DriverCreateCalls)),
-        format!("\"reclaimed_granules\":{}", s.counter(C::ReclaimedGranules)),
-        format!("\"modelled_driver_ms\":{:.1}", r.modelled_driver_ns as f64 / 1e6),
-    ];
-    if let Some(f) = frontier_bytes {
-        fields.push(format!("\"frontier_bytes\":{f}"));
-        fields.push(format!("\"frontier_ratio\":{:.4}", f as f64 / r.peak_live_bytes.max(1) as f64));
-    }
-    if let Some(c) = capacity_bytes {
-        fields.push(format!("\"capacity_bytes\":{c}"));
-    }
-    // Also without a capacity: a memory_limit in the configuration can stop
-    // the replay too, and the report must say so.
-    fields.push(format!("\"oom_at_event\":{}", r.oom_at.map_or("null".to_string(), |i| i.to_string())));
-    if let Some(m) = &r.oom_message {
-        fields.push(format!("\"oom_message\":\"{}\"", m.replace('\\', "\\\\").replace('"', "\\\"")));
-    }
-    format!("{{{}}}", fields.join(","))
+    let live = r.peak_live_bytes.max(1) as f64;
+    let report = Report {
+        events: r.events,
+        peak_live_bytes: r.peak_live_bytes,
+        peak_reserved_bytes: r.peak_reserved_bytes(),
+        reserved_ratio: rounded(r.peak_reserved_bytes() as f64 / live, 4),
+        ns_per_event: rounded(r.elapsed_ns as f64 / r.events.max(1) as f64, 1),
+        cache_hits: s.counter(C::CacheHits),
+        cache_misses: s.counter(C::CacheMisses),
+        driver_map_calls: s.counter(C::DriverMapCalls),
+        driver_unmap_calls: s.counter(C::DriverUnmapCalls),
+        driver_create_calls: s.counter(C::DriverCreateCalls),
+        reclaimed_granules: s.counter(C::ReclaimedGranules),
+        modelled_driver_ms: rounded(r.modelled_driver_ns as f64 / 1e6, 1),
+        frontier_bytes,
+        frontier_ratio: frontier_bytes.map(|f| rounded(f as f64 / live, 4)),
+        capacity_bytes,
+        oom_at_event: r.oom_at,
+        oom_message: r.oom_message.as_deref(),
+    };
+    serde_json::to_string(&report).expect("a report serializes")
 }

@@ -25,6 +25,14 @@ pub enum TesseraGauge {
     Handles,
     /// Blocks waiting for other streams (record_stream) before reuse.
     PendingFreeBlocks,
+    /// Segments in PyTorch's sense: maximal runs of mapped granules of an
+    /// arena (`segment` in torch.cuda.memory_stats()).
+    Segments,
+    /// Free, mapped blocks, the ones waiting whole in front caches
+    /// included (`inactive_split` in torch.cuda.memory_stats()).
+    CachedBlocks,
+    /// Bytes of the blocks waiting for other streams (record_stream).
+    PendingFreeBytes,
 }
 
 /// A count of events that only grows (until reset).
@@ -76,11 +84,11 @@ pub enum TesseraCounter {
 }
 
 /// Number of gauges (entries of `TesseraStats.gauges`).
-pub const TESSERA_GAUGE_COUNT: usize = 8;
+pub const TESSERA_GAUGE_COUNT: usize = 11;
 /// Number of counters (entries of `TesseraStats.counters`).
 pub const TESSERA_COUNTER_COUNT: usize = 17;
 // The counts are literal for the C header; they must follow the enums.
-const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::PendingFreeBlocks as usize + 1);
+const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::PendingFreeBytes as usize + 1);
 const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::DriverNs as usize + 1);
 pub(crate) const GAUGE_COUNT: usize = TESSERA_GAUGE_COUNT;
 pub(crate) const COUNTER_COUNT: usize = TESSERA_COUNTER_COUNT;
@@ -195,21 +203,6 @@ impl TesseraStats {
         }
         self.counters = [0; COUNTER_COUNT];
     }
-
-    /// Flat JSON object: `{"allocated_bytes.current": N, ..., "cache_hits": N}`.
-    pub fn to_json(&self) -> String {
-        let mut parts = Vec::new();
-        for (name, g) in gauge_names().iter().zip(self.gauges.iter()) {
-            parts.push(format!(
-                "\"{name}.current\":{},\"{name}.peak\":{},\"{name}.allocated\":{},\"{name}.freed\":{}",
-                g.current, g.peak, g.allocated, g.freed
-            ));
-        }
-        for (name, c) in counter_names().iter().zip(self.counters.iter()) {
-            parts.push(format!("\"{name}\":{c}"));
-        }
-        format!("{{{}}}", parts.join(","))
-    }
 }
 
 #[cfg(test)]
@@ -219,13 +212,22 @@ mod tests {
     #[test]
     fn names_are_snake_case_and_unique() {
         assert_eq!(gauge_names()[0], "allocated_bytes");
-        assert_eq!(gauge_names()[GAUGE_COUNT - 1], "pending_free_blocks");
+        assert_eq!(gauge_names()[GAUGE_COUNT - 1], "pending_free_bytes");
         assert_eq!(counter_names()[0], "cache_hits");
         assert_eq!(counter_names()[COUNTER_COUNT - 1], "driver_ns");
         let mut all: Vec<&String> = gauge_names().iter().chain(counter_names()).collect();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), GAUGE_COUNT + COUNTER_COUNT);
+    }
+
+    #[test]
+    fn readme_names_every_statistic() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = readme.split("## Statistics").nth(1).and_then(|s| s.split("\n## ").next()).expect("a Statistics section");
+        for name in gauge_names().iter().chain(counter_names()) {
+            assert!(section.contains(&format!("`{name}`")), "the README's Statistics section does not name {name}");
+        }
     }
 
     #[test]
@@ -238,7 +240,6 @@ mod tests {
         s.reset_peaks();
         assert_eq!(s.gauge(TesseraGauge::AllocatedBytes).peak, 40);
         s.bump(TesseraCounter::Ooms, 2);
-        assert!(s.to_json().contains("\"ooms\":2"));
-        assert!(s.to_json().contains("\"allocated_bytes.current\":40"));
+        assert_eq!(s.counter(TesseraCounter::Ooms), 2);
     }
 }

@@ -1,7 +1,8 @@
 //! Allocation traces in the format of design.md §5: one event a line,
 //! `a ADDR SIZE STREAM` or `f ADDR SIZE STREAM`, `#` starts a comment.
 //! Plain text or gzip (by magic bytes). The same format is what tessera's
-//! history ring dumps, so a trace recorded on a GPU replays on the sim.
+//! history ring dumps (`from_history`), so a trace recorded on a GPU
+//! replays on the sim.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -62,6 +63,26 @@ pub fn write(events: &[Event], out: &mut impl std::io::Write) -> std::io::Result
         writeln!(out, "{a} {} {} {}", e.addr, e.size, e.stream)?;
     }
     Ok(())
+}
+
+/// The alloc and free events of a device's history ring as a trace, with
+/// a comment line naming the device (replayable with tessera-replay).
+pub fn from_history(device: i32, history: &[crate::pool::HistoryEvent]) -> String {
+    use crate::pool::HistoryAction as H;
+    let events: Vec<Event> = history
+        .iter()
+        .filter_map(|e| {
+            let action = match e.action {
+                H::Alloc => Action::Alloc,
+                H::Free => Action::Free,
+                _ => return None,
+            };
+            Some(Event { action, addr: e.addr, size: e.size, stream: e.stream })
+        })
+        .collect();
+    let mut out = format!("# action addr size stream (tessera history, device {device})\n").into_bytes();
+    write(&events, &mut out).expect("writing to memory");
+    String::from_utf8(out).expect("ASCII")
 }
 
 #[cfg(test)]

@@ -161,3 +161,53 @@ fn an_oom_callback_may_allocate_and_register_without_deadlock() {
     assert_eq!(depth.load(Ordering::SeqCst), 2);
     check(&a, 0);
 }
+
+#[test]
+fn reading_statistics_snapshots_and_status_moves_no_block() {
+    let (a, _) = sim("growth_size:0");
+    let held = a.malloc(4096, 0, 1).unwrap();
+    let p = a.malloc(8192, 0, 1).unwrap();
+    let q = a.malloc(8192, 0, 2).unwrap();
+    a.free(q, None, 0, Some(2)).unwrap();
+    let q = a.malloc(8192, 0, 2).unwrap(); // handed out by stream 2's front
+    a.free(p, None, 0, Some(1)).unwrap(); // waits whole in stream 1's front cache
+    let lent = || a.with_pool(0, |pool| Ok(pool.lent_count())).unwrap();
+    assert_eq!(lent(), 2);
+    let before = a.stats(0).unwrap();
+    let json = a.snapshot_json();
+    let _ = (a.arena_stats(0, ArenaKind::Small).unwrap(), tessera::allocator::status_line(&a));
+    assert_eq!(lent(), 2, "a read gave the fronts' blocks back");
+    assert_eq!(a.stats(0).unwrap(), before);
+    // The snapshot shows them as they are: one free, one handed out.
+    assert!(json.contains(&format!("\"address\":{p},\"size\":8192,\"requested_size\":0,\"state\":\"inactive\"")), "{json}");
+    assert!(json.contains(&format!("\"address\":{q},\"size\":8192,\"requested_size\":8192,\"state\":\"active_allocated\"")), "{json}");
+    // One segment (the small page); the cached-block gauge is what it was.
+    let small = a.arena_stats(0, ArenaKind::Small).unwrap();
+    assert_eq!(small.gauge(G::Segments).current, 1);
+    assert_eq!(before.gauge(G::CachedBlocks).current, small.gauge(G::CachedBlocks).current);
+    check(&a, 0);
+    a.free(held, None, 0, Some(1)).unwrap();
+    a.free(q, None, 0, Some(2)).unwrap();
+    check(&a, 0);
+}
+
+#[test]
+fn segment_and_pending_gauges_follow_the_mapping() {
+    let (a, _) = sim("growth_size:0,max_cached_fraction:1");
+    let x = a.malloc(3 * MIB, 0, 0).unwrap();
+    let y = a.malloc(100, 0, 0).unwrap();
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::Segments).current, 2, "one mapped run per arena");
+    a.record_stream(x, 7).unwrap();
+    a.free(x, None, 0, Some(0)).unwrap(); // waits for stream 7
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::PendingFreeBytes).current, (3 * MIB) as i64);
+    assert_eq!(s.gauge(G::PendingFreeBlocks).current, 1);
+    check(&a, 0);
+    a.free(y, None, 0, Some(0)).unwrap();
+    a.empty_cache().unwrap(); // synchronizes: the pending block is done, everything unmapped
+    let s = a.stats(0).unwrap();
+    assert_eq!((s.gauge(G::Segments).current, s.gauge(G::PendingFreeBytes).current), (0, 0));
+    assert_eq!(s.gauge(G::Segments).peak, 2);
+    check(&a, 0);
+}

@@ -406,39 +406,30 @@ fn main() {
     let drift = if flat.samples.len() > 1 { hi - after_first } else { 0 };
     println!("  after loop 1: {after_first} B; later samples {lo}..{hi} B; growth after loop 1: {drift} B; {:.1} ns per event", flat.ns_per_event);
 
-    // JSON.
-    let hot_json: Vec<String> = rows
+    // JSON: the figures above, one line.
+    let hot: Vec<_> = rows
         .iter()
         .map(|r| {
-            format!(
-                "{{\"api\":\"{}\",\"size\":\"{}\",\"threads\":{},\"ns_per_pair\":{:.1},\"pairs_per_s\":{:.0},\"allocs_per_pair\":{:.3}}}",
-                r.api.name(),
-                r.size,
-                r.threads,
-                r.ns_per_pair,
-                r.pairs_per_s,
-                r.allocs_per_pair
-            )
+            serde_json::json!({"api": r.api.name(), "size": r.size, "threads": r.threads,
+                "ns_per_pair": round1(r.ns_per_pair), "pairs_per_s": r.pairs_per_s.round() as u64,
+                "allocs_per_pair": (r.allocs_per_pair * 1e3).round() / 1e3})
         })
         .collect();
-    let meta_json: Vec<String> = metas
+    let metadata: Vec<_> = metas
         .iter()
         .map(|m| {
-            format!(
-                "{{\"block_bytes\":{},\"blocks\":{},\"live_bytes_per_block\":{:.1},\"cached_marginal_bytes_per_block\":{:.1}}}",
-                m.size, m.blocks, m.live_bytes_per_block, m.cached_marginal_bytes_per_block
-            )
+            serde_json::json!({"block_bytes": m.size, "blocks": m.blocks,
+                "live_bytes_per_block": round1(m.live_bytes_per_block),
+                "cached_marginal_bytes_per_block": round1(m.cached_marginal_bytes_per_block)})
         })
         .collect();
-    let samples: Vec<String> = flat.samples.iter().map(|(i, b)| format!("[{i},{b}]")).collect();
-    println!(
-        "{{\"cores\":{cores},\"pairs\":{},\"hot\":[{}],\"metadata\":[{}],\"replay\":{{\"loops\":{},\"events_per_loop\":{},\"ns_per_event\":{:.1},\"heap_bytes\":[{}],\"growth_after_first_loop\":{drift}}}}}",
-        o.pairs,
-        hot_json.join(","),
-        meta_json.join(","),
-        flat.loops,
-        events.len(),
-        flat.ns_per_event,
-        samples.join(",")
-    );
+    let report = serde_json::json!({"cores": cores, "pairs": o.pairs, "hot": hot, "metadata": metadata,
+        "replay": {"loops": flat.loops, "events_per_loop": events.len(), "ns_per_event": round1(flat.ns_per_event),
+            "heap_bytes": flat.samples, "growth_after_first_loop": drift}});
+    println!("{report}");
+}
+
+/// `x` to one decimal, for the JSON line.
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }

@@ -125,6 +125,7 @@ impl DevicePool {
                 self.cached_by_stream.remove(&(b.arena, cache_key(b), b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, -size);
+                self.gauge(arena, G::CachedBlocks, -1);
             }
             State::Hole => {
                 self.holes.remove(&(b.arena, b.size, b.addr, id));
@@ -141,6 +142,7 @@ impl DevicePool {
                 self.cached_by_stream.insert((b.arena, cache_key(b), b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, size);
+                self.gauge(arena, G::CachedBlocks, 1);
             }
             State::Hole => {
                 self.holes.insert((b.arena, b.size, b.addr, id));

@@ -25,6 +25,9 @@ impl DevicePool {
         let (mut allocated, mut requested, mut cached, mut active, mut pending) = (0i64, 0i64, 0i64, 0i64, 0i64);
         let mut cached_blocks = 0i64;
         let mut lent_blocks = 0i64;
+        // Per arena: segments (mapped runs), cached blocks (lent free ones
+        // too), pending bytes.
+        let mut per_arena = [[0i64; 3]; 2];
         let mut chain_blocks = 0usize;
         // Maximal runs of non-hole blocks: what the mapped handles must tile.
         let mut used_runs: Vec<(u64, u64)> = Vec::new();
@@ -48,6 +51,10 @@ impl DevicePool {
                         assert!(self.holes.contains(&(b.arena, b.size, b.addr, id)), "hole not indexed");
                     }
                     state => {
+                        let counts = &mut per_arena[b.arena as usize];
+                        if prev == NIL || self.b(prev).state == State::Hole {
+                            counts[0] += 1;
+                        }
                         match used_runs.last_mut() {
                             Some(run) if run.1 == b.addr => run.1 += b.size,
                             _ => used_runs.push((b.addr, b.addr + b.size)),
@@ -61,11 +68,13 @@ impl DevicePool {
                             }
                             State::Pending => {
                                 pending += 1;
+                                counts[2] += b.size as i64;
                                 assert_eq!(self.live.get(&b.addr), Some(&id), "pending block not in live map");
                             }
                             State::Cached => {
                                 cached += b.size as i64;
                                 cached_blocks += 1;
+                                counts[1] += 1;
                                 assert!(self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)));
                             }
                             State::Lent => {
@@ -78,6 +87,7 @@ impl DevicePool {
                                     active += 1;
                                 } else {
                                     cached += b.size as i64;
+                                    counts[1] += 1;
                                 }
                             }
                             State::Hole => unreachable!(),
@@ -139,7 +149,24 @@ impl DevicePool {
             assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");
             assert!(s.gauge(gauge).peak >= s.gauge(gauge).current);
         }
-        for gauge in [G::AllocatedBytes, G::RequestedBytes, G::ActiveBlocks, G::CachedBytes, G::MappedBytes, G::PendingFreeBlocks] {
+        for (arena, counts) in per_arena.iter().enumerate() {
+            for (gauge, value) in [G::Segments, G::CachedBlocks, G::PendingFreeBytes].into_iter().zip(counts) {
+                let stat = self.arena_stats[arena].gauge(gauge);
+                assert_eq!(stat.current, *value, "arena {arena}'s gauge {gauge:?} differs from a recount");
+                assert!(stat.peak >= stat.current);
+            }
+        }
+        for gauge in [
+            G::AllocatedBytes,
+            G::RequestedBytes,
+            G::ActiveBlocks,
+            G::CachedBytes,
+            G::MappedBytes,
+            G::PendingFreeBlocks,
+            G::Segments,
+            G::CachedBlocks,
+            G::PendingFreeBytes,
+        ] {
             let sum: i64 = self.arena_stats.iter().map(|a| a.gauge(gauge).current).sum();
             assert_eq!(sum, s.gauge(gauge).current, "arena gauges of {gauge:?} do not sum to the device's");
         }

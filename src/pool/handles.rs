@@ -96,6 +96,9 @@ impl DevicePool {
             }
             self.stats.bump(C::DriverMapCalls, 1);
             self.handles[h as usize].as_mut().expect("live handle").va = Some(at);
+            // A segment is a maximal mapped run of an arena.
+            let arena = self.arena_at(at);
+            self.gauge(arena, G::Segments, 1 - self.mapped_neighbours(at, at + n * g));
             self.mapped.insert(at, h);
             let arena = self.arena_at(at);
             self.gauge(arena, G::MappedBytes, (n * g) as i64);
@@ -268,6 +271,18 @@ impl DevicePool {
         Ok(())
     }
 
+    /// How many of the unmapped range `[lo, hi)`'s neighbours in its arena
+    /// are mapped: a handle ending at `lo`, one starting at `hi`.
+    fn mapped_neighbours(&self, lo: u64, hi: u64) -> i64 {
+        let g = self.conf.page_size.0;
+        let arena = self.arena_at(lo);
+        let before = self.mapped.range(..lo).next_back().is_some_and(|(&va, &h)| {
+            va + self.handles[h as usize].as_ref().expect("live handle").granules * g == lo && self.arena_at(va) == arena
+        });
+        let after = self.mapped.contains_key(&hi) && self.arena_at(hi) == arena;
+        before as i64 + after as i64
+    }
+
     /// Unmaps every mapped handle in `[lo, hi)` (which holds whole handles
     /// only) in one backend call; the handles become free.
     pub(super) fn unmap_handles(&mut self, lo: u64, hi: u64) -> Result<()> {
@@ -286,6 +301,9 @@ impl DevicePool {
         }
         let arena = self.arena_at(lo);
         self.gauge(arena, G::MappedBytes, -((hi - lo) as i64));
+        // The range lay inside one segment: what stays mapped either side
+        // of it is a segment of its own.
+        self.gauge(arena, G::Segments, self.mapped_neighbours(lo, hi) - 1);
         if self.history.is_some() {
             self.record(HistoryAction::Unmap, lo, hi - lo, hi - lo, 0);
         }

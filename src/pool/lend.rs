@@ -31,8 +31,8 @@ pub struct LentBlock {
 
 /// What a front cache counted since it last merged into the pool. A front
 /// only hands lent blocks out and takes them back, so three gauges move
-/// (allocated, requested, active) and cached bytes move opposite to
-/// allocated bytes: they are derived at the merge.
+/// (allocated, requested, active); cached bytes and blocks move opposite to
+/// allocated bytes and active blocks: they are derived at the merge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FrontDelta {
     /// `[scope][gauge]`, scope 0 the device, 1 + `ArenaKind` an arena; gauge
@@ -42,6 +42,9 @@ pub struct FrontDelta {
     /// Per scope, the lowest net change of allocated bytes (so the highest
     /// of cached bytes).
     pub alloc_low: [i64; 3],
+    /// Per scope, the lowest net change of active blocks (so the highest of
+    /// cached blocks).
+    pub active_low: [i64; 3],
     pub cache_hits: u64,
 }
 
@@ -67,6 +70,7 @@ impl FrontDelta {
             g[1].sub(requested as i64);
             g[2].sub(1);
             self.alloc_low[scope] = self.alloc_low[scope].min(g[0].current);
+            self.active_low[scope] = self.active_low[scope].min(g[2].current);
         }
     }
 
@@ -85,6 +89,7 @@ impl DevicePool {
         let lent = LentBlock { id, addr: b.addr, size: b.size, arena: b.arena, stream: b.stream };
         self.live.insert(lent.addr, id);
         self.gauge(lent.arena, G::CachedBytes, lent.size as i64);
+        self.gauge(lent.arena, G::CachedBlocks, 1);
         lent
     }
 
@@ -113,6 +118,7 @@ impl DevicePool {
         let (addr, arena, size) = (b.addr, b.arena, b.size as i64);
         self.live.remove(&addr);
         self.gauge(arena, G::CachedBytes, -size);
+        self.gauge(arena, G::CachedBlocks, -1);
         self.stamp_free(id);
         self.coalesce_and_index(id);
     }
@@ -127,6 +133,7 @@ impl DevicePool {
         b.requested = requested;
         let (arena, size) = (b.arena, b.size as i64);
         self.gauge(arena, G::CachedBytes, -size);
+        self.gauge(arena, G::CachedBlocks, -1);
         self.gauge(arena, G::AllocatedBytes, size);
         self.gauge(arena, G::RequestedBytes, requested as i64);
         self.gauge(arena, G::ActiveBlocks, 1);
@@ -155,6 +162,13 @@ impl DevicePool {
             c.current -= alloc.current;
             c.allocated += alloc.freed;
             c.freed += alloc.allocated;
+            // Cached blocks move opposite to active blocks, as bytes do.
+            let active = delta.gauges[scope][2];
+            let c = dst.gauge_mut(G::CachedBlocks);
+            c.peak = c.peak.max(c.current - delta.active_low[scope]);
+            c.current -= active.current;
+            c.allocated += active.freed;
+            c.freed += active.allocated;
         }
         self.stats.bump(C::CacheHits, delta.cache_hits);
     }

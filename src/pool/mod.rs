@@ -52,7 +52,7 @@ mod view;
 
 pub use history::{HistoryAction, HistoryEvent};
 pub use lend::{Freed, FrontDelta, LentBlock};
-pub use view::BlockView;
+pub use view::{BlockState, BlockView};
 
 use crate::backend::{Backend, EventId};
 use crate::config::Config;

@@ -51,9 +51,10 @@ impl DevicePool {
         }
         let b = self.bm(id);
         b.state = State::Pending;
-        let (addr, arena) = (b.addr, b.arena);
+        let (addr, arena, size) = (b.addr, b.arena, b.size as i64);
         self.live.insert(addr, id);
         self.gauge(arena, G::PendingFreeBlocks, 1);
+        self.gauge(arena, G::PendingFreeBytes, size);
         self.pending.push(PendingFree { block: id, events, needs_sync });
         if needs_sync {
             self.process_pending().map_err(|e| self.driver_error(e))?;
@@ -221,8 +222,9 @@ impl DevicePool {
             let addr = self.b(p.block).addr;
             self.live.remove(&addr);
             self.stamp_free(p.block);
-            let arena = self.b(p.block).arena;
+            let (arena, size) = (self.b(p.block).arena, self.b(p.block).size as i64);
             self.gauge(arena, G::PendingFreeBlocks, -1);
+            self.gauge(arena, G::PendingFreeBytes, -size);
             self.coalesce_and_index(p.block);
         }
         Ok(())

@@ -1,9 +1,34 @@
 //! Read-only views of the pool for snapshots, tools and tests: its blocks
 //! in address order, its segments (maximal mapped runs), the largest cached
-//! block.
+//! block. Building a view changes nothing.
 #![forbid(unsafe_code)]
 
 use super::{ArenaKind, DevicePool, State, NIL};
+use std::collections::HashMap;
+
+/// What a block is, as a user of the allocator sees it (holes are never
+/// shown; a block lent to a front cache is allocated while the front has
+/// it handed out, cached otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// Handed out to a caller.
+    Allocated,
+    /// Free and mapped, ready for reuse.
+    Cached,
+    /// Freed, waiting for other streams (record_stream).
+    PendingFree,
+}
+
+impl BlockState {
+    /// PyTorch's name of the state, as in `torch.cuda.memory._snapshot()`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            BlockState::Allocated => "active_allocated",
+            BlockState::Cached => "inactive",
+            BlockState::PendingFree => "active_pending_free",
+        }
+    }
+}
 
 /// A read-only picture of one block, for snapshots and tests.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,34 +36,38 @@ pub struct BlockView {
     pub addr: u64,
     pub size: u64,
     pub arena: ArenaKind,
-    pub state: &'static str,
+    pub state: BlockState,
     pub stream: u64,
     pub requested: u64,
 }
 
 impl DevicePool {
-    /// Every block of every arena in address order, holes excluded.
+    /// Every block of every arena in address order, holes excluded; lent
+    /// blocks show as cached.
     pub fn blocks(&self) -> Vec<BlockView> {
+        self.blocks_with(&HashMap::new())
+    }
+
+    /// As `blocks`, with the lent blocks that front caches have handed out
+    /// (block → bytes requested) shown as allocated.
+    pub fn blocks_with(&self, handed_out: &HashMap<u32, u64>) -> Vec<BlockView> {
         let mut out = Vec::new();
         for arena in &self.arenas {
             let mut id = arena.head;
             while id != NIL {
                 let b = self.b(id);
-                let state = match b.state {
-                    State::Allocated => "active_allocated",
-                    State::Cached | State::Lent => "inactive",
-                    State::Pending => "active_pending_free",
-                    State::Hole => "hole",
+                let (state, requested) = match b.state {
+                    State::Allocated => (Some(BlockState::Allocated), b.requested),
+                    State::Cached => (Some(BlockState::Cached), b.requested),
+                    State::Lent => match handed_out.get(&id) {
+                        Some(&requested) => (Some(BlockState::Allocated), requested),
+                        None => (Some(BlockState::Cached), b.requested),
+                    },
+                    State::Pending => (Some(BlockState::PendingFree), b.requested),
+                    State::Hole => (None, 0),
                 };
-                if b.state != State::Hole {
-                    out.push(BlockView {
-                        addr: b.addr,
-                        size: b.size,
-                        arena: b.arena,
-                        state,
-                        stream: b.stream,
-                        requested: b.requested,
-                    });
+                if let Some(state) = state {
+                    out.push(BlockView { addr: b.addr, size: b.size, arena: b.arena, state, stream: b.stream, requested });
                 }
                 id = b.next;
             }
@@ -47,11 +76,17 @@ impl DevicePool {
     }
 
     /// Segments in PyTorch's sense: the maximal runs of mapped (non-hole)
-    /// blocks of each arena, with their blocks.
+    /// blocks of each arena, with their blocks (lent blocks as cached).
     pub fn segments(&self) -> Vec<(ArenaKind, Vec<BlockView>)> {
+        self.segments_with(&HashMap::new())
+    }
+
+    /// As `segments`, with the handed-out lent blocks shown as allocated
+    /// (see `blocks_with`).
+    pub fn segments_with(&self, handed_out: &HashMap<u32, u64>) -> Vec<(ArenaKind, Vec<BlockView>)> {
         let mut out: Vec<(ArenaKind, Vec<BlockView>)> = Vec::new();
         let mut last_end = None;
-        for v in self.blocks() {
+        for v in self.blocks_with(handed_out) {
             let end = v.addr + v.size;
             match out.last_mut() {
                 Some((arena, blocks)) if last_end == Some(v.addr) && *arena == v.arena => blocks.push(v),

@@ -49,7 +49,18 @@ int main(void) {
     for (int i = 0; i < 7; i++) total += sizes[i];
     CHECK(s.gauges[req].current == (int64_t)total, "requested %lld != %zu", (long long)s.gauges[req].current, total);
 
+    char line[256];
+    int64_t needed = tessera_status_line(0, NULL, 0);
+    CHECK(needed > 1 && needed <= (int64_t)sizeof line && tessera_status_line(0, line, sizeof line) == needed,
+          "status line: %s", tessera_last_error());
+    CHECK(strncmp(line, "tessera: dev0 allocated ", 24) == 0, "status line: %s", line);
+    CHECK(tessera_status_line(5, line, sizeof line) == -1, "status of device 5");
+
     for (int i = 0; i < 7; i++) tessera_free(ptrs[i], (ssize_t)sizes[i], 0, NULL);
+    uint64_t largest = 0;
+    CHECK(tessera_cache_info(0, &largest) == 0 && largest > 0, "largest cached block %llu",
+          (unsigned long long)largest);
+    CHECK(tessera_cache_info(0, NULL) == -1, "NULL cache_info output accepted");
     CHECK(tessera_get_stats(0, &s) == 0, "stats");
     CHECK(s.gauges[alloc].current == 0, "allocated not back to 0");
 

@@ -1,0 +1,336 @@
+//! One device: its front caches before its pool, and the protocol between
+//! them, written once. A malloc tries the stream's front shard (no pool
+//! lock), then, with the pool locked: the fronts' counts merged (so peaks
+//! stay exact), a cached block of exactly the size, the fronts' free blocks
+//! drained back (so best fit, growth and reclamation see every free byte,
+//! coalesced), the pool's malloc. A free tries the shard, then the pool,
+//! which takes handed-out blocks back, reports bad frees and lends blocks to
+//! the shard of their stream. Every call goes this way, device → front /
+//! pool, never back.
+//! Invariants: the pool exists iff a call succeeded in reserving its arenas;
+//! lock order: the pool's mutex, then one shard (front.rs); a memory
+//! fraction or history setting made before the pool exists applies to it.
+#![forbid(unsafe_code)]
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::front::Front;
+use crate::pool::{round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent};
+use crate::stats::{TesseraCounter as C, TesseraStats};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Locks, ignoring poison: a panic while a lock was held is a bug that the
+/// C boundary already reported; keep serving rather than fail every call.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the device's lock guards.
+#[derive(Default)]
+struct Slot {
+    pool: Option<DevicePool>,
+    /// Set by set_memory_fraction; overrides the configured limit.
+    fraction: Option<f64>,
+    /// History recording asked for: (on, ring entries).
+    history: (bool, usize),
+}
+
+pub struct Device {
+    index: i32,
+    config: Config,
+    backend: Arc<dyn Backend>,
+    front: Front,
+    slot: Mutex<Slot>,
+}
+
+impl Device {
+    pub fn new(index: i32, config: &Config, backend: Arc<dyn Backend>) -> Device {
+        Device {
+            index,
+            front: Front::new(config.front_caches, config.graph_pools),
+            config: config.clone(),
+            backend,
+            slot: Mutex::new(Slot::default()),
+        }
+    }
+
+    /// Runs `f` on the pool, made on first use, with the device locked. A
+    /// pool that `f` left poisoned stops the fronts.
+    fn pool_op<T>(&self, f: impl FnOnce(&Front, &mut DevicePool) -> Result<T>) -> Result<T> {
+        let mut slot = lock(&self.slot);
+        if slot.pool.is_none() {
+            let limit = self.limit_for(slot.fraction)?;
+            let mut conf = self.config.clone();
+            conf.graph_pools |= self.front.graphs();
+            let mut pool = DevicePool::new(self.index, self.backend.clone(), &conf, limit)?;
+            pool.record_history(slot.history.0, slot.history.1);
+            slot.pool = Some(pool);
+        }
+        let pool = slot.pool.as_mut().expect("made above");
+        let result = f(&self.front, pool);
+        if pool.poisoned().is_some() {
+            self.front.stop();
+        }
+        result
+    }
+
+    /// Runs `f` on the pool if it exists (None if not), with the device
+    /// locked: for calls that must not make one.
+    fn existing<T>(&self, f: impl FnOnce(&Front, &mut DevicePool) -> T) -> Option<T> {
+        lock(&self.slot).pool.as_mut().map(|pool| f(&self.front, pool))
+    }
+
+    fn limit_for(&self, fraction: Option<f64>) -> Result<Option<u64>> {
+        let (_, total) = self.backend.mem_info(self.index)?;
+        Ok(match fraction {
+            Some(f) => Some((total as f64 * f) as u64),
+            None => self.config.memory_limit.resolve(total),
+        })
+    }
+
+    /// Whether `stream` captures a CUDA graph now (asked only while graph
+    /// captures are watched; an error counts as capturing).
+    fn capturing(&self, stream: u64) -> bool {
+        !matches!(self.backend.capture_id(self.index, stream), Ok(None))
+    }
+
+    /// Allocates `size` bytes for `stream`: the stream's front shard, then
+    /// the pool (see the module doc). When memory is short, the free blocks
+    /// that reached the fronts since (other threads', `on_oom`'s) come back,
+    /// `on_oom` runs with no lock held (it may free memory; it says whether
+    /// anything ran), and the pool tries once more. The caller gives up with
+    /// `give_up`.
+    pub fn malloc(&self, size: u64, stream: u64, on_oom: &dyn Fn() -> bool) -> Result<u64> {
+        let front = &self.front;
+        let fronts_on = front.enabled();
+        let capturing = fronts_on && front.graphs() && self.capturing(stream);
+        if fronts_on && !capturing && let Some(addr) = front.malloc(round_size(size), size, stream) {
+            return Ok(addr);
+        }
+        let first = self.pool_op(|front, pool| {
+            if fronts_on {
+                front.merge(pool);
+                if !capturing && let Some(addr) = pool.malloc_if_exact(size, stream) {
+                    return Ok(addr);
+                }
+                front.drain(pool, false);
+            }
+            pool.malloc(size, stream)
+        });
+        let Err(Error::OutOfMemory(_)) = first else { return first };
+        let mut retry = self.drain_free() > 0;
+        if on_oom() {
+            self.drain_free();
+            retry = true;
+        }
+        if retry { self.pool_op(|_, pool| pool.malloc(size, stream)) } else { first }
+    }
+
+    /// The fronts give their free blocks back; returns how many.
+    fn drain_free(&self) -> usize {
+        self.existing(|front, pool| front.drain(pool, false)).unwrap_or(0)
+    }
+
+    /// A request of `size` bytes on `stream` failed for good: count it,
+    /// record it, give the cache back to the driver (as PyTorch does).
+    pub fn give_up(&self, size: u64, stream: u64) -> Result<()> {
+        self.pool_op(|_, pool| {
+            pool.on_final_oom(size, stream);
+            Ok(())
+        })
+    }
+
+    /// Frees `ptr` if it is a live block of this device: Some(the outcome),
+    /// None if not. `stream`, when not named, is the block's own. The hot
+    /// path is the stream's shard; otherwise the pool takes a handed-out
+    /// block back before freeing it (it reports what the caller named
+    /// wrongly, keeps a capture's memory private, or caches it), and lends a
+    /// block it frees to the shard of its stream.
+    pub fn free(&self, ptr: u64, size: Option<u64>, stream: Option<u64>) -> Option<Result<()>> {
+        if let (Some(size), Some(stream)) = (size, stream)
+            && self.front.free(ptr, size, stream, &|s| self.capturing(s))
+        {
+            return Some(Ok(()));
+        }
+        self.existing(|front, pool| {
+            let stream = stream.or_else(|| pool.held_stream(ptr))?;
+            if let Some(b) = pool.lent_at(ptr) {
+                if !front.take_back(pool, &b) {
+                    pool.stats_mut().bump(C::InvalidFrees, 1);
+                    return Some(Err(Error::InvalidArgument(format!(
+                        "free of {ptr:#x}, which is not a live tessera allocation on device {} (freed twice)",
+                        self.index
+                    ))));
+                }
+                return Some(pool.free(ptr, size, Some(stream)));
+            }
+            if !pool.owns(ptr) {
+                return None;
+            }
+            front.merge_shard(pool, stream);
+            Some(match pool.free_or_lend(ptr, size, Some(stream), |s| front.lends(stream, s)) {
+                Ok(Freed::Lent(b)) => {
+                    front.adopt(pool, &b);
+                    Ok(())
+                }
+                Ok(Freed::Done) => Ok(()),
+                Ok(Freed::HeldByFront(_)) => unreachable!("a lent block was found above"),
+                Err(e) => Err(e),
+            })
+        })
+        .flatten()
+    }
+
+    /// A free of `ptr` that no device holds: the pool reports and counts it.
+    pub fn reject_free(&self, ptr: u64, size: Option<u64>, stream: Option<u64>) -> Result<()> {
+        self.existing(|_, pool| pool.free(ptr, size, stream)).unwrap_or_else(|| {
+            Err(Error::InvalidArgument(format!("free of {ptr:#x} on device {}: not a live tessera allocation", self.index)))
+        })
+    }
+
+    /// Marks `ptr` as used by `stream` too, if it is a live block of this
+    /// device (a block a front handed out goes back to the pool first).
+    pub fn record_stream(&self, ptr: u64, stream: u64) -> Option<Result<()>> {
+        self.existing(|front, pool| {
+            if let Some(b) = pool.lent_at(ptr) {
+                front.take_back(pool, &b);
+            }
+            pool.held_stream(ptr).is_some().then(|| pool.record_stream(ptr, stream))
+        })
+        .flatten()
+    }
+
+    /// Counts a rejected request here; false if the device has no pool yet.
+    pub fn count_invalid_request(&self) -> bool {
+        self.existing(|_, pool| pool.stats_mut().bump(C::InvalidRequests, 1)).is_some()
+    }
+
+    /// The device's statistics, the fronts' counts merged (zeros before the
+    /// first allocation).
+    pub fn stats(&self) -> TesseraStats {
+        self.existing(|front, pool| {
+            front.merge(pool);
+            pool.stats()
+        })
+        .unwrap_or_default()
+    }
+
+    /// One arena's statistics (block-level gauges), the fronts' counts merged.
+    pub fn arena_stats(&self, arena: ArenaKind) -> TesseraStats {
+        self.existing(|front, pool| {
+            front.merge(pool);
+            pool.arena_stats(arena)
+        })
+        .unwrap_or_default()
+    }
+
+    /// The largest block in the pool's cache (see `DevicePool::largest_cached_bytes`).
+    pub fn largest_cached_bytes(&self) -> u64 {
+        self.existing(|_, pool| pool.largest_cached_bytes()).unwrap_or(0)
+    }
+
+    pub fn reset_peak_stats(&self) {
+        self.existing(|front, pool| {
+            front.merge(pool);
+            pool.reset_peaks();
+        });
+    }
+
+    /// Gives every cached granule back to the driver, the fronts' free
+    /// blocks first.
+    pub fn empty_cache(&self) -> Result<()> {
+        self.existing(|front, pool| {
+            front.drain(pool, false);
+            pool.empty_cache()
+        })
+        .unwrap_or(Ok(()))
+    }
+
+    pub fn set_memory_fraction(&self, fraction: f64) -> Result<()> {
+        let mut slot = lock(&self.slot);
+        slot.fraction = Some(fraction);
+        let limit = self.limit_for(Some(fraction))?;
+        if let Some(pool) = slot.pool.as_mut() {
+            pool.set_limit(limit);
+        }
+        Ok(())
+    }
+
+    /// Starts or stops the history ring. The fronts do not record: while
+    /// recording, every call takes the pool.
+    pub fn record_history(&self, enabled: bool, max_entries: usize) {
+        let mut slot = lock(&self.slot);
+        slot.history = (enabled, max_entries);
+        if enabled {
+            self.front.disable(slot.pool.as_mut());
+        } else if self.config.front_caches {
+            self.front.enable();
+        }
+        if let Some(pool) = slot.pool.as_mut() {
+            pool.record_history(enabled, max_entries);
+        }
+    }
+
+    /// The recorded events, oldest first.
+    pub fn history(&self) -> Vec<HistoryEvent> {
+        self.existing(|_, pool| pool.history()).unwrap_or_default()
+    }
+
+    /// Keeps graph captures' memory private from now on (see
+    /// `DevicePool::watch_graphs`), in the pool made later too.
+    pub fn watch_graphs(&self) {
+        let mut slot = lock(&self.slot);
+        self.front.watch_graphs();
+        if let Some(pool) = slot.pool.as_mut() {
+            pool.watch_graphs();
+        }
+    }
+
+    /// The captured graphs are gone: their memory becomes reusable.
+    pub fn release_graph_pools(&self) -> u64 {
+        self.existing(|_, pool| pool.release_graph_pools()).unwrap_or(0)
+    }
+
+    /// The fronts give back every block they hold (handed-out ones become
+    /// the pool's allocations): for tools that show blocks, and on drop.
+    pub fn drain_fronts(&self) {
+        self.existing(|front, pool| front.drain(pool, true));
+    }
+
+    /// The segments with their blocks as they are: blocks the fronts
+    /// handed out show as allocated, their free ones as cached; nothing
+    /// moves.
+    pub fn segments(&self) -> Vec<(ArenaKind, Vec<BlockView>)> {
+        self.existing(|front, pool| pool.segments_with(&front.handed_out())).unwrap_or_default()
+    }
+
+    /// Runs `f` on the pool (made on first use), the fronts' counts merged;
+    /// the blocks they hold stay lent. For tools and tests.
+    pub fn with_pool<T>(&self, f: impl FnOnce(&mut DevicePool) -> Result<T>) -> Result<T> {
+        self.pool_op(|front, pool| {
+            front.merge(pool);
+            f(pool)
+        })
+    }
+
+    /// Checks the fronts' invariants and the pool's (panics on the first
+    /// broken one). For tests and fuzzers.
+    pub fn check_invariants(&self) {
+        let mut slot = lock(&self.slot);
+        self.front.check(slot.pool.as_mut());
+    }
+
+    /// Whether the pool stopped serving after driver failures.
+    pub fn poisoned(&self) -> bool {
+        lock(&self.slot).pool.as_ref().is_some_and(|p| p.poisoned().is_some())
+    }
+}
+
+impl Drop for Device {
+    /// The fronts give their blocks back, so that a pool with nothing live
+    /// returns its memory (tests, replays; the global one is never dropped).
+    fn drop(&mut self) {
+        self.drain_fronts();
+    }
+}

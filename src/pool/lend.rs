@@ -156,19 +156,15 @@ impl DevicePool {
                 g.allocated += d.allocated;
                 g.freed += d.freed;
             }
-            let alloc = delta.gauges[scope][0];
-            let c = dst.gauge_mut(G::CachedBytes);
-            c.peak = c.peak.max(c.current - delta.alloc_low[scope]);
-            c.current -= alloc.current;
-            c.allocated += alloc.freed;
-            c.freed += alloc.allocated;
-            // Cached blocks move opposite to active blocks, as bytes do.
-            let active = delta.gauges[scope][2];
-            let c = dst.gauge_mut(G::CachedBlocks);
-            c.peak = c.peak.max(c.current - delta.active_low[scope]);
-            c.current -= active.current;
-            c.allocated += active.freed;
-            c.freed += active.allocated;
+            // Cached bytes move opposite to allocated bytes, cached blocks to
+            // active blocks: the highest cached is at the lowest allocated.
+            for (cached, k, low) in [(G::CachedBytes, 0, delta.alloc_low[scope]), (G::CachedBlocks, 2, delta.active_low[scope])] {
+                let (c, moved) = (dst.gauge_mut(cached), delta.gauges[scope][k]);
+                c.peak = c.peak.max(c.current - low);
+                c.current -= moved.current;
+                c.allocated += moved.freed;
+                c.freed += moved.allocated;
+            }
         }
         self.stats.bump(C::CacheHits, delta.cache_hits);
     }

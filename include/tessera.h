@@ -407,8 +407,9 @@ const char *tessera_gauge_name(int32_t i);
 const char *tessera_counter_name(int32_t i);
 
 /*
- The last error message of this thread ("" if none). Valid until the next
- tessera call on this thread.
+ Why this thread's last call that can fail failed, or "" if it succeeded
+ (each such call clears it when it starts). Valid until the next tessera
+ call on this thread.
  */
 const char *tessera_last_error(void);
 

@@ -13,6 +13,7 @@ use crate::device::{lock, Device};
 use crate::error::{Error, Result};
 use crate::pool::ArenaKind;
 use crate::stats::{TesseraCounter, TesseraStats};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -105,8 +106,26 @@ impl Allocator {
         result
     }
 
-    /// Runs every OOM callback; says whether there was any.
+    /// Runs every OOM callback; says whether any ran. Never inside one on
+    /// the same thread: an allocation a callback makes that runs out of
+    /// memory fails with its own error rather than run them again (which
+    /// would recurse until the stack ran out).
     fn run_oom_callbacks(&self, device: i32, size: u64) -> bool {
+        thread_local! {
+            static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+        }
+        if IN_CALLBACK.get() {
+            return false;
+        }
+        /// Clears the flag however the callbacks end.
+        struct Leave;
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                IN_CALLBACK.set(false);
+            }
+        }
+        IN_CALLBACK.set(true);
+        let _leave = Leave;
         let callbacks = lock(&self.oom_callbacks).clone();
         for cb in &callbacks {
             cb(device, size);
@@ -195,6 +214,14 @@ impl Allocator {
         }
     }
 
+    /// A free that named a negative size: the block is freed as it was
+    /// allocated, and the free counted and reported as mismatched.
+    pub fn free_negative_size(&self, ptr: u64, size: i64, device: i32, stream: Option<u64>) -> Result<()> {
+        self.free(ptr, None, device, stream)?;
+        self.device(device)?.count(TesseraCounter::MismatchedFrees);
+        Err(Error::InvalidArgument(format!("free of {ptr:#x} with negative size {size}; freed it as allocated")))
+    }
+
     /// Finds the device that owns `ptr` and records the extra stream there.
     pub fn record_stream(&self, ptr: u64, stream: u64) -> Result<()> {
         if let Some(result) = self.devices.iter().find_map(|dev| dev.record_stream(ptr, stream)) {
@@ -279,6 +306,16 @@ pub fn active_config() -> Result<Config> {
         Some(text) => Config::parse(text),
         None => Config::from_env(),
     }
+}
+
+/// Checks the configuration that is (or will be) in force and that its
+/// backend starts (the driver loads, devices are there); once the global
+/// allocator exists, whether it started.
+pub fn check_config() -> Result<()> {
+    if let Some(started) = GLOBAL.get() {
+        return started.as_ref().map(|_| ()).map_err(Clone::clone);
+    }
+    backend::create(&active_config()?).map(|_| ())
 }
 
 /// Set in a child process forked after tessera started: the CUDA driver

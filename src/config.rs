@@ -6,7 +6,7 @@
 //! silent default.
 #![forbid(unsafe_code)]
 
-use crate::error::{Error, Result};
+use crate::error::{quoted, Error, Result};
 
 /// Environment variable holding the configuration string.
 pub const CONF_ENV: &str = "TESSERA_CONF";
@@ -182,12 +182,12 @@ macro_rules! options {
                 match key {
                     $( stringify!($name) => {
                         self.$name = <$ty as OptionValue>::parse(value).ok_or_else(|| Error::Config(format!(
-                            "bad value '{value}' for key '{key}': expected {}", <$ty as OptionValue>::ACCEPTS)))?;
+                            "bad value {} for key '{key}': expected {}", quoted(value), <$ty as OptionValue>::ACCEPTS)))?;
                     } )*
                     _ => {
                         let known: Vec<&str> = OPTIONS.iter().map(|o| o.name).collect();
                         return Err(Error::Config(format!(
-                            "unknown key '{key}'; accepted keys: {}", known.join(", "))));
+                            "unknown key {}; accepted keys: {}", quoted(key), known.join(", "))));
                     }
                 }
                 Ok(())
@@ -281,14 +281,14 @@ impl Config {
         let mut seen: Vec<&str> = Vec::new();
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (key, value) = item.split_once(':').ok_or_else(|| {
-                Error::Config(format!("'{item}' is not of the form key:value"))
+                Error::Config(format!("{} is not of the form key:value", quoted(item)))
             })?;
             let (key, value) = (key.trim(), value.trim());
             if value.is_empty() {
-                return Err(Error::Config(format!("empty value for key '{key}'")));
+                return Err(Error::Config(format!("empty value for key {}", quoted(key))));
             }
             if seen.contains(&key) {
-                return Err(Error::Config(format!("duplicate key '{key}'")));
+                return Err(Error::Config(format!("duplicate key {}", quoted(key))));
             }
             seen.push(key);
             config.set(key, value)?;
@@ -406,6 +406,9 @@ mod tests {
         let e = Config::parse("memory_limit:1.5").unwrap_err().to_string();
         assert!(e.contains("fraction"), "{e}");
         assert!(Config::parse("page_size:99999999999999999999T").is_err());
+        // A hostile value is quoted, not echoed whole.
+        let e = Config::parse(&format!("page_size:{}", "9x".repeat(5 << 20))).unwrap_err().to_string();
+        assert!(e.contains("(10485760 bytes)") && e.len() < 300, "{}", &e[..200.min(e.len())]);
     }
 
     /// Where the README's configuration table stands.

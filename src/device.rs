@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::Front;
-use crate::pool::{round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent};
+use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent};
 use crate::stats::{TesseraCounter as C, TesseraStats};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -102,6 +102,10 @@ impl Device {
     /// anything ran), and the pool tries once more. The caller gives up with
     /// `give_up`.
     pub fn malloc(&self, size: u64, stream: u64, on_oom: &dyn Fn() -> bool) -> Result<u64> {
+        if let Err(e) = check_request(size) {
+            self.count(C::InvalidRequests);
+            return Err(e);
+        }
         let front = &self.front;
         let fronts_on = front.enabled();
         let capturing = fronts_on && front.graphs() && self.capturing(stream);
@@ -203,7 +207,12 @@ impl Device {
 
     /// Counts a rejected request here; false if the device has no pool yet.
     pub fn count_invalid_request(&self) -> bool {
-        self.existing(|_, pool| pool.stats_mut().bump(C::InvalidRequests, 1)).is_some()
+        self.count(C::InvalidRequests)
+    }
+
+    /// Counts one `counter` event here; false if the device has no pool yet.
+    pub fn count(&self, counter: C) -> bool {
+        self.existing(|_, pool| pool.stats_mut().bump(counter, 1)).is_some()
     }
 
     /// The device's statistics, the fronts' counts merged (zeros before the

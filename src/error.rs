@@ -81,6 +81,15 @@ impl OomInfo {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// At most 60 characters of `text` for an error message, with its length
+/// when it is cut.
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(60) {
+        None => format!("'{text}'"),
+        Some((cut, _)) => format!("'{}...' ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// Bytes in PyTorch's human format ("20.00 MiB").
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];

@@ -11,6 +11,12 @@
 //! - `tessera_try_malloc`: the same allocation for plain C callers: NULL and
 //!   a `tessera_last_error` message on failure; no exception.
 //! - Size 0 returns NULL from both, as PyTorch's own allocator does.
+//!
+//! The error channel, errno-like but cleared for you: every function that
+//! can fail (all but `tessera_last_error`, `tessera_version` and the
+//! name and count functions) clears this thread's last error when it
+//! starts, so that after it returns `tessera_last_error()` is "" if it
+//! succeeded and says why if not, void functions (`tessera_free`) included.
 
 use crate::allocator;
 use crate::error::Error;
@@ -24,17 +30,47 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 #[allow(non_camel_case_types)]
 pub type cudaStream_t = *mut c_void;
 
+/// Bytes of the last error message kept, its NUL included; longer ones end
+/// in "...".
+const LAST_ERROR_BYTES: usize = 4096;
+
+/// This thread's last error, NUL-terminated. A plain array: no destructor,
+/// so no thread-exit hook that would pin the library in memory (dlclose).
+struct LastError([u8; LAST_ERROR_BYTES]);
+
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    static LAST_ERROR: RefCell<LastError> = const { RefCell::new(LastError([0; LAST_ERROR_BYTES])) };
 }
 
 fn set_last_error(message: &str) {
-    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    LAST_ERROR.with(|e| {
+        let buf = &mut e.borrow_mut().0;
+        let mut n = message.len().min(LAST_ERROR_BYTES - 1);
+        if n < message.len() {
+            n = (0..=n - 3).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+            buf[n..n + 3].copy_from_slice(b"...");
+            buf[..n].copy_from_slice(&message.as_bytes()[..n]);
+            n += 3;
+        } else {
+            buf[..n].copy_from_slice(&message.as_bytes()[..n]);
+        }
+        for b in &mut buf[..n] {
+            if *b == 0 {
+                *b = b' ';
+            }
+        }
+        buf[n] = 0;
+    });
+}
+
+fn clear_last_error() {
+    LAST_ERROR.with(|e| e.borrow_mut().0[0] = 0);
 }
 
 /// Runs `f`, turning an error or a panic into `fallback` plus a message.
+/// Clears the last error first (see the module doc).
 fn guarded<T>(what: &str, fallback: T, f: impl FnOnce() -> Result<T, Error>) -> T {
+    clear_last_error();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -61,8 +97,8 @@ fn guarded<T>(what: &str, fallback: T, f: impl FnOnce() -> Result<T, Error>) -> 
 }
 
 fn check_size(size: libc::ssize_t, device: c_int) -> Result<u64, Error> {
-    // Sizes above 2^62 cannot be served by any device and would overflow rounding.
-    if size < 0 || size as u64 > 1 << 62 {
+    // Sizes above 2^62 the allocator refuses (and counts) itself.
+    if size < 0 {
         if let Ok(a) = allocator::global() {
             a.count_invalid_request(device);
         }
@@ -121,8 +157,11 @@ pub extern "C" fn tessera_free(ptr: *mut c_void, size: libc::ssize_t, device: c_
         if ptr.is_null() {
             return Ok(());
         }
-        let size = u64::try_from(size).ok();
-        allocator::global()?.free(ptr as u64, size, device, Some(stream as u64))
+        let a = allocator::global()?;
+        match u64::try_from(size) {
+            Ok(size) => a.free(ptr as u64, Some(size), device, Some(stream as u64)),
+            Err(_) => a.free_negative_size(ptr as u64, size as i64, device, Some(stream as u64)),
+        }
     })
 }
 
@@ -184,7 +223,7 @@ pub unsafe extern "C" fn tessera_configure(conf: *const c_char) -> i32 {
 /// backend can start. Returns 0, or -1 with a message.
 #[unsafe(no_mangle)]
 pub extern "C" fn tessera_check_config() -> i32 {
-    guarded("check_config", -1, || allocator::active_config().map(|_| 0))
+    guarded("check_config", -1, || allocator::check_config().map(|_| 0))
 }
 
 /// Copies the statistics of `device` into `*out`. Returns 0, or -1 with a
@@ -400,11 +439,12 @@ pub extern "C" fn tessera_counter_name(i: i32) -> *const c_char {
     usize::try_from(i).ok().and_then(|i| names.get(i)).map_or(std::ptr::null(), |n| n.as_ptr())
 }
 
-/// The last error message of this thread ("" if none). Valid until the next
-/// tessera call on this thread.
+/// Why this thread's last call that can fail failed, or "" if it succeeded
+/// (each such call clears it when it starts). Valid until the next tessera
+/// call on this thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn tessera_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR.with(|e| e.borrow().0.as_ptr() as *const c_char)
 }
 
 /// The library's version ("0.1.0").

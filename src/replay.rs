@@ -47,10 +47,10 @@ pub fn peak_live_bytes(events: &[Event]) -> u64 {
         match e.action {
             Action::Alloc => {
                 sizes.insert(e.addr, e.size);
-                live += e.size;
+                live = live.saturating_add(e.size);
                 peak = peak.max(live);
             }
-            Action::Free => live -= sizes.remove(&e.addr).unwrap_or(0),
+            Action::Free => live = live.saturating_sub(sizes.remove(&e.addr).unwrap_or(0)),
         }
     }
     peak
@@ -109,10 +109,13 @@ pub fn replay_with_timeline(
             sample(s);
         }
         match e.action {
-            Action::Alloc => live += e.size,
+            Action::Alloc => live = live.saturating_add(e.size),
             Action::Free => live = live.saturating_sub(e.size),
         }
         match e.action {
+            Action::Alloc if addrs.contains_key(&e.addr) => {
+                return Err(format!("event {i}: address {} allocated again while live (no free between)", e.addr));
+            }
             Action::Alloc => match alloc.malloc(e.size, 0, e.stream) {
                 Ok(p) => {
                     addrs.insert(e.addr, p);

@@ -5,6 +5,7 @@
 //! replays on the sim.
 #![forbid(unsafe_code)]
 
+use crate::error::quoted;
 use std::io::{BufRead, BufReader, Read};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,17 +22,33 @@ pub struct Event {
     pub stream: u64,
 }
 
+/// The longest line a trace may have (a line of four numbers takes under
+/// 100 bytes; the rest is room for comments). Longer ones are an error,
+/// read no further than this: a hostile file cannot make a line take memory.
+pub const MAX_LINE_BYTES: usize = 4096;
+
 /// Parses a whole trace. Errors name the line.
 pub fn parse(reader: impl Read) -> Result<Vec<Event>, String> {
     let mut events = Vec::new();
-    for (i, line) in BufReader::new(reader).lines().enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
+    let mut reader = BufReader::new(reader);
+    let mut raw = Vec::new();
+    for i in 0.. {
+        raw.clear();
+        let read = (&mut reader).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut raw);
+        let n = read.map_err(|e| format!("line {}: {e}", i + 1))?;
+        if n == 0 {
+            break;
+        }
+        if raw.len() > MAX_LINE_BYTES {
+            return Err(format!("line {}: longer than {MAX_LINE_BYTES} bytes", i + 1));
+        }
+        let line = std::str::from_utf8(&raw).map_err(|_| format!("line {}: not text (UTF-8)", i + 1))?;
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let bad = || format!("line {}: expected 'a|f ADDR SIZE STREAM', got '{line}'", i + 1);
+        let bad = || format!("line {}: expected 'a|f ADDR SIZE STREAM', got {}", i + 1, quoted(line));
         if fields.len() != 4 {
             return Err(bad());
         }
@@ -100,5 +117,12 @@ mod tests {
         assert_eq!(parse(&out[..]).unwrap(), ev);
         assert!(parse("x 1 2 3".as_bytes()).unwrap_err().contains("line 1"));
         assert!(parse("a 1 2".as_bytes()).is_err());
+        // A hostile line: refused after MAX_LINE_BYTES, never echoed whole.
+        let long = format!("a {}\n", "9".repeat(10 * MAX_LINE_BYTES));
+        let e = parse(long.as_bytes()).unwrap_err();
+        assert!(e.contains("longer than") && e.len() < 100, "{e}");
+        let wide = format!("a 1 2 {}\n", "x".repeat(1000));
+        let e = parse(wide.as_bytes()).unwrap_err();
+        assert!(e.contains("1006 bytes") && e.len() < 200, "{e}");
     }
 }

@@ -148,15 +148,22 @@ fn an_oom_callback_may_allocate_and_register_without_deadlock() {
     let weak = Arc::downgrade(&a);
     let depth = Arc::new(AtomicU64::new(0));
     let d = depth.clone();
+    let inner = Arc::new(std::sync::Mutex::new(None));
+    let inner_result = inner.clone();
     a.on_oom(Box::new(move |_, _| {
         let a = weak.upgrade().unwrap();
-        if d.fetch_add(1, Ordering::SeqCst) == 0 {
-            // Allocating from a callback runs the callbacks again (depth 2),
-            // and registering from one must not deadlock either.
-            let _ = a.malloc(64 * MIB, 0, 0);
-            a.on_oom(Box::new(|_, _| {}));
-        }
+        d.fetch_add(1, Ordering::SeqCst);
+        // An allocation inside the callback that runs out of memory fails
+        // with its own error: the callbacks do not run inside themselves.
+        // Registering from one must not deadlock either.
+        *inner_result.lock().unwrap() = Some(a.malloc(64 * MIB, 0, 0).map_err(|e| e.to_string()));
+        a.on_oom(Box::new(|_, _| {}));
     }));
+    assert!(a.malloc(64 * MIB, 0, 0).is_err());
+    assert_eq!(depth.load(Ordering::SeqCst), 1, "the callback ran inside itself");
+    let inner = inner.lock().unwrap().clone().expect("the callback allocated");
+    assert!(inner.unwrap_err().starts_with("CUDA out of memory"));
+    // Outside a callback they run again, the one registered inside too.
     assert!(a.malloc(64 * MIB, 0, 0).is_err());
     assert_eq!(depth.load(Ordering::SeqCst), 2);
     check(&a, 0);

@@ -543,3 +543,22 @@ fn under_pressure_blocks_waiting_for_other_streams_are_waited_for() {
     a.free(q, None, 0, Some(1)).unwrap();
     check(&a, 0);
 }
+
+#[test]
+fn sizes_that_cannot_round_safely_are_refused_at_every_entry() {
+    let (a, _) = sim("");
+    let first = a.malloc(4096, 0, 0).unwrap();
+    for size in [u64::MAX, u64::MAX - 511, u64::MAX - 4096, (1 << 62) + 1] {
+        let e = a.malloc(size, 0, 0).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("absurd"), "{size}: {e}");
+        let e = a.with_pool(0, |p| p.malloc(size, 0)).unwrap_err();
+        assert!(e.to_string().contains("absurd"), "the pool's own entry, {size}: {e}");
+    }
+    assert_eq!(counter(&a, C::InvalidRequests), 8);
+    // Nothing changed: no 0-byte block at the next address.
+    assert_eq!(gauge(&a, G::ActiveBlocks), 1);
+    let next = a.malloc(4096, 0, 0).unwrap();
+    assert_ne!(next, first);
+    assert_eq!(gauge(&a, G::AllocatedBytes), 8192);
+    check(&a, 0);
+}

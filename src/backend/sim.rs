@@ -11,7 +11,7 @@ use super::{Backend, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const GRANULARITY: u64 = 4096;
 
@@ -53,8 +53,8 @@ pub struct SimBackend {
     capacity_bytes: u64,
     devices: Vec<Mutex<SimDevice>>,
     held: AtomicBool,
-    /// The stream that captures a graph, plus one (0: none).
-    capturing: AtomicU64,
+    /// The stream that captures a graph, if any (every stream value is one).
+    capturing: Mutex<Option<u64>>,
 }
 
 impl SimBackend {
@@ -62,7 +62,7 @@ impl SimBackend {
         let devices = (0..device_count)
             .map(|d| Mutex::new(SimDevice { next_va: 0x7e00_0000_0000 + ((d as u64) << 44), ..Default::default() }))
             .collect();
-        SimBackend { capacity_bytes, devices, held: AtomicBool::new(false), capturing: AtomicU64::new(0) }
+        SimBackend { capacity_bytes, devices, held: AtomicBool::new(false), capturing: Mutex::new(None) }
     }
 
     /// While held, no event completes: the simulated device is still busy.
@@ -72,7 +72,7 @@ impl SimBackend {
 
     /// Marks `stream` as capturing a graph (None: no stream captures).
     pub fn set_capturing(&self, stream: Option<u64>) {
-        self.capturing.store(stream.map_or(0, |s| s.wrapping_add(1)), Ordering::SeqCst);
+        *self.capturing.lock().unwrap_or_else(|p| p.into_inner()) = stream;
     }
 
     /// `(live handles, live events, mapped bytes)`, for leak checks.
@@ -189,9 +189,9 @@ impl Backend for SimBackend {
         Ok(!self.held.load(Ordering::SeqCst))
     }
     fn capture_id(&self, _device: i32, stream: u64) -> Result<Option<u64>> {
-        let capturing = self.capturing.load(Ordering::SeqCst);
-        // The capture's id is the capturing stream plus one, plus a base.
-        Ok((capturing == stream.wrapping_add(1)).then_some(1000 + capturing))
+        let capturing = *self.capturing.lock().unwrap_or_else(|p| p.into_inner());
+        // The capture's id: the capturing stream, plus a base (never 0).
+        Ok((capturing == Some(stream)).then_some(1001u64.wrapping_add(stream).max(1)))
     }
     fn event_synchronize(&self, _device: i32, _event: EventId) -> Result<()> {
         // Waiting for the simulated device: held events complete now.

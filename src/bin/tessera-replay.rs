@@ -5,6 +5,7 @@
 //!   tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES] [--timeline N] [--map]
 
 use tessera::config::{Bytes, Config, OptionValue};
+use std::io::Write;
 use tessera::replay;
 
 const USAGE: &str = "usage: tessera-replay TRACE [--conf STRING] [--frontier] [--capacity BYTES] [--timeline N] [--map]
@@ -18,8 +19,10 @@ const USAGE: &str = "usage: tessera-replay TRACE [--conf STRING] [--frontier] [-
                   --capacity): one line per segment, its blocks as STATE:SIZE@STREAM";
 
 fn main() {
-    match run(std::env::args().skip(1).collect()) {
-        Ok(line) => println!("{line}"),
+    let mut out = std::io::stdout().lock();
+    match run(std::env::args().skip(1).collect(), &mut out) {
+        Ok(Done::Report(line)) => print_or_quit(&mut out, &line),
+        Ok(Done::Help) => print_or_quit(&mut out, USAGE),
         Err(e) => {
             eprintln!("tessera-replay: {e}\n{USAGE}");
             std::process::exit(2);
@@ -27,7 +30,21 @@ fn main() {
     }
 }
 
-fn run(args: Vec<String>) -> Result<String, String> {
+/// What a run printed last.
+enum Done {
+    Report(String),
+    Help,
+}
+
+/// Prints a line; a reader that went away (`| head`) ends the program
+/// quietly.
+fn print_or_quit(out: &mut impl Write, line: &str) {
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+fn run(args: Vec<String>, out: &mut impl Write) -> Result<Done, String> {
     let (mut trace, mut conf, mut frontier, mut capacity, mut timeline, mut map) = (None, None, false, None, 0usize, false);
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -43,7 +60,7 @@ fn run(args: Vec<String>) -> Result<String, String> {
                 let v = it.next().ok_or("--capacity needs a value")?;
                 capacity = Some(Bytes::parse(&v).ok_or(format!("bad --capacity '{v}'"))?.0);
             }
-            "-h" | "--help" => return Err("help".into()),
+            "-h" | "--help" => return Ok(Done::Help),
             _ if a.starts_with("--") => return Err(format!("unknown option {a}")),
             _ if trace.is_none() => trace = Some(a),
             _ => return Err(format!("unexpected argument {a}")),
@@ -56,14 +73,15 @@ fn run(args: Vec<String>) -> Result<String, String> {
     }
     .map_err(|e| e.to_string())?;
     let events = tessera::trace::read_file(std::path::Path::new(&trace))?;
-    let result = replay::replay_with_timeline(&events, &config, capacity, timeline, &mut |s| println!("{}", s.to_json()))?;
-    if map {
-        print!("{}", replay::block_map(&result, config.page_size.0));
+    let result = replay::replay_with_timeline(&events, &config, capacity, timeline, &mut |s| print_or_quit(out, &s.to_json()))?;
+    let block_map = replay::block_map(&result, config.page_size.0);
+    if map && !block_map.is_empty() {
+        print_or_quit(out, block_map.trim_end_matches('\n'));
     }
     let frontier_bytes = if frontier {
         Some(replay::frontier(&events, &config, 2 << 20)?.0)
     } else {
         None
     };
-    Ok(replay::report_json(&result, frontier_bytes, capacity))
+    Ok(Done::Report(replay::report_json(&result, frontier_bytes, capacity)))
 }

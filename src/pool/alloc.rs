@@ -5,7 +5,7 @@
 //! Invariant: a handed-out block is allocated, in `live`, counted once.
 #![forbid(unsafe_code)]
 
-use super::{round_size, round_up, ArenaKind, BlockId, DevicePool, HistoryAction, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
+use super::{check_request, round_size, round_up, ArenaKind, BlockId, DevicePool, HistoryAction, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
 use crate::error::{Error, OomInfo, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 
@@ -13,6 +13,10 @@ impl DevicePool {
     /// Allocates `size` bytes for `stream`. Size 0 is the caller's business
     /// (the C ABI returns NULL for it, as PyTorch's own allocator does).
     pub fn malloc(&mut self, size: u64, stream: u64) -> Result<u64> {
+        if let Err(e) = check_request(size) {
+            self.stats.bump(C::InvalidRequests, 1);
+            return Err(e);
+        }
         self.malloc_inner(size, stream).map_err(|e| self.driver_error(e))
     }
 

@@ -176,7 +176,21 @@ pub(crate) fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
-/// PyTorch's rounding: at least 512 bytes, a multiple of 512.
+/// The largest request: 4 EiB, more than any device, and far enough from
+/// 2^64 that every rounding of it (to blocks, granules, handles) is exact.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 62;
+
+/// `size` if a request may ask for it, else the error every entry point
+/// gives (the caller counts it).
+pub fn check_request(size: u64) -> Result<u64> {
+    if size > MAX_REQUEST_BYTES {
+        return Err(Error::InvalidArgument(format!("allocation size {size} is negative or absurd (over 2^62 bytes)")));
+    }
+    Ok(size)
+}
+
+/// PyTorch's rounding: at least 512 bytes, a multiple of 512 (sizes past
+/// `MAX_REQUEST_BYTES` are refused before they are rounded).
 pub fn round_size(size: u64) -> u64 {
     round_up(size.max(1), MIN_BLOCK_BYTES)
 }

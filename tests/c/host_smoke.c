@@ -15,6 +15,15 @@ static void on_oom(int device, uint64_t size, void *user_data) {
     ++*(int *)user_data;
 }
 
+/* An OOM callback that allocates: its allocation, out of memory too, must
+ * fail with its own error (no callback runs inside a callback). */
+static int inner_failed_cleanly = -1;
+static void on_oom_allocate(int device, uint64_t size, void *user_data) {
+    (void)device; (void)user_data;
+    void *p = tessera_try_malloc((ssize_t)size, 0, NULL);
+    inner_failed_cleanly = p == NULL && strncmp(tessera_last_error(), "CUDA out of memory", 18) == 0;
+}
+
 static int find(const char *(*name)(int32_t), int32_t count, const char *wanted) {
     for (int32_t i = 0; i < count; i++)
         if (name(i) && strcmp(name(i), wanted) == 0) return i;
@@ -67,18 +76,30 @@ int main(void) {
     /* Bad input: reported and counted, never fatal. */
     tessera_free(ptrs[0], 1, 0, NULL); /* double free */
     CHECK(strstr(tessera_last_error(), "not a live tessera allocation") != NULL, "%s", tessera_last_error());
+    /* The last error is this call's: a call that succeeds clears it, void ones too. */
+    void *ok = tessera_try_malloc(4096, 0, NULL);
+    CHECK(ok != NULL && tessera_last_error()[0] == 0, "a successful malloc left '%s'", tessera_last_error());
+    tessera_free(ok, -4096, 0, NULL); /* a negative size: freed as allocated, reported, counted */
+    CHECK(strstr(tessera_last_error(), "negative size") != NULL, "negative size: '%s'", tessera_last_error());
+    CHECK(tessera_get_stats(0, &s) == 0 && s.counters[TESSERA_COUNTER_MISMATCHED_FREES] == 1, "negative size not counted");
+    CHECK(tessera_get_stats(0, &s) == 0 && s.gauges[alloc].current == 0, "the negatively sized free did not free");
+    tessera_free(ptrs[1], 1, 0, NULL); /* double free again: an error... */
+    tessera_empty_cache();               /* ...that the next call, which succeeds, clears */
+    CHECK(tessera_last_error()[0] == 0, "empty_cache left '%s'", tessera_last_error());
     CHECK(tessera_try_malloc(-5, 0, NULL) == NULL, "negative size served");
     CHECK(tessera_try_malloc(100, 9, NULL) == NULL, "device 9 served");
     int oom_calls = 0;
     CHECK(tessera_register_oom_callback(NULL, NULL) == -1, "a NULL callback accepted");
     CHECK(tessera_register_oom_callback(on_oom, &oom_calls) == 0, "%s", tessera_last_error());
+    CHECK(tessera_register_oom_callback(on_oom_allocate, NULL) == 0, "%s", tessera_last_error());
     CHECK(tessera_try_malloc(1LL << 40, 0, NULL) == NULL, "1 TiB served on a 64 MiB device");
     CHECK(oom_calls == 1 && oom_asked == 1ULL << 40, "OOM callback ran %d times for %llu bytes", oom_calls,
           (unsigned long long)oom_asked);
+    CHECK(inner_failed_cleanly == 1, "the allocation inside the OOM callback: %d", inner_failed_cleanly);
     CHECK(strncmp(tessera_last_error(), "CUDA out of memory. Tried to allocate", 37) == 0, "%s", tessera_last_error());
     CHECK(tessera_try_malloc(0, 0, NULL) == NULL, "size 0 gives NULL");
     CHECK(tessera_get_stats(0, NULL) == -1, "NULL stats accepted");
-    CHECK(tessera_get_stats(0, &s) == 0 && s.counters[invalid] == 1, "invalid_frees not counted");
+    CHECK(tessera_get_stats(0, &s) == 0 && s.counters[invalid] == 2, "invalid_frees not counted");
     tessera_empty_cache();
     CHECK(tessera_get_stats(0, &s) == 0 && s.gauges[TESSERA_GAUGE_RESERVED_BYTES].current == 0, "reserved after empty_cache");
     printf("C ABI OK\n");

@@ -8,6 +8,12 @@
 
 int main(void) {
     void *cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    /* The check says whether the backend can start, before any allocation. */
+    int checked = tessera_check_config();
+    if (cuda == NULL && (checked != -1 || strstr(tessera_last_error(), "libcuda.so was not found") == NULL)) {
+        printf("FAIL: check_config said %d (%s) with no driver\n", checked, tessera_last_error());
+        return 5;
+    }
     void *p = tessera_try_malloc(1 << 20, 0, NULL);
     if (cuda == NULL) {
         if (p != NULL) { puts("FAIL: allocated with no driver"); return 1; }

@@ -284,7 +284,9 @@ pub fn status_line(a: &Allocator) -> String {
 }
 
 static PENDING_CONF: Mutex<Option<String>> = Mutex::new(None);
-static GLOBAL: OnceLock<std::result::Result<Allocator, Error>> = OnceLock::new();
+/// The global allocator, leaked from a Box so that `on_unload` can give its
+/// memory back.
+static GLOBAL: OnceLock<std::result::Result<&'static Allocator, Error>> = OnceLock::new();
 
 /// Sets the configuration string before the first allocation; it takes the
 /// place of `TESSERA_CONF`. An invalid string is an error at once.
@@ -313,10 +315,59 @@ pub fn active_config() -> Result<Config> {
 /// allocator exists, whether it started.
 pub fn check_config() -> Result<()> {
     if let Some(started) = GLOBAL.get() {
-        return started.as_ref().map(|_| ()).map_err(Clone::clone);
+        return started.clone().map(|_| ());
     }
     backend::create(&active_config()?).map(|_| ())
 }
+
+/// Set at process exit (an atexit handler runs before the libraries'
+/// destructors), when `on_unload` must leave everything as it is: the
+/// process and its memory go at once, and other code may still free.
+static EXITING: AtomicBool = AtomicBool::new(false);
+/// Set once the library is being unloaded: every later call is refused.
+static UNLOADED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_exiting() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+/// The library's destructor: runs at dlclose, and at process exit after
+/// `mark_exiting`. At dlclose it stops the status thread and gives back
+/// what each device holds (see `Device::shutdown`): cached memory, handles
+/// and address space; blocks still live stay mapped, and it says so.
+extern "C" fn on_unload() {
+    if EXITING.load(Ordering::SeqCst) {
+        return;
+    }
+    let _ = std::panic::catch_unwind(|| {
+        UNLOADED.store(true, Ordering::SeqCst);
+        crate::status::stop();
+        lock(&PENDING_CONF).take();
+        let Some(Ok(a)) = GLOBAL.get() else { return };
+        for (d, dev) in a.devices.iter().enumerate() {
+            let (blocks, bytes) = dev.shutdown();
+            if blocks > 0 {
+                eprintln!(
+                    "tessera: unloaded with {blocks} blocks ({}) still live on device {d}; their memory stays mapped",
+                    crate::error::format_bytes(bytes)
+                );
+            }
+        }
+        // SAFETY: `a` came from Box::leak in `global`; UNLOADED (set above)
+        // refuses every later call, and no call may run while the library
+        // is being unloaded (its code is about to go). Dropping it frees
+        // the bookkeeping; live blocks' memory stays mapped (a pool with
+        // live blocks does not unmap them when dropped).
+        drop(unsafe { Box::from_raw(*a as *const Allocator as *mut Allocator) });
+    });
+}
+
+// SAFETY: `.fini_array` holds pointers to functions the loader calls with no
+// arguments when the library is unloaded or the process exits; `on_unload`
+// is such a function and catches every panic.
+#[used]
+#[unsafe(link_section = ".fini_array")]
+static ON_UNLOAD: extern "C" fn() = on_unload;
 
 /// Set in a child process forked after tessera started: the CUDA driver
 /// cannot be used there, and neither can the parent's mappings.
@@ -330,6 +381,9 @@ extern "C" fn mark_forked_child() {
 /// missing driver is an error for every call, with the same message; so is
 /// any use from a child forked after tessera started, as with PyTorch.
 pub fn global() -> Result<&'static Allocator> {
+    if UNLOADED.load(Ordering::Relaxed) {
+        return Err(Error::InvalidArgument("tessera is being unloaded".into()));
+    }
     if FORKED.load(Ordering::Relaxed) {
         return Err(Error::InvalidArgument(
             "Cannot use tessera (CUDA) in a process forked after it started: the driver does not survive \
@@ -340,9 +394,12 @@ pub fn global() -> Result<&'static Allocator> {
     GLOBAL
         .get_or_init(|| {
             crate::log::init();
-            let allocator = Allocator::new(active_config()?)?;
-            // SAFETY: registers a handler that only stores to an atomic.
-            unsafe { libc::pthread_atfork(None, None, Some(mark_forked_child)) };
+            let allocator: &'static Allocator = Box::leak(Box::new(Allocator::new(active_config()?)?));
+            // SAFETY: both register handlers that only store to an atomic.
+            unsafe {
+                libc::pthread_atfork(None, None, Some(mark_forked_child));
+                libc::atexit(mark_exiting);
+            }
             if allocator.config.status_interval.0 > 0 {
                 crate::status::spawn(allocator.config.status_interval.0, || match GLOBAL.get() {
                     Some(Ok(a)) => Some(status_line(a)),
@@ -351,6 +408,5 @@ pub fn global() -> Result<&'static Allocator> {
             }
             Ok(allocator)
         })
-        .as_ref()
-        .map_err(Clone::clone)
+        .clone()
 }

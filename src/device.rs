@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::Front;
 use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent};
-use crate::stats::{TesseraCounter as C, TesseraStats};
+use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Locks, ignoring poison: a panic while a lock was held is a bug that the
@@ -321,6 +321,26 @@ impl Device {
             front.merge(pool);
             f(pool)
         })
+    }
+
+    /// The library is being unloaded: the fronts stop and give everything
+    /// back, cached memory goes back to the driver, and a pool with nothing
+    /// live is dropped, which releases its handles and address space.
+    /// Returns the blocks and bytes still live, which stay mapped.
+    pub fn shutdown(&self) -> (u64, u64) {
+        let mut slot = lock(&self.slot);
+        let Some(pool) = slot.pool.as_mut() else { return (0, 0) };
+        self.front.disable(Some(pool));
+        if let Err(e) = pool.release_cached() {
+            tracing::warn!("tessera: releasing device {}'s cache at unload failed: {e}", self.index);
+        }
+        let s = pool.stats();
+        let blocks = (s.gauge(G::ActiveBlocks).current + s.gauge(G::PendingFreeBlocks).current) as u64;
+        let bytes = (s.gauge(G::AllocatedBytes).current + s.gauge(G::PendingFreeBytes).current) as u64;
+        if blocks == 0 {
+            slot.pool = None;
+        }
+        (blocks, bytes)
     }
 
     /// Checks the fronts' invariants and the pool's (panics on the first

@@ -76,6 +76,32 @@ fn a_forked_child_gets_a_clear_error() {
 }
 
 #[test]
+fn unloading_gives_everything_back_and_exit_leaves_it_alone() {
+    // 1,000 dlopen/dlclose cycles with allocations between: flat address
+    // space, RSS and descriptors (the program checks and prints them).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = lib_dir().join("libtessera.so");
+    let exe = std::env::temp_dir().join(format!("tessera_unload_{}", std::process::id()));
+    let status = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-O1"])
+        .arg(root.join("tests/c/unload_cycles.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let run = Command::new(&exe).arg(&lib).arg("1000").env_remove("TESSERA_CONF").output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success() && stdout.contains("UNLOAD OK"), "{:?}\n{stdout}\n{stderr}", run.status);
+    println!("{stdout}");
+    // Said once: at the unload with a live block; not at exit.
+    let said: Vec<&str> = stderr.lines().filter(|l| l.contains("still live")).collect();
+    assert_eq!(said, ["tessera: unloaded with 1 blocks (64.00 KiB) still live on device 0; their memory stays mapped"], "{stderr}");
+    let _ = std::fs::remove_file(exe);
+}
+
+#[test]
 fn committed_header_matches_the_source() {
     // build.rs rewrites include/tessera.h when the source changes: a header
     // that differs from git's copy means it was not committed.

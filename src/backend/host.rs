@@ -1,20 +1,79 @@
-//! Host backend (Linux): a reservation is an anonymous `PROT_NONE` mapping,
-//! a handle is a memfd of the handle's size, and mapping a granule run is
-//! `mmap(MAP_FIXED | MAP_SHARED)` of the memfd at an offset. The memory is
-//! real, so tests write and read every allocated byte, and a run mapped at
-//! two places shows overlap as shared bytes. Streams are synchronous here:
-//! events complete at once.
+//! Host backend (Linux): a reservation is an anonymous `PROT_NONE` mapping;
+//! each device has one memfd, and a handle is a range of it (freed ranges
+//! are reused; released memory is punched out of the file), so handles cost
+//! no file descriptor each; mapping a handle is `mmap(MAP_FIXED |
+//! MAP_SHARED)` of its range. The memory is real, so tests write and read
+//! every allocated byte, and a run mapped at two places shows overlap as
+//! shared bytes. Streams are synchronous here: events complete at once.
+//! Invariants: the handles' ranges never overlap; free ranges are
+//! coalesced; `used_bytes` is the sum of the handles' sizes.
 
 use super::{Backend, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[derive(Default)]
 struct HostDevice {
     used_bytes: u64,
-    /// Handle id (the memfd) -> size in bytes.
-    handles: HashMap<HandleId, u64>,
+    /// The device's memfd (-1 before the first handle) and its size.
+    fd: i32,
+    file_bytes: u64,
+    /// Handle id -> (offset in the file, size in bytes).
+    handles: HashMap<HandleId, (u64, u64)>,
+    /// Ranges of the file no handle holds: offset -> size.
+    free: BTreeMap<u64, u64>,
+    next_id: HandleId,
+}
+
+impl HostDevice {
+    /// A range of `size` bytes of the file: the smallest free one that
+    /// fits, else new bytes at its end.
+    fn take_range(&mut self, size: u64) -> Result<u64> {
+        if self.fd < 0 {
+            // SAFETY: the name is a valid NUL-terminated string.
+            let fd = unsafe { libc::memfd_create(c"tessera".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(os_error("memfd_create"));
+            }
+            self.fd = fd;
+        }
+        let fit = self.free.iter().filter(|&(_, &n)| n >= size).min_by_key(|&(&at, &n)| (n, at)).map(|(&at, &n)| (at, n));
+        if let Some((at, n)) = fit {
+            self.free.remove(&at);
+            if n > size {
+                self.free.insert(at + size, n - size);
+            }
+            return Ok(at);
+        }
+        let at = self.file_bytes;
+        // SAFETY: fd is this device's memfd; growing it allocates nothing.
+        if unsafe { libc::ftruncate(self.fd, (at + size) as libc::off_t) } != 0 {
+            return Err(os_error("ftruncate"));
+        }
+        self.file_bytes = at + size;
+        Ok(at)
+    }
+
+    /// Gives `[at, at + size)` back: its memory is punched out of the file
+    /// and the range joins its free neighbours.
+    fn give_range(&mut self, mut at: u64, mut size: u64) {
+        // SAFETY: fd is this device's memfd; the range is one no handle holds now.
+        unsafe {
+            libc::fallocate(self.fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at as libc::off_t, size as libc::off_t);
+        }
+        if let Some((&before, &n)) = self.free.range(..at).next_back()
+            && before + n == at
+        {
+            self.free.remove(&before);
+            at = before;
+            size += n;
+        }
+        if let Some(n) = self.free.remove(&(at + size)) {
+            size += n;
+        }
+        self.free.insert(at, size);
+    }
 }
 
 pub struct HostBackend {
@@ -35,7 +94,7 @@ impl HostBackend {
         HostBackend {
             capacity_bytes,
             page_bytes: page,
-            devices: (0..device_count).map(|_| Mutex::new(HostDevice::default())).collect(),
+            devices: (0..device_count).map(|_| Mutex::new(HostDevice { fd: -1, ..HostDevice::default() })).collect(),
         }
     }
 
@@ -50,6 +109,19 @@ impl HostBackend {
     /// Live handles, for leak checks in tests.
     pub fn live_handles(&self, device: i32) -> usize {
         self.dev(device).map(|d| d.handles.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for HostBackend {
+    /// Closes the devices' memfds (what is still mapped keeps its memory).
+    fn drop(&mut self) {
+        for d in &self.devices {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            if d.fd >= 0 {
+                // SAFETY: the memfd is this backend's and used by nothing after it.
+                unsafe { libc::close(d.fd) };
+            }
+        }
     }
 }
 
@@ -110,50 +182,41 @@ impl Backend for HostBackend {
         if d.used_bytes + size_bytes > self.capacity_bytes {
             return Err(Error::OutOfMemory(Box::new(OomInfo { device, requested_bytes: size_bytes, ..Default::default() })));
         }
-        // SAFETY: the name is a valid NUL-terminated string.
-        let fd = unsafe { libc::memfd_create(c"tessera".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(os_error("memfd_create"));
-        }
-        // SAFETY: fd is the memfd just created and owned here.
-        if unsafe { libc::ftruncate(fd, size_bytes as libc::off_t) } != 0 {
-            let e = os_error("ftruncate");
-            // SAFETY: fd is ours and not used after this.
-            unsafe { libc::close(fd) };
-            return Err(e);
-        }
+        let at = d.take_range(size_bytes)?;
         d.used_bytes += size_bytes;
-        d.handles.insert(fd as HandleId, size_bytes);
-        Ok(fd as HandleId)
+        d.next_id += 1;
+        let id = d.next_id;
+        d.handles.insert(id, (at, size_bytes));
+        Ok(id)
     }
     fn release(&self, device: i32, handle: HandleId) -> Result<()> {
         let mut d = self.dev(device)?;
-        let size = d.handles.remove(&handle).ok_or_else(|| Error::Driver {
-            call: "close(handle)",
+        let (at, size) = d.handles.remove(&handle).ok_or_else(|| Error::Driver {
+            call: "release(handle)",
             code: libc::EBADF as i64,
             message: format!("unknown handle {handle}"),
         })?;
         d.used_bytes -= size;
-        // SAFETY: the fd was created by `create` and is closed once, here.
-        unsafe { libc::close(handle as i32) };
+        d.give_range(at, size);
         Ok(())
     }
     fn map(&self, device: i32, va: u64, size_bytes: u64, handle: HandleId) -> Result<()> {
-        match self.dev(device)?.handles.get(&handle) {
-            Some(&hsize) if size_bytes == hsize => {}
+        let d = self.dev(device)?;
+        let at = match d.handles.get(&handle) {
+            Some(&(at, hsize)) if size_bytes == hsize => at,
             _ => return Err(Error::Driver { call: "mmap(map)", code: libc::EINVAL as i64, message: "bad handle or range".into() }),
-        }
+        };
         // SAFETY: [va, va+size) lies in one of our reservations and is
         // currently unmapped (the pool's invariant), so MAP_FIXED replaces
-        // only our own PROT_NONE placeholder.
+        // only our own PROT_NONE placeholder; the file range is the handle's.
         let p = unsafe {
             libc::mmap(
                 va as *mut libc::c_void,
                 size_bytes as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED,
-                handle as i32,
-                0,
+                d.fd,
+                at as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {

@@ -326,6 +326,16 @@ int32_t tessera_cache_info(int device, uint64_t *largest_cached_bytes);
 int64_t tessera_status_line(int device, char *buf, uintptr_t len);
 
 /*
+ Writes the warnings of the configuration in force (or to be), one a
+ line, into `buf` if `len` bytes suffice: PyTorch's keys it accepted that
+ mean nothing to tessera, each with why ("" if none). Returns the bytes
+ needed (call with NULL, 0 to ask), or -1 (a bad configuration).
+ # Safety
+ `buf` is NULL or points to `len` writable bytes.
+ */
+int64_t tessera_config_warnings(char *buf, uintptr_t len);
+
+/*
  Writes every device's memory as JSON in the shape of
  `torch.cuda.memory._snapshot()` (`segments` with their `blocks`, and
  `device_traces` when history is recorded) into `buf` if `len` bytes

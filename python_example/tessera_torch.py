@@ -37,7 +37,7 @@ import traceback
 __all__ = [
     "release_graph_memory",
     "find_library", "load", "install", "stats", "reset_peak_stats",
-    "empty_cache", "version", "configure", "check_config", "last_error",
+    "empty_cache", "version", "configure", "check_config", "config_warnings", "last_error",
     "memory_stats", "memory_allocated", "max_memory_allocated", "memory_reserved",
     "max_memory_reserved", "reset_peak_memory_stats", "memory_summary",
     "snapshot", "dump_snapshot", "record_memory_history", "history_trace", "dump_history_trace",
@@ -137,6 +137,7 @@ def _declare(lib):
         "tessera_options_json": (i64, [vp, usize]),
         "tessera_cache_info": (c_i32, [c_int, ctypes.POINTER(ctypes.c_uint64)]),
         "tessera_status_line": (i64, [c_int, vp, usize]),
+        "tessera_config_warnings": (i64, [vp, usize]),
     }
     for name, (restype, argtypes) in more.items():
         fn = getattr(lib, name)
@@ -184,6 +185,13 @@ def _fn_ptr(lib, name):
     return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
 
 
+def config_warnings():
+    """The warnings of the configuration in force: PyTorch's keys (from a pasted
+    PYTORCH_CUDA_ALLOC_CONF) that tessera accepted but that do not apply, each with why."""
+    text = _read_text(load().tessera_config_warnings)
+    return text.splitlines() if text else []
+
+
 def install(lib_path=None, conf=None):
     """Make tessera PyTorch's CUDA allocator. Call before anything initialises CUDA.
 
@@ -197,6 +205,8 @@ def install(lib_path=None, conf=None):
     if conf is not None:
         configure(conf)
     check_config()
+    for warning in config_warnings():  # PyTorch's keys pasted in that do not apply
+        print(warning, file=sys.stderr)
 
     import torch  # lazily: the rest of the module works without torch
 

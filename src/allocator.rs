@@ -304,9 +304,15 @@ pub fn active_config() -> Result<Config> {
     if let Some(Ok(a)) = GLOBAL.get() {
         return Ok(a.config().clone());
     }
-    match lock(&PENDING_CONF).as_deref() {
-        Some(text) => Config::parse(text),
-        None => Config::from_env(),
+    active_config_with_warnings().map(|(config, _)| config)
+}
+
+/// The configuration given (to `configure`, else in `TESSERA_CONF`) and its
+/// warnings: PyTorch's keys that do not apply (see `config::PYTORCH_KEYS`).
+pub fn active_config_with_warnings() -> Result<(Config, Vec<String>)> {
+    match lock(&PENDING_CONF).clone() {
+        Some(text) => Config::parse_with_warnings(&text),
+        None => Config::env_text()?.map_or_else(|| Ok((Config::default(), Vec::new())), |t| Config::parse_with_warnings(&t)),
     }
 }
 
@@ -394,7 +400,11 @@ pub fn global() -> Result<&'static Allocator> {
     GLOBAL
         .get_or_init(|| {
             crate::log::init();
-            let allocator: &'static Allocator = Box::leak(Box::new(Allocator::new(active_config()?)?));
+            let (config, warnings) = active_config_with_warnings()?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            let allocator: &'static Allocator = Box::leak(Box::new(Allocator::new(config)?));
             // SAFETY: both register handlers that only store to an atomic.
             unsafe {
                 libc::pthread_atfork(None, None, Some(mark_forked_child));

@@ -274,12 +274,61 @@ options! {
     va_size: Bytes = "1T";
 }
 
+/// The `key:value` items of a configuration string: split at commas outside
+/// brackets (PyTorch writes lists as `[256:1,512:2]`), trimmed, empty ones
+/// skipped.
+fn items(text: &str) -> impl Iterator<Item = &str> {
+    let mut depth = 0i32;
+    text.split(move |c| {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ => {}
+        }
+        c == ',' && depth <= 0
+    })
+    .map(str::trim)
+    .filter(|s| !s.is_empty())
+}
+
+/// PyTorch's own keys (`PYTORCH_CUDA_ALLOC_CONF`, PyTorch 2.11) that mean
+/// nothing to tessera, and why: a pasted PyTorch configuration works, each of
+/// these a warning. (`expandable_segments` and `garbage_collection_threshold`
+/// are tessera options too; `per_process_memory_fraction` and `backend` are
+/// translated in `Config::parse_with_warnings`.)
+pub const PYTORCH_KEYS: &[(&str, &str)] = &[
+    ("max_split_size_mb", "tessera splits every block and remaps cached memory where a request needs it, so large cached blocks do not strand memory"),
+    ("max_non_split_rounding_mb", "tessera hands out no larger unsplit block: every request is rounded to 512 bytes"),
+    ("roundup_power2_divisions", "tessera rounds requests to 512 bytes; cached memory is remapped rather than matched by size class"),
+    ("pinned_use_cuda_host_register", "it configures pinned host memory, which PyTorch's host allocator serves, not tessera"),
+    ("pinned_use_host_register", "it configures pinned host memory, which PyTorch's host allocator serves, not tessera"),
+    ("pinned_num_register_threads", "it configures pinned host memory, which PyTorch's host allocator serves, not tessera"),
+    ("pinned_reserve_segment_size_mb", "it configures pinned host memory, which PyTorch's host allocator serves, not tessera"),
+    ("pinned_use_background_threads", "it configures pinned host memory, which PyTorch's host allocator serves, not tessera"),
+    ("release_lock_on_cudamalloc", "tessera has no such switch: growth maps memory under the device's lock, which its hot path never takes"),
+    ("release_lock_on_device_malloc", "tessera has no such switch: growth maps memory under the device's lock, which its hot path never takes"),
+    ("graph_capture_record_stream_reuse", "tessera keeps a capture's memory private to it (graph_pools) and reuses none during the capture"),
+];
+
 impl Config {
     /// Parses a configuration string. Empty string: all defaults.
     pub fn parse(text: &str) -> Result<Config> {
+        Config::parse_with_warnings(text).map(|(config, _)| config)
+    }
+
+    /// As `parse`, with a warning for each of PyTorch's keys that it
+    /// accepted without their meaning (see `PYTORCH_KEYS`): a configuration
+    /// pasted from `PYTORCH_CUDA_ALLOC_CONF` works. PyTorch's
+    /// `per_process_memory_fraction` sets `memory_limit` (unless that is
+    /// given), `backend:native` and `backend:cudaMallocAsync` name PyTorch's
+    /// allocators, whose place tessera takes: `backend:cuda`. Unknown keys
+    /// that are not PyTorch's stay errors.
+    pub fn parse_with_warnings(text: &str) -> Result<(Config, Vec<String>)> {
         let mut config = Config::default();
+        let mut warnings = Vec::new();
+        let mut fraction = None;
         let mut seen: Vec<&str> = Vec::new();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for item in items(text) {
             let (key, value) = item.split_once(':').ok_or_else(|| {
                 Error::Config(format!("{} is not of the form key:value", quoted(item)))
             })?;
@@ -291,20 +340,44 @@ impl Config {
                 return Err(Error::Config(format!("duplicate key {}", quoted(key))));
             }
             seen.push(key);
-            config.set(key, value)?;
+            if let Some((_, why)) = PYTORCH_KEYS.iter().find(|(k, _)| *k == key) {
+                warnings.push(format!("tessera: PyTorch's {key} does not apply: {why}; ignored"));
+            } else if key == "per_process_memory_fraction" {
+                fraction = Some(value);
+            } else if key == "backend" && (value == "native" || value.eq_ignore_ascii_case("cudaMallocAsync")) {
+                warnings.push(format!(
+                    "tessera: backend:{value} names one of PyTorch's allocators, whose place tessera takes; running as backend:cuda"
+                ));
+                config.backend = BackendKind::Cuda;
+            } else {
+                config.set(key, value)?;
+            }
+        }
+        if let Some(value) = fraction {
+            let limit = MemoryLimit::parse(value).filter(|l| matches!(l, MemoryLimit::Fraction(_))).ok_or_else(|| {
+                Error::Config(format!("bad value {} for key 'per_process_memory_fraction': expected a fraction in (0, 1]", quoted(value)))
+            })?;
+            if seen.contains(&"memory_limit") {
+                warnings.push("tessera: per_process_memory_fraction is ignored: memory_limit is given".into());
+            } else {
+                config.memory_limit = limit;
+            }
         }
         config.validate()?;
-        Ok(config)
+        Ok((config, warnings))
     }
 
     /// Reads `TESSERA_CONF` (the one place the environment is read for it).
     pub fn from_env() -> Result<Config> {
+        Config::env_text()?.map_or_else(|| Ok(Config::default()), |text| Config::parse(&text))
+    }
+
+    /// The text of `TESSERA_CONF`, if it is set.
+    pub fn env_text() -> Result<Option<String>> {
         match std::env::var(CONF_ENV) {
-            Ok(text) => Config::parse(&text),
-            Err(std::env::VarError::NotPresent) => Ok(Config::default()),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(Error::Config(format!("{CONF_ENV} is not valid UTF-8")))
-            }
+            Ok(text) => Ok(Some(text)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!("{CONF_ENV} is not valid UTF-8"))),
         }
     }
 
@@ -385,6 +458,26 @@ mod tests {
         let c = Config::parse("memory_limit:40G,device_capacity:2TiB").unwrap();
         assert_eq!(c.memory_limit, MemoryLimit::Bytes(40 << 30));
         assert_eq!(c.device_capacity, Bytes(2 << 40));
+    }
+
+    #[test]
+    fn a_pasted_pytorch_configuration_works_with_a_warning_per_key_that_does_not_apply() {
+        let text = "backend:native,max_split_size_mb:128,roundup_power2_divisions:[256:1,>:4],expandable_segments:True,\
+                    garbage_collection_threshold:0.6,pinned_use_cuda_host_register:True,release_lock_on_cudamalloc:True,\
+                    per_process_memory_fraction:0.5";
+        let (c, warnings) = Config::parse_with_warnings(&text).unwrap();
+        assert_eq!(c.backend, BackendKind::Cuda);
+        assert!(c.expandable_segments && c.garbage_collection_threshold == Fraction(0.6));
+        assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.5));
+        assert_eq!(warnings.len(), 5, "{warnings:#?}");
+        for key in ["backend:native", "max_split_size_mb", "roundup_power2_divisions", "pinned_use_cuda_host_register", "release_lock_on_cudamalloc"] {
+            assert!(warnings.iter().any(|w| w.contains(key)), "no warning for {key}: {warnings:#?}");
+        }
+        // Keys of neither are errors still; so are bad values of PyTorch's translated keys.
+        assert!(Config::parse("max_split_size:128").unwrap_err().to_string().contains("unknown key"));
+        assert!(Config::parse("per_process_memory_fraction:2").is_err());
+        let (c, w) = Config::parse_with_warnings("memory_limit:40G,per_process_memory_fraction:0.5").unwrap();
+        assert_eq!((c.memory_limit, w.len()), (MemoryLimit::Bytes(40 << 30), 1));
     }
 
     #[test]

@@ -307,6 +307,17 @@ pub unsafe extern "C" fn tessera_status_line(device: c_int, buf: *mut c_char, le
     })
 }
 
+/// Writes the warnings of the configuration in force (or to be), one a
+/// line, into `buf` if `len` bytes suffice: PyTorch's keys it accepted that
+/// mean nothing to tessera, each with why ("" if none). Returns the bytes
+/// needed (call with NULL, 0 to ask), or -1 (a bad configuration).
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_config_warnings(buf: *mut c_char, len: usize) -> i64 {
+    guarded("config_warnings", -1, || Ok(copy_out(&allocator::active_config_with_warnings()?.1.join("\n"), buf, len)))
+}
+
 /// Copies `text` and a NUL into `buf` if `len` bytes suffice; returns the
 /// bytes needed (NUL included) either way.
 fn copy_out(text: &str, buf: *mut c_char, len: usize) -> i64 {

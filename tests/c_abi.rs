@@ -36,6 +36,8 @@ fn build_and_run_with(source: &str, compiler: &str, expect: &str, args: &[&str])
         .arg("-ltessera")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .arg("-ldl")
+        .arg("-pthread")
+        .arg("-lm")
         .status()
         .expect("compiler runs");
     assert!(status.success(), "{compiler} failed on {source}");
@@ -68,6 +70,11 @@ fn two_copies_of_the_library_stay_independent() {
     std::fs::copy(&lib, &copy).unwrap();
     build_and_run_with("tests/c/loaded_twice.c", "cc", "LOADED TWICE OK", &[lib.to_str().unwrap(), copy.to_str().unwrap()]);
     let _ = std::fs::remove_file(copy);
+}
+
+#[test]
+fn every_function_survives_hostile_arguments_from_eight_threads() {
+    build_and_run("tests/c/hostile.c", "cc", "HOSTILE OK");
 }
 
 #[test]

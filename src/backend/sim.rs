@@ -212,6 +212,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_stream_value_is_a_stream_for_captures() {
+        let sim = SimBackend::new(1, 1 << 30);
+        for s in [0, 1, u64::MAX - 1, u64::MAX] {
+            assert_eq!(sim.capture_id(0, s).unwrap(), None, "stream {s:#x} reads as capturing");
+        }
+        sim.set_capturing(Some(u64::MAX));
+        assert!(sim.capture_id(0, u64::MAX).unwrap().is_some_and(|id| id != 0));
+        assert_eq!(sim.capture_id(0, 0).unwrap(), None);
+    }
+
+    #[test]
     fn modelled_time_counts_handles_in_a_range() {
         let sim = SimBackend::new(1, 1 << 30);
         let g = 2 << 20;

@@ -340,3 +340,18 @@ def test_sim_backend(lib_path):
     assert r["p"], r["err"]
     assert r["live"] >= 256 * MiB
     assert r["after"] == 0
+
+
+def test_a_pasted_pytorch_configuration_allocates_and_warns_per_key(lib_path):
+    # A PYTORCH_CUDA_ALLOC_CONF pasted into TESSERA_CONF: PyTorch's keys that do not apply
+    # are warnings (install() prints them), the rest configures tessera.
+    conf = ("backend:host,page_size:64K,max_split_size_mb:128,roundup_power2_divisions:[256:1,512:2,>:4],"
+            "expandable_segments:True,pinned_use_cuda_host_register:True,per_process_memory_fraction:0.5")
+    r = run_child(lib_path, """
+        p = lib.tessera_try_malloc(4096, 0, None)
+        emit(ok=bool(p), error=tt.last_error(), warnings=tt.config_warnings())
+    """, env={"TESSERA_CONF": conf})
+    assert r["ok"], r["error"]
+    assert len(r["warnings"]) == 3, r["warnings"]
+    for key in ("max_split_size_mb", "roundup_power2_divisions", "pinned_use_cuda_host_register"):
+        assert any(key in w and "does not apply" in w for w in r["warnings"]), key

@@ -7,7 +7,8 @@
 //! which takes handed-out blocks back, reports bad frees and lends blocks to
 //! the shard of their stream. Every call goes this way, device → front /
 //! pool, never back.
-//! Invariants: the pool exists iff a call succeeded in reserving its arenas;
+//! Invariants: the pool exists iff a call succeeded in reserving its arenas
+//! (until the library is unloaded);
 //! lock order: the pool's mutex, then one shard (front.rs); a memory
 //! fraction or history setting made before the pool exists applies to it.
 #![forbid(unsafe_code)]

@@ -1,4 +1,4 @@
-//! Allocation traces in the format of design.md §5: one event a line,
+//! Allocation traces in the format of docs/trace-format.md: one event a line,
 //! `a ADDR SIZE STREAM` or `f ADDR SIZE STREAM`, `#` starts a comment.
 //! Plain text or gzip (by magic bytes). The same format is what tessera's
 //! history ring dumps (`from_history`), so a trace recorded on a GPU

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 const GRANULARITY: u64 = 4096;
 
-/// What each call costs on an H100 (design.md §2, driver 580), in
+/// What each call costs on an H100 (docs/driver-costs.md, driver 580), in
 /// microseconds: a fixed part plus a part per MiB of the handle, or per
 /// handle in the range (set access and unmap over many handles cost about
 /// the same per handle: 200 handles take 4.5 ms and 3.0 ms).

@@ -1,4 +1,4 @@
-//! tessera-replay: replays an allocation trace (design.md §5 format, plain
+//! tessera-replay: replays an allocation trace (docs/trace-format.md, plain
 //! or .gz) on the sim backend and prints one JSON line. A stable interface:
 //! it is how policies are compared on a CPU.
 //!

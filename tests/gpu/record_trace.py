@@ -12,7 +12,7 @@ WORKLOAD is one of:
 
 The run is recorded with torch.cuda.memory._record_memory_history (no stack traces, so it
 costs little) and converted from torch.cuda.memory._snapshot()["device_traces"][device] to
-the trace format of design.md §5, gzip'd:
+the trace format of docs/trace-format.md, gzip'd:
   a ADDR SIZE STREAM   an allocation
   f ADDR SIZE STREAM   its free
 - A free is PyTorch's "free_completed" (when the block really returns to the pool, after the

@@ -38,7 +38,9 @@ static int open_fds(void) {
     return n;
 }
 
-#define CONF "backend:host,page_size:64K,device_capacity:256M,va_size:64G"
+/* The configuration of every cycle: the host backend, or argv[3] (say
+   "backend:cuda" on a GPU machine). */
+static const char *CONF = "backend:host,page_size:64K,device_capacity:256M,va_size:64G";
 
 /* One cycle under `conf`; `keep_one` leaves a block live at dlclose, and
    `close` 0 leaves the library loaded. 0 on success. */
@@ -78,6 +80,9 @@ static int cycle(const char *path, int keep_one) {
 
 int main(int argc, char **argv) {
     if (argc < 3) return 10;
+    if (argc > 3) CONF = argv[3];
+    char status_conf[512];
+    snprintf(status_conf, sizeof status_conf, "%s,status_interval:1", CONF);
     const char *path = argv[1];
     int n = atoi(argv[2]);
     for (int i = 0; i < 10; i++)
@@ -100,7 +105,7 @@ int main(int argc, char **argv) {
     /* The status thread wakes every second: unloaded under it, the process
        would crash at its next wake-up. */
     for (int i = 0; i < 3; i++)
-        if (cycle_with(path, CONF ",status_interval:1", 0, 1)) return 16;
+        if (cycle_with(path, status_conf, 0, 1)) return 16;
     usleep(1500 * 1000);
     /* Left loaded, with a live block, at exit: nothing to do, nothing said. */
     if (cycle_with(path, CONF, 1, 0)) return 17;

@@ -186,6 +186,35 @@ typedef uint32_t TesseraCounter;
 #endif // __cplusplus
 
 /*
+ What a block is, in `TesseraBlock.state`.
+ */
+enum TesseraBlockState
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /*
+   Handed out to a caller.
+   */
+  TESSERA_BLOCK_STATE_ALLOCATED = 0,
+  /*
+   Free and mapped, ready for reuse.
+   */
+  TESSERA_BLOCK_STATE_CACHED = 1,
+  /*
+   Freed, waiting for other streams (record_stream).
+   */
+  TESSERA_BLOCK_STATE_PENDING_FREE = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum TesseraBlockState TesseraBlockState;
+#else
+typedef int32_t TesseraBlockState;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
  One gauge: current value, peak since the last reset, and the cumulative
  increments and decrements.
  */
@@ -204,6 +233,31 @@ typedef struct TesseraStats {
   struct TesseraStat gauges[TESSERA_GAUGE_COUNT];
   uint64_t counters[TESSERA_COUNTER_COUNT];
 } TesseraStats;
+
+/*
+ One block, as `tessera_blocks` and `tessera_pool_blocks` write it.
+ */
+typedef struct TesseraBlock {
+  uint64_t addr;
+  uint64_t size;
+  /*
+   Bytes the caller asked for (allocated blocks).
+   */
+  uint64_t requested;
+  uint64_t stream;
+  /*
+   The named private pool it belongs to (0: none).
+   */
+  uint64_t pool;
+  /*
+   0: the small arena (PyTorch's small pool), 1: the large one.
+   */
+  int32_t arena;
+  /*
+   A `TesseraBlockState`.
+   */
+  int32_t state;
+} TesseraBlock;
 
 /*
  A function tessera calls before it gives up on an allocation:
@@ -334,6 +388,63 @@ int64_t tessera_status_line(int device, char *buf, uintptr_t len);
  `buf` is NULL or points to `len` writable bytes.
  */
 int64_t tessera_config_warnings(char *buf, uintptr_t len);
+
+/*
+ Writes every mapped block of `device`, in address order, into `out` (at
+ most `capacity` of them; blocks handed out by the front caches show as
+ allocated), without changing anything. Consecutive blocks of one arena
+ with no gap between them form a segment. Returns how many blocks there
+ are (call with NULL, 0 to ask), or -1.
+ # Safety
+ `out` is NULL or points to `capacity` writable `TesseraBlock`s.
+ */
+int64_t tessera_blocks(int device, struct TesseraBlock *out, uintptr_t capacity);
+
+/*
+ Allocates as `tessera_try_malloc`, in private pool `pool` (a number of
+ the caller's, 1 to 2^61 - 1): the block comes from and goes back to that
+ pool's own cache, which nothing outside the pool uses, until
+ `tessera_release_pool`. For PyTorch's memory pools (the torch adaptor).
+ */
+void *tessera_try_malloc_in_pool(ssize_t size, int device, cudaStream_t stream, uint64_t pool);
+
+/*
+ Private pool `pool` of `device` is gone: its cached memory joins the
+ general cache, its live blocks will when freed. Returns the bytes
+ released, or -1.
+ */
+int64_t tessera_release_pool(int device, uint64_t pool);
+
+/*
+ Writes the live blocks of private pool `pool` of `device`, in address
+ order, into `out` (at most `capacity`). Returns how many there are, or -1.
+ # Safety
+ `out` is NULL or points to `capacity` writable `TesseraBlock`s.
+ */
+int64_t tessera_pool_blocks(int device,
+                            uint64_t pool,
+                            struct TesseraBlock *out,
+                            uintptr_t capacity);
+
+/*
+ Allocates exactly `[ptr, ptr + size)` for `stream` out of private pool
+ `pool`'s cache (`requested` bytes asked for): a checkpoint of the pool
+ put back (PyTorch's cudagraph trees). Returns `ptr`, or NULL if no cached
+ block of the pool holds that range.
+ */
+void *tessera_claim_in_pool(int device,
+                            uint64_t pool,
+                            void *ptr,
+                            ssize_t size,
+                            ssize_t requested,
+                            cudaStream_t stream);
+
+/*
+ Sets the cumulative values (`allocated`, `freed`) of `device`'s gauges
+ to their current values and every counter to zero (PyTorch's
+ reset_accumulated_memory_stats). Returns 0 or -1.
+ */
+int32_t tessera_reset_accumulated_stats(int device);
 
 /*
  Writes every device's memory as JSON in the shape of

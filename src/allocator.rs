@@ -92,8 +92,22 @@ impl Allocator {
     /// Allocates; when memory is short, runs the OOM callbacks (with no
     /// lock held: they may free memory) and retries once before giving up.
     pub fn malloc(&self, size: u64, device: i32, stream: u64) -> Result<u64> {
+        self.malloc_in(size, device, stream, None)
+    }
+
+    /// As `malloc`, in named private pool `pool` of the device (PyTorch's
+    /// pools, through the torch adaptor; see pool/graphs.rs).
+    pub fn malloc_in_pool(&self, size: u64, device: i32, stream: u64, pool: u64) -> Result<u64> {
+        self.malloc_in(size, device, stream, Some(pool))
+    }
+
+    fn malloc_in(&self, size: u64, device: i32, stream: u64, pool: Option<u64>) -> Result<u64> {
         let dev = self.device(device)?;
-        let result = dev.malloc(size, stream, &|| self.run_oom_callbacks(device, size));
+        let on_oom = || self.run_oom_callbacks(device, size);
+        let result = match pool {
+            None => dev.malloc(size, stream, &on_oom),
+            Some(pool) => dev.malloc_in_pool(size, stream, pool, &on_oom),
+        };
         if let Err(Error::OutOfMemory(_)) = &result {
             if let Some(path) = &self.config.oom_snapshot.0 {
                 match std::fs::write(path, self.snapshot_json()) {

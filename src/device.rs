@@ -17,7 +17,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::Front;
-use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent};
+use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent, PoolBlock};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -103,16 +103,30 @@ impl Device {
     /// anything ran), and the pool tries once more. The caller gives up with
     /// `give_up`.
     pub fn malloc(&self, size: u64, stream: u64, on_oom: &dyn Fn() -> bool) -> Result<u64> {
+        self.malloc_in(size, stream, None, on_oom)
+    }
+
+    /// As `malloc`, in named private pool `pool` (see pool/graphs.rs): the
+    /// fronts, which hold no pool's blocks, are passed by.
+    pub fn malloc_in_pool(&self, size: u64, stream: u64, pool: u64, on_oom: &dyn Fn() -> bool) -> Result<u64> {
+        self.malloc_in(size, stream, Some(pool), on_oom)
+    }
+
+    fn malloc_in(&self, size: u64, stream: u64, named: Option<u64>, on_oom: &dyn Fn() -> bool) -> Result<u64> {
         if let Err(e) = check_request(size) {
             self.count(C::InvalidRequests);
             return Err(e);
         }
         let front = &self.front;
         let fronts_on = front.enabled();
-        let capturing = fronts_on && front.graphs() && self.capturing(stream);
+        let capturing = fronts_on && (named.is_some() || front.graphs() && self.capturing(stream));
         if fronts_on && !capturing && let Some(addr) = front.malloc(round_size(size), size, stream) {
             return Ok(addr);
         }
+        let pool_malloc = |pool: &mut DevicePool| match named {
+            None => pool.malloc(size, stream),
+            Some(n) => pool.malloc_in_pool(size, stream, n),
+        };
         let first = self.pool_op(|front, pool| {
             if fronts_on {
                 front.merge(pool);
@@ -121,7 +135,7 @@ impl Device {
                 }
                 front.drain(pool, false);
             }
-            pool.malloc(size, stream)
+            pool_malloc(pool)
         });
         let Err(Error::OutOfMemory(_)) = first else { return first };
         let mut retry = self.drain_free() > 0;
@@ -129,7 +143,23 @@ impl Device {
             self.drain_free();
             retry = true;
         }
-        if retry { self.pool_op(|_, pool| pool.malloc(size, stream)) } else { first }
+        if retry { self.pool_op(|_, pool| pool_malloc(pool)) } else { first }
+    }
+
+    /// Named pool `pool` is released (see `DevicePool::release_pool`).
+    pub fn release_pool(&self, pool: u64) -> Result<u64> {
+        self.existing(|_, p| p.release_pool(pool)).unwrap_or(Ok(0))
+    }
+
+    /// The live blocks of named pool `pool`.
+    pub fn pool_blocks(&self, pool: u64) -> Result<Vec<PoolBlock>> {
+        self.existing(|_, p| p.pool_blocks(pool)).unwrap_or(Ok(Vec::new()))
+    }
+
+    /// Allocates exactly `[addr, addr + size)` out of named pool `pool`'s
+    /// cache (see `DevicePool::claim_in_pool`).
+    pub fn claim_in_pool(&self, pool: u64, addr: u64, size: u64, requested: u64, stream: u64) -> Result<u64> {
+        self.pool_op(|_, p| p.claim_in_pool(pool, addr, size, requested, stream))
     }
 
     /// The fronts give their free blocks back; returns how many.
@@ -238,6 +268,15 @@ impl Device {
     /// The largest block in the pool's cache (see `DevicePool::largest_cached_bytes`).
     pub fn largest_cached_bytes(&self) -> u64 {
         self.existing(|_, pool| pool.largest_cached_bytes()).unwrap_or(0)
+    }
+
+    /// Cumulative values back to current ones, counters to zero (the
+    /// fronts' counts merged first).
+    pub fn reset_accumulated_stats(&self) {
+        self.existing(|front, pool| {
+            front.merge(pool);
+            pool.reset_accumulated();
+        });
     }
 
     pub fn reset_peak_stats(&self) {

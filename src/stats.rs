@@ -196,10 +196,12 @@ impl TesseraStats {
         }
     }
 
-    /// Cumulative values back to zero, keeping current values.
+    /// Cumulative values back to zero, keeping current values and peaks
+    /// (PyTorch's reset_accumulated_memory_stats): `allocated` becomes the
+    /// current value, so that `current == allocated - freed` still holds.
     pub fn reset_accumulated(&mut self) {
         for g in self.gauges.iter_mut() {
-            *g = TesseraStat { current: g.current, peak: g.current, allocated: g.current, freed: 0 };
+            *g = TesseraStat { current: g.current, peak: g.peak, allocated: g.current, freed: 0 };
         }
         self.counters = [0; COUNTER_COUNT];
     }

@@ -562,3 +562,44 @@ fn sizes_that_cannot_round_safely_are_refused_at_every_entry() {
     assert_eq!(gauge(&a, G::AllocatedBytes), 8192);
     check(&a, 0);
 }
+
+#[test]
+fn a_named_pool_keeps_its_blocks_to_itself_until_released() {
+    let (a, _) = sim("growth_size:0");
+    let dev = a.device(0).unwrap();
+    let p = a.malloc_in_pool(3 * MIB, 0, 1, 7).unwrap();
+    let q = a.malloc_in_pool(MIB + 512, 0, 1, 7).unwrap();
+    let blocks = dev.pool_blocks(7).unwrap();
+    assert_eq!(blocks.iter().map(|b| (b.addr, b.size)).collect::<Vec<_>>(), vec![(p.min(q), if p < q { 3 * MIB } else { MIB + 512 }), (p.max(q), if p < q { MIB + 512 } else { 3 * MIB })]);
+    a.free(p, Some(3 * MIB), 0, Some(1)).unwrap();
+    check(&a, 0);
+    // Outside the pool the block is not there, same stream and size or not.
+    let outside = a.malloc(3 * MIB, 0, 1).unwrap();
+    assert_ne!(outside, p, "a pool's cached block served a request outside it");
+    // Inside, it is.
+    let again = a.malloc_in_pool(3 * MIB, 0, 9, 7).unwrap();
+    assert_eq!(again, p);
+    a.free(again, None, 0, None).unwrap();
+    // A checkpoint put back: exactly that block, out of the pool's cache.
+    assert_eq!(dev.claim_in_pool(7, p, 3 * MIB, 3 * MIB - 5, 1).unwrap(), p);
+    assert_eq!(dev.pool_blocks(7).unwrap().iter().find(|b| b.addr == p).map(|b| b.requested), Some(3 * MIB - 5));
+    assert!(dev.claim_in_pool(7, p, 3 * MIB, 3 * MIB, 1).is_err(), "a live block claimed twice");
+    assert!(dev.claim_in_pool(8, outside, MIB, MIB, 1).is_err(), "another pool's memory claimed");
+    check(&a, 0);
+    for x in [p, q, outside] {
+        a.free(x, None, 0, None).unwrap();
+    }
+    // Released: the pool's cache joins the general one, and serves others.
+    assert!(dev.release_pool(7).unwrap() >= 3 * MIB);
+    assert!(dev.pool_blocks(7).unwrap().is_empty());
+    let reused = a.malloc(3 * MIB, 0, 1).unwrap();
+    assert!(reused == p || reused == outside);
+    check(&a, 0);
+}
+
+#[test]
+fn pool_numbers_over_2_61_are_refused() {
+    let (a, _) = sim("");
+    assert!(a.malloc_in_pool(4096, 0, 0, 1 << 61).unwrap_err().to_string().contains("2^61"));
+    check(&a, 0);
+}

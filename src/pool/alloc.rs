@@ -5,6 +5,7 @@
 //! Invariant: a handed-out block is allocated, in `live`, counted once.
 #![forbid(unsafe_code)]
 
+use super::graphs::pool_key;
 use super::{check_request, round_size, round_up, ArenaKind, BlockId, DevicePool, HistoryAction, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
 use crate::error::{Error, OomInfo, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
@@ -13,15 +14,27 @@ impl DevicePool {
     /// Allocates `size` bytes for `stream`. Size 0 is the caller's business
     /// (the C ABI returns NULL for it, as PyTorch's own allocator does).
     pub fn malloc(&mut self, size: u64, stream: u64) -> Result<u64> {
+        self.malloc_in(size, stream, None)
+    }
+
+    /// Allocates `size` bytes for `stream` in private pool `pool` (see
+    /// graphs.rs): the block comes from and goes back to that pool's cache.
+    pub fn malloc_in_pool(&mut self, size: u64, stream: u64, pool: u64) -> Result<u64> {
+        self.malloc_in(size, stream, Some(pool_key(pool)?))
+    }
+
+    fn malloc_in(&mut self, size: u64, stream: u64, pool: Option<u64>) -> Result<u64> {
         if let Err(e) = check_request(size) {
             self.stats.bump(C::InvalidRequests, 1);
             return Err(e);
         }
-        self.malloc_inner(size, stream).map_err(|e| self.driver_error(e))
+        self.malloc_inner(size, stream, pool).map_err(|e| self.driver_error(e))
     }
 
-    /// `malloc` without the counting of driver errors: the order of fallbacks.
-    pub(super) fn malloc_inner(&mut self, size: u64, stream: u64) -> Result<u64> {
+    /// `malloc` without the counting of driver errors: the order of
+    /// fallbacks. `pool`: the private pool's graph value, if the caller
+    /// named one.
+    pub(super) fn malloc_inner(&mut self, size: u64, stream: u64, pool: Option<u64>) -> Result<u64> {
         if let Some(why) = &self.poisoned {
             return Err(Error::Driver { call: "malloc", code: -1, message: format!("device {} disabled: {why}", self.device) });
         }
@@ -32,7 +45,10 @@ impl DevicePool {
         let arena = self.arena_of(rounded);
         // During a graph capture, memory comes from and goes to the
         // capture's private cache (see `Block::graph`).
-        let graph = self.capture_of_request(stream)?;
+        let graph = match pool {
+            Some(graph) => graph,
+            None => self.capture_of_request(stream)?,
+        };
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
         if let Some(id) = self.find_cached(arena, key, rounded) {
             self.stats.bump(C::CacheHits, 1);
@@ -47,7 +63,10 @@ impl DevicePool {
         }
         // Nothing may wait on the device while the stream captures a graph
         // (the capture would break): grow, or fail, without waiting.
-        let capturing = self.request_is_capturing(stream, graph)?;
+        let capturing = match pool {
+            Some(_) => self.backend.is_capturing(self.device, stream)?,
+            None => self.request_is_capturing(stream, graph)?,
+        };
         match self.grow(arena, rounded, stream, graph, capturing) {
             Ok(id) => return Ok(self.hand_out(id, rounded, size, stream, graph)),
             Err(Error::OutOfMemory(_)) => {}
@@ -60,7 +79,7 @@ impl DevicePool {
         }
         self.stats.bump(C::AllocRetries, 1);
         if let Some(id) = self.find_cached_other_stream(arena, rounded, stream)? {
-            return Ok(self.hand_out(id, rounded, size, stream, 0));
+            return Ok(self.hand_out(id, rounded, size, stream, graph));
         }
         let need = round_up(rounded, self.conf.page_size.0) / self.conf.page_size.0;
         if self.conf.expandable_segments {
@@ -68,14 +87,14 @@ impl DevicePool {
             // Fewer granules free than a fresh range needs: the cached
             // fragments beside the holes make up the rest.
             if idle && self.free_handle_granules() < need
-                && let Some(id) = self.grow_across_gap(arena, rounded, stream)? {
-                    return Ok(self.hand_out(id, rounded, size, stream, 0));
+                && let Some(id) = self.grow_across_gap(arena, rounded, stream, graph)? {
+                    return Ok(self.hand_out(id, rounded, size, stream, graph));
                 }
         } else {
             self.release_cached()?;
         }
-        match self.grow(arena, rounded, stream, 0, false) {
-            Ok(id) => Ok(self.hand_out(id, rounded, size, stream, 0)),
+        match self.grow(arena, rounded, stream, graph, false) {
+            Ok(id) => Ok(self.hand_out(id, rounded, size, stream, graph)),
             Err(Error::OutOfMemory(_)) => Err(Error::OutOfMemory(Box::new(self.oom_info(size)))),
             Err(e) => Err(e),
         }

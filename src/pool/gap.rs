@@ -166,10 +166,12 @@ impl DevicePool {
     /// only the hole's granules the block covers. From the gap's start, or
     /// ending at its end (mapping the back of the hole), whichever maps
     /// fewer; the gap that maps fewest wins, if fewer than a fresh range.
-    /// Returns an unindexed cached block of the stream, or None.
-    pub(super) fn grow_across_gap(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
+    /// Returns an unindexed cached block of the stream (its newly mapped
+    /// part of private pool `graph`, 0 for none; the caller hands it out),
+    /// or None.
+    pub(super) fn grow_across_gap(&mut self, arena: ArenaKind, rounded: u64, stream: u64, graph: u64) -> Result<Option<BlockId>> {
         let Some(gap) = self.best_gap(arena, rounded, &|p: &Self, x| p.cached_no_graph(x)) else { return Ok(None) };
-        match self.map_gap(gap, gap.new, stream, 0, false, true) {
+        match self.map_gap(gap, gap.new, stream, graph, false, true) {
             Ok(id) => {
                 debug_assert!(self.b(id).size >= rounded);
                 self.stats.bump(C::GapPlacements, 1);

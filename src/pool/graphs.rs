@@ -1,13 +1,42 @@
-//! Graph pools: memory a CUDA graph capture allocated, or freed while its
+//! Private pools: memory a CUDA graph capture allocated, or freed while its
 //! stream captured, is cached only for that capture (its cache key) until
-//! the graphs are declared gone.
-//! Invariant: a graph's block is never lent, recycled, reclaimed or reused
-//! outside its capture.
+//! the graphs are declared gone; and pools a caller names (PyTorch's
+//! `MempoolId`s, through the torch adaptor: graph captures, `MemPool`),
+//! whose blocks come from and go back to the pool's own cache until it is
+//! released.
+//! Invariant: a private pool's block is never lent, recycled, reclaimed or
+//! reused outside its pool.
 #![forbid(unsafe_code)]
 
-use super::{BlockId, DevicePool, GRAPH_KEY};
-use crate::error::Result;
+use super::{round_size, ArenaKind, BlockId, DevicePool, State, GRAPH_KEY};
+use crate::error::{Error, Result};
 use crate::stats::TesseraCounter as C;
+
+/// Graph values of the pools callers name: this bit and the pool's number
+/// (capture ids from the driver, and UNKNOWN_CAPTURE, stay below it).
+const NAMED_POOL: u64 = 1 << 61;
+
+/// The graph value of named pool `pool`.
+pub(super) fn pool_key(pool: u64) -> Result<u64> {
+    if pool >= NAMED_POOL {
+        return Err(Error::InvalidArgument(format!("pool number {pool} is not under 2^61")));
+    }
+    Ok(NAMED_POOL | pool)
+}
+
+/// The named pool a block of graph value `graph` belongs to (0: none).
+pub(super) fn named_pool_of(graph: u64) -> u64 {
+    if graph & NAMED_POOL != 0 { graph & !NAMED_POOL } else { 0 }
+}
+
+/// A live block of a named pool: what a checkpoint of the pool keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolBlock {
+    pub addr: u64,
+    pub size: u64,
+    pub requested: u64,
+    pub stream: u64,
+}
 
 /// The capture of a block freed when the driver could not say whether its
 /// stream was capturing.
@@ -73,14 +102,73 @@ impl DevicePool {
         self.conf.graph_pools = true;
     }
 
+    /// Named pool `pool` is released (PyTorch released it: its graphs and
+    /// MemPool are gone): its cached blocks join the general cache, its
+    /// live blocks will when freed. Returns the bytes released.
+    pub fn release_pool(&mut self, pool: u64) -> Result<u64> {
+        let key = pool_key(pool)?;
+        Ok(self.release_private(|graph| graph == key))
+    }
+
+    /// The live (allocated) blocks of named pool `pool`, by address.
+    pub fn pool_blocks(&self, pool: u64) -> Result<Vec<PoolBlock>> {
+        let key = pool_key(pool)?;
+        let mut out: Vec<PoolBlock> = self
+            .live
+            .values()
+            .map(|&id| self.b(id))
+            .filter(|b| b.state == State::Allocated && b.graph == key)
+            .map(|b| PoolBlock { addr: b.addr, size: b.size, requested: b.requested, stream: b.stream })
+            .collect();
+        out.sort_unstable_by_key(|b| b.addr);
+        Ok(out)
+    }
+
+    /// Allocates exactly `[addr, addr + size)` for `stream` out of named
+    /// pool `pool`'s cache (a checkpoint of the pool restored: PyTorch's
+    /// cudagraph trees put back blocks that graphs recorded at these
+    /// addresses). An error if no cached block of the pool covers it.
+    pub fn claim_in_pool(&mut self, pool: u64, addr: u64, size: u64, requested: u64, stream: u64) -> Result<u64> {
+        let key = pool_key(pool)?;
+        let rounded = round_size(size);
+        let gk = GRAPH_KEY | key;
+        let found = [ArenaKind::Small, ArenaKind::Large].into_iter().find_map(|arena| {
+            self.cached_by_stream
+                .range((arena, gk, 0, 0, 0)..=(arena, gk, u64::MAX, u64::MAX, u32::MAX))
+                .find(|&&(_, _, bsize, baddr, _)| baddr <= addr && addr + rounded <= baddr + bsize)
+                .map(|&(_, _, _, _, id)| id)
+        });
+        let Some(id) = found else {
+            return Err(Error::InvalidArgument(format!(
+                "claim of {addr:#x} ({rounded} bytes) in pool {pool}: no cached block of the pool holds it"
+            )));
+        };
+        self.unindex(id);
+        let at = if self.b(id).addr < addr {
+            let rest = self.split_front(id, addr - self.b(id).addr);
+            self.index(id);
+            rest
+        } else {
+            id
+        };
+        Ok(self.hand_out(at, rounded, requested, stream, key))
+    }
+
     /// The graphs captured so far are gone (their memory is no longer
     /// replayed into): their private caches join the general cache, and
     /// their live blocks will when freed. Returns the bytes released.
     pub fn release_graph_pools(&mut self) -> u64 {
+        self.release_private(|graph| graph & NAMED_POOL == 0)
+    }
+
+    /// The private pools whose graph value `which` accepts are gone: their
+    /// cached blocks join the general cache, their live blocks will when
+    /// freed. Returns the cached bytes released.
+    fn release_private(&mut self, which: impl Fn(u64) -> bool) -> u64 {
         let private: Vec<BlockId> = self
             .cached_by_stream
             .iter()
-            .filter(|k| k.1 & GRAPH_KEY != 0)
+            .filter(|k| k.1 & GRAPH_KEY != 0 && which(k.1 & !GRAPH_KEY))
             .map(|k| k.4)
             .collect();
         let mut bytes = 0;
@@ -93,7 +181,7 @@ impl DevicePool {
             self.bm(id).graph = 0;
             self.coalesce_and_index(id);
         }
-        let live: Vec<BlockId> = self.live.values().copied().collect();
+        let live: Vec<BlockId> = self.live.values().copied().filter(|&id| self.b(id).graph != 0 && which(self.b(id).graph)).collect();
         for id in live {
             self.bm(id).graph = 0;
         }

@@ -50,6 +50,7 @@ mod recycle;
 mod streams;
 mod view;
 
+pub use graphs::PoolBlock;
 pub use history::{HistoryAction, HistoryEvent};
 pub use lend::{Freed, FrontDelta, LentBlock};
 pub use view::{BlockState, BlockView};
@@ -314,6 +315,15 @@ impl DevicePool {
     }
 
     /// Peaks back to current values, the device's and each arena's.
+    /// Cumulative values and counters back to zero (current values stay),
+    /// the device's and each arena's.
+    pub fn reset_accumulated(&mut self) {
+        self.stats.reset_accumulated();
+        for s in &mut self.arena_stats {
+            s.reset_accumulated();
+        }
+    }
+
     pub fn reset_peaks(&mut self) {
         self.stats.reset_peaks();
         for s in &mut self.arena_stats {

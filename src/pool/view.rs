@@ -3,6 +3,7 @@
 //! block. Building a view changes nothing.
 #![forbid(unsafe_code)]
 
+use super::graphs::named_pool_of;
 use super::{ArenaKind, DevicePool, State, NIL};
 use std::collections::HashMap;
 
@@ -39,6 +40,8 @@ pub struct BlockView {
     pub state: BlockState,
     pub stream: u64,
     pub requested: u64,
+    /// The named private pool it belongs to (0: none; see graphs.rs).
+    pub pool: u64,
 }
 
 impl DevicePool {
@@ -67,7 +70,8 @@ impl DevicePool {
                     State::Hole => (None, 0),
                 };
                 if let Some(state) = state {
-                    out.push(BlockView { addr: b.addr, size: b.size, arena: b.arena, state, stream: b.stream, requested });
+                    let pool = named_pool_of(b.graph);
+                    out.push(BlockView { addr: b.addr, size: b.size, arena: b.arena, state, stream: b.stream, requested, pool });
                 }
                 id = b.next;
             }

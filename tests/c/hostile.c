@@ -50,6 +50,14 @@ static void hostile_calls(unsigned seed) {
     FAILS_RC(tessera_history_trace(9, NULL, 0));
     FAILS_RC(tessera_status_line(-2, NULL, 0));
     FAILS_RC(tessera_register_oom_callback(NULL, NULL));
+    FAILS_RC(tessera_blocks(0, NULL, 5));
+    FAILS_RC(tessera_blocks(77, NULL, 0));
+    FAILS_RC(tessera_release_pool(0, 0));
+    FAILS_RC(tessera_pool_blocks(0, 0, NULL, 0));
+    FAILS_RC(tessera_pool_blocks(0, (uint64_t)1 << 62, NULL, 0));
+    FAILS_RC(tessera_reset_accumulated_stats(-1));
+    CHECK(tessera_try_malloc_in_pool(512, 0, NULL, 0) == NULL && tessera_last_error()[0], "pool 0 served");
+    CHECK(tessera_claim_in_pool(0, 3, junk, 512, 512, NULL) == NULL && tessera_last_error()[0], "junk claimed");
     /* Buffers too small: the bytes needed, nothing written past them. */
     CHECK(tessera_snapshot_json(small, 3) > 3 && memcmp(small, "xxxx", 4) == 0, "snapshot wrote into a short buffer");
     CHECK(tessera_options_json(small, 2) > 2 && memcmp(small, "xxxx", 4) == 0, "options wrote into a short buffer");
@@ -112,6 +120,21 @@ int main(void) {
           tessera_record_history(0, 0) == 0, "record_history");
     CHECK(tessera_watch_graphs() == 0 && tessera_release_graph_pools() >= 0, "graph calls");
     FAILS_RC(tessera_configure("backend:host")); /* too late: already initialised */
+
+    /* A private pool: its block is listed, freed into it, claimed back, released. */
+    void *in_pool = tessera_try_malloc_in_pool(1 << 20, 0, NULL, 42);
+    CHECK(in_pool != NULL, "%s", tessera_last_error());
+    TesseraBlock listed[4];
+    CHECK(tessera_pool_blocks(0, 42, listed, 4) == 1 && listed[0].addr == (uintptr_t)in_pool && listed[0].pool == 42,
+          "pool blocks");
+    int64_t all = tessera_blocks(0, NULL, 0);
+    CHECK(all >= 1, "blocks: %s", tessera_last_error());
+    tessera_free(in_pool, 1 << 20, 0, NULL);
+    CHECK(tessera_pool_blocks(0, 42, listed, 4) == 0, "a freed block still listed");
+    CHECK(tessera_claim_in_pool(0, 42, in_pool, 1 << 20, 1 << 20, NULL) == in_pool, "claim: %s", tessera_last_error());
+    tessera_free(in_pool, 1 << 20, 0, NULL);
+    CHECK(tessera_release_pool(0, 42) >= (1 << 20), "release_pool: %s", tessera_last_error());
+    CHECK(tessera_reset_accumulated_stats(0) == 0, "%s", tessera_last_error());
 
     pthread_t threads[8];
     struct worker workers[8];

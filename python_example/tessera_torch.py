@@ -41,7 +41,7 @@ __all__ = [
     "memory_stats", "memory_allocated", "max_memory_allocated", "memory_reserved",
     "max_memory_reserved", "reset_peak_memory_stats", "memory_summary",
     "snapshot", "dump_snapshot", "record_memory_history", "history_trace", "dump_history_trace",
-    "on_oom", "monitor", "status_line", "options",
+    "on_oom", "monitor", "status_line", "options", "build_adaptor",
 ]
 
 _LIB_NAME = "libtessera.so"
@@ -192,10 +192,59 @@ def config_warnings():
     return text.splitlines() if text else []
 
 
-def install(lib_path=None, conf=None):
+# What only the torch adaptor gives, for the plain plug-in's one line.
+_PLAIN_LACKS = ("torch.cuda.memory_stats() and what is built on it, memory snapshots and history, "
+                "torch.cuda.OutOfMemoryError, cudnn.benchmark, torch.compile(mode='reduce-overhead'), "
+                "MemPool (tessera_torch.memory_stats() and its peers work)")
+
+
+def _adaptor_sources():
+    """The torch adaptor's sources and include folders: beside this module in a package,
+    else in the repository."""
+    for root in (os.path.join(_HERE, "adaptor"), os.path.join(_HERE, os.pardir, "adaptor")):
+        if os.path.isfile(os.path.join(root, "tessera_torch.cpp")):
+            root = os.path.abspath(root)
+            header = os.path.join(root, "tessera.h")
+            include = root if os.path.isfile(header) else os.path.join(root, os.pardir, "include")
+            return root, os.path.abspath(include)
+    return None, None
+
+
+def build_adaptor(verbose=False):
+    """Compile the torch adaptor (adaptor/*.cpp: PyTorch's CUDAAllocator over tessera) against the
+    torch in this process with torch.utils.cpp_extension, cached per torch and tessera version
+    (TORCH_EXTENSIONS_DIR), and import it. Returns the module. `python -m tessera_torch build`
+    does this ahead of time."""
+    import hashlib
+    import torch
+    from torch.utils import cpp_extension
+
+    root, include = _adaptor_sources()
+    if root is None:
+        raise FileNotFoundError("the torch adaptor's sources (adaptor/tessera_torch.cpp) are not here")
+    load()
+    sources = [os.path.join(root, "tessera_torch.cpp"), os.path.join(root, "python_module.cpp")]
+    digest = hashlib.sha1()
+    for path in sources + [os.path.join(include, "tessera.h"), os.path.join(root, "tessera_torch.h")]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    name = f"tessera_adaptor_{tag}_{digest.hexdigest()[:10]}"
+    return cpp_extension.load(
+        name=name, sources=sources, extra_include_paths=[include, root],
+        extra_cflags=["-O2"], extra_ldflags=[_lib_path, "-Wl,-rpath," + os.path.dirname(_lib_path)],
+        with_cuda=True, verbose=verbose)  # CUDA's headers (the adaptor asks the runtime for free memory)
+
+
+def install(lib_path=None, conf=None, adaptor=False):
     """Make tessera PyTorch's CUDA allocator. Call before anything initialises CUDA.
 
-    Returns the torch.cuda.memory.CUDAPluggableAllocator (calling again returns it)."""
+    With adaptor=True tessera is installed through the torch adaptor, compiled on first use
+    against this torch (a C++ compiler is needed; cached afterwards): PyTorch's own memory APIs
+    then work unchanged. Without it (the default for now), or where it cannot be built, tessera is
+    installed as a plain CUDAPluggableAllocator; asked for the adaptor and falling back, it says
+    once which of PyTorch's APIs then do not work. Returns "adaptor" or "plug-in" (calling again
+    returns the same)."""
     global _allocator
     lib = load(lib_path)
     if _allocator is not None:
@@ -215,6 +264,19 @@ def install(lib_path=None, conf=None):
             "tessera_torch.install() must run before CUDA is initialised in this process "
             "(no CUDA tensor, torch.cuda.current_device(), set_device, ... before it): "
             "PyTorch can swap its allocator only once, before first use")
+    why = "adaptor=False"
+    if adaptor:
+        try:
+            module = build_adaptor()
+        except Exception as e:  # no compiler, or a torch whose interface the adaptor does not know
+            why = f"the torch adaptor could not be built ({str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__})"
+        else:
+            module.install()
+            _allocator = "adaptor"
+            return _allocator
+    if adaptor:
+        print(f"tessera: installed as a plain plug-in: {why}; then these need the adaptor: {_PLAIN_LACKS}",
+              file=sys.stderr)
     alloc = torch.cuda.memory.CUDAPluggableAllocator(_lib_path, "tessera_malloc", "tessera_free")
     hooks = alloc.allocator()
     hooks.set_reset_fn(_fn_ptr(lib, "tessera_empty_cache"))            # torch.cuda.empty_cache()
@@ -223,8 +285,9 @@ def install(lib_path=None, conf=None):
     hooks.set_memory_fraction_fn(_fn_ptr(lib, "tessera_set_memory_fraction"))  # set_per_process_memory_fraction
     torch.cuda.memory.change_current_allocator(alloc)
     _watch_graph_captures(torch, lib)
-    _allocator = alloc
-    return alloc
+    _plugin = alloc  # noqa: F841  (PyTorch holds it; kept for the process's life)
+    _allocator = "plug-in"
+    return _allocator
 
 
 def _watch_graph_captures(torch, lib):
@@ -683,6 +746,10 @@ def _usage():
 
 
 def _main(argv):
+    if argv[:1] == ["build"]:
+        module = build_adaptor(verbose="-v" in argv)
+        print(f"tessera: the torch adaptor is built: {module.__file__}")
+        return 0
     out = _usage()
     if "--status" in argv:
         out = ("tessera_torch: --status cannot attach to another process. In the process itself, call\n"

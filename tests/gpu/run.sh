@@ -95,6 +95,7 @@ run_test viz         180 python3 tests/gpu/t_viz.py
 run_test batchfinder 240 python3 tests/gpu/t_batchfinder.py
 run_test oom_report  120 python3 tests/gpu/t_oom_report.py
 run_test libtorch    300 bash -c libtorch_test
+run_test adaptor     480 python3 tests/gpu/t_adaptor.py
 run_test memcheck    420 bash tests/gpu/memcheck.sh
 
 # --- summary ---

@@ -45,6 +45,7 @@ static const char *CONF = "backend:host,page_size:64K,device_capacity:256M,va_si
 /* One cycle under `conf`; `keep_one` leaves a block live at dlclose, and
    `close` 0 leaves the library loaded. 0 on success. */
 static int cycle_with(const char *path, const char *conf, int keep_one, int close) {
+    if (getenv("UNLOAD_TRACE")) fprintf(stderr, "cycle: open (%s)\n", conf);
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!lib) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 1; }
     configure_fn configure = (configure_fn)dlsym(lib, "tessera_configure");
@@ -62,7 +63,7 @@ static int cycle_with(const char *path, const char *conf, int keep_one, int clos
         size_t n = (size_t)(i + 1) << 16; /* 64 KiB .. 1 MiB */
         p[i] = try_malloc((ssize_t)n, 0, (void *)(uintptr_t)(i % 3));
         if (!p[i]) { fprintf(stderr, "malloc: %s\n", last_error()); return 4; }
-        memset(p[i], i, n);
+        if (strstr(conf, "backend:host")) memset(p[i], i, n); /* device memory is not the CPU's to write */
     }
     for (int i = keep_one; i < 16; i++) tfree(p[i], (ssize_t)(i + 1) << 16, 0, (void *)(uintptr_t)(i % 3));
     /* Freed blocks sit in the caches (front caches included) at dlclose. */
@@ -70,6 +71,7 @@ static int cycle_with(const char *path, const char *conf, int keep_one, int clos
     if (!again) return 5;
     tfree(again, 1 << 16, 0, (void *)1);
     if (strstr(conf, "status_interval")) usleep(1200 * 1000); /* the status thread prints once */
+    if (getenv("UNLOAD_TRACE")) fprintf(stderr, "cycle: close\n");
     if (close && dlclose(lib) != 0) { fprintf(stderr, "dlclose: %s\n", dlerror()); return 6; }
     return 0;
 }
@@ -79,6 +81,7 @@ static int cycle(const char *path, int keep_one) {
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 3) return 10;
     if (argc > 3) CONF = argv[3];
     char status_conf[512];

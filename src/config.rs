@@ -211,9 +211,9 @@ options! {
     /// The largest physical handle. Handles map whole, so larger handles
     /// make growth cheaper (one create, map and set-access per handle, each
     /// ~40 us on an H100) while smaller ones let reclamation and empty_cache
-    /// work at a finer grain. Rounded down to a multiple of page_size. 8 MiB
-    /// won on the shared traces: 4x fewer driver calls than 2 MiB for a
-    /// frontier within 0.02 of it (README, policy notes).
+    /// work at a finer grain. Rounded down to a multiple of page_size. 8 MiB:
+    /// 3x fewer map calls than 2 MiB on the GPT-2 trace for a frontier
+    /// 0.006 higher (docs/measurements.md).
     max_handle_size: Bytes = "8M";
     /// Once reserved memory passes this fraction of what tessera may hold
     /// (memory_limit, else what the device has), new handles are one granule

@@ -253,7 +253,7 @@ options! {
     device_count: u32 = "1";
     /// Keep memory used by CUDA graph captures private to each capture
     /// (asks the driver whether the stream captures on every allocation and
-    /// free). `tessera_torch.install()` switches it on at the first
+    /// free). `tessera.install()` (the plain plug-in) switches it on at the first
     /// `CUDAGraph.capture_begin`; C++ code that captures sets it or calls
     /// `tessera_watch_graphs()` first.
     graph_pools: bool = "false";

@@ -93,7 +93,7 @@ def run(args, limit, warmup, steps, log):
     env = dict(os.environ)
     env.pop("TESSERA_CONF", None)  # the child gets the whole conf through --conf
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.path.join(REPO, "python_example"), HERE, env.get("PYTHONPATH")) if p)
+        p for p in (os.path.join(REPO, "python"), os.path.join(REPO, "examples"), HERE, env.get("PYTHONPATH")) if p)
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--limit", str(int(limit)),

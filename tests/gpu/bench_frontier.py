@@ -64,7 +64,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from gpu_util import REPO, last_json, note  # noqa: E402  (gpu_util also puts python_example on sys.path)
+from gpu_util import REPO, last_json, note  # noqa: E402  (gpu_util also puts python/ and examples/ on sys.path)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 GRAIN = 2 * MiB
@@ -480,7 +480,7 @@ class Runner:
         if ALLOCATORS[which]:
             env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATORS[which]
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (os.path.join(REPO, "python_example"), HERE, env.get("PYTHONPATH")) if p)
+            p for p in (os.path.join(REPO, "python"), os.path.join(REPO, "examples"), HERE, env.get("PYTHONPATH")) if p)
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", which, workload,

@@ -71,7 +71,7 @@ def main():
     rows = {}
     for workload in a.workloads.split(","):
         for which in names:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python_example"), HERE]))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.path.join(REPO, "examples"), HERE]))
             env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
             if PEERS.get(which):
                 env["PYTORCH_CUDA_ALLOC_CONF"] = PEERS[which]

@@ -2,7 +2,7 @@
     python3 tests/gpu/diag_growth.py native|tessera
 Queues a long kernel, then times allocations that must grow the pool."""
 import os, sys, time
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python_example"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python"))
 which = sys.argv[1]
 if which == "tessera":
     import tessera_torch

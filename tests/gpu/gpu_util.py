@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
-sys.path.insert(0, os.path.join(REPO, "python_example"))
+# The Python package (python/) and the training example (examples/).
+PYTHON_PATHS = [os.path.join(REPO, "python"), os.path.join(REPO, "examples")]
+sys.path[:0] = PYTHON_PATHS
 MiB = 1 << 20
 
 
@@ -43,8 +45,7 @@ def install(conf=None):
 def run_json(cmd, timeout, env=None):
     """Run cmd (a list); return (the last stdout line that parses as a JSON object, the process)."""
     full_env = dict(os.environ, **(env or {}))
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.path.join(REPO, "python_example"), full_env.get("PYTHONPATH")) if p)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (*PYTHON_PATHS, full_env.get("PYTHONPATH")) if p)
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     sys.stdout.write(proc.stdout)
     sys.stderr.write(proc.stderr)

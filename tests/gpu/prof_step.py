@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python_example"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python"))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 which = sys.argv[1]
 conf = sys.argv[3] if len(sys.argv) > 3 else None

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/../.." || exit 2
 ROOT=$PWD
 OUT=${OUT:-/tmp/tessera_out}
 mkdir -p "$OUT"
-export PYTHONPATH="$ROOT/python_example${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/python:$ROOT/examples${PYTHONPATH:+:$PYTHONPATH}"
 export TESSERA_LIB=${TESSERA_LIB:-$ROOT/target/release/libtessera.so}
 export PYTHONUNBUFFERED=1
 [ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"  # nvcc for CMake's CUDA lookup

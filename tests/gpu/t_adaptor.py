@@ -158,7 +158,7 @@ def main():
         print(json.dumps(child(sys.argv[2], sys.argv[3])), flush=True)
         return
     out_dir = os.environ.get("OUT") or tempfile.mkdtemp()
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python_example"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python"))
     results = {}
     for mode, extra in (("native", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}), ("tessera", {})):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, out_dir], env=dict(env, **extra),

@@ -8,7 +8,7 @@ from gpu_util import REPO, check, note
 
 CHILD = r'''
 import gc, os, sys
-sys.path.insert(0, os.path.join(%(repo)r, "python_example"))
+sys.path.insert(0, os.path.join(%(repo)r, "python"))
 import tessera_torch
 tessera_torch.install(conf="status_interval:1")
 import torch

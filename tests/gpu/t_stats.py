@@ -33,7 +33,7 @@ MODES = {
 
 
 def child(mode):
-    import train_gpt  # python_example/ (gpu_util put it on sys.path); sets CUBLAS_WORKSPACE_CONFIG
+    import train_gpt  # examples/ (gpu_util put it on sys.path); sets CUBLAS_WORKSPACE_CONFIG
     if mode == "tessera":
         torch, tt = install()
         read, reset_peaks = tt.memory_stats, tt.reset_peak_memory_stats

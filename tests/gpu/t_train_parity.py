@@ -14,7 +14,7 @@ STEPS = 30
 results = {}
 for _ in range(2):
     for name, extra in (("native", ["--native"]), ("tessera", [])):
-        cmd = [sys.executable, "python_example/train_gpt.py", "--steps", str(STEPS), "--seed", "1234"] + extra
+        cmd = [sys.executable, "examples/train_gpt.py", "--steps", str(STEPS), "--seed", "1234"] + extra
         summary, proc = run_json(cmd, timeout=110)
         check(proc.returncode == 0, f"{name} run exited {proc.returncode}")
         check(summary.get("allocator") == name, f"{name} run reports allocator {summary.get('allocator')}")

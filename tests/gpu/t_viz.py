@@ -24,7 +24,7 @@ import tempfile
 
 from gpu_util import REPO, check, install, note, settle
 
-import train_gpt  # noqa: E402  (python_example/, on sys.path through gpu_util)
+import train_gpt  # noqa: E402  (examples/, on sys.path through gpu_util)
 
 torch, tt = install()
 tt.record_memory_history(True, max_entries=1_000_000)  # before the first allocation

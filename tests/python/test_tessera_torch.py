@@ -1,4 +1,4 @@
-"""Tests of python_example/tessera_torch.py and the C ABI of libtessera.so, no GPU needed.
+"""Tests of the Python package (python/tessera, also importable as tessera_torch) and the C ABI of libtessera.so, no GPU needed.
 
 They use the real library (TESSERA_LIB or target/release/libtessera.so) with the host
 backend (real memory through mmap) or the sim backend. The config can be set only before
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "python_example"
+EXAMPLE = REPO / "python"
 sys.path.insert(0, str(EXAMPLE))
 
 import tessera_torch  # noqa: E402  (must not import torch)

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "python_example"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "python"))
 p = argparse.ArgumentParser()
 p.add_argument("--native", action="store_true")
 p.add_argument("--steps", type=int, default=20)

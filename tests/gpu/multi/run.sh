@@ -3,7 +3,7 @@
 #   bash tests/gpu/multi/run.sh     (after cargo build --release)
 set -u
 cd "$(dirname "$0")/../../.." || exit 2
-export PYTHONPATH=$PWD/python_example:$PWD/tests/gpu TESSERA_LIB=${TESSERA_LIB:-$PWD/target/release/libtessera.so}
+export PYTHONPATH=$PWD/python:$PWD/examples:$PWD/tests/gpu TESSERA_LIB=${TESSERA_LIB:-$PWD/target/release/libtessera.so}
 OUT=${OUT:-/tmp/tessera_out}; mkdir -p "$OUT"
 nvidia-smi -L
 fail=0; rows=()

@@ -12,7 +12,7 @@ res = {}
 for name, extra in (("native", ["--native"]), ("tessera", [])):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            os.path.join(REPO, "tests/gpu/multi/ddp_train.py"), "--steps", "20"] + extra
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python_example"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.path.join(REPO, "examples")]))
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     sys.stdout.write(p.stdout[-3000:])
     sys.stderr.write(p.stderr[-3000:])

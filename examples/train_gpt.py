@@ -1,7 +1,7 @@
 """Train a small GPT on synthetic data with tessera as PyTorch's CUDA allocator.
 
-    PYTHONPATH=python_example python3 python_example/train_gpt.py --steps 50
-    PYTHONPATH=python_example python3 python_example/train_gpt.py --steps 50 --native   # for comparison
+    PYTHONPATH=python python3 examples/train_gpt.py --steps 50
+    PYTHONPATH=python python3 examples/train_gpt.py --steps 50 --native   # for comparison
 
 Each step draws a batch size and a sequence length at random, so the allocator sees
 ever-changing tensor sizes. The data are arithmetic sequences modulo the vocabulary
@@ -19,7 +19,7 @@ import time
 
 # Deterministic cuBLAS; must be set before CUDA initialises.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
 
 MiB = float(1 << 20)
 

@@ -1,12 +1,14 @@
 """tessera for PyTorch: load libtessera.so, install it as PyTorch's CUDA allocator, read its stats.
 
-    import tessera_torch
-    tessera_torch.install(conf="expandable_segments:true")   # before any CUDA use
-    print(tessera_torch.memory_summary())                      # torch.cuda.memory_summary() raises with a pluggable allocator
+    import tessera
+    tessera.install(adaptor=True)          # before any CUDA use: PyTorch's own APIs then work
+    print(torch.cuda.memory_summary())
 
-With a pluggable allocator, torch.cuda.memory_stats, memory_allocated, max_memory_reserved,
-memory_summary and memory._snapshot all raise; this module gives them back, with the same
-names, signatures and shapes:
+install(adaptor=True) builds the torch adaptor (PyTorch's CUDAAllocator over tessera, compiled
+against this torch on first use; `python -m tessera build` does it ahead of time). With the
+plain plug-in (install()), torch.cuda.memory_stats, memory_allocated, max_memory_reserved,
+memory_summary and memory._snapshot raise; this module gives them back either way, with the
+same names, signatures and shapes:
 
     memory_stats(device)            the keys of torch.cuda.memory_stats(), plus "tessera.*" keys
     memory_allocated / max_memory_allocated / memory_reserved / max_memory_reserved
@@ -21,8 +23,9 @@ names, signatures and shapes:
     stats(device)                   tessera's own gauges and counters, by tessera's names
 
 Importing this module does not import torch; only install() does. The library is
-looked up in $TESSERA_LIB, then <repo>/target/release/libtessera.so, then next to
-this file. `python -m tessera_torch` prints this text and the configuration options.
+looked up in $TESSERA_LIB, then in this package (pip install), then in the repository's
+target/release. `python -m tessera` prints this text and the configuration options;
+`tessera_torch` is the same module under its former name.
 """
 
 import collections
@@ -70,15 +73,16 @@ TesseraStats = None
 
 
 def find_library():
-    """Path of libtessera.so: $TESSERA_LIB, the repo's target/release, or next to this module."""
+    """Path of libtessera.so: $TESSERA_LIB, the one this package bundles, or the repository's
+    target/release."""
     env = os.environ.get("TESSERA_LIB")
     if env:
         if not os.path.isfile(env):
             raise FileNotFoundError(f"TESSERA_LIB={env} does not exist")
         return env
-    candidates = [
-        os.path.join(_HERE, os.pardir, "target", "release", _LIB_NAME),
-        os.path.join(_HERE, _LIB_NAME),
+    bundled = sorted(f for f in os.listdir(_HERE) if f.startswith("libtessera") and f.endswith(".so"))
+    candidates = [os.path.join(_HERE, f) for f in bundled] + [
+        os.path.join(_HERE, os.pardir, os.pardir, "target", "release", _LIB_NAME),
     ]
     for path in candidates:
         if os.path.isfile(path):
@@ -195,13 +199,13 @@ def config_warnings():
 # What only the torch adaptor gives, for the plain plug-in's one line.
 _PLAIN_LACKS = ("torch.cuda.memory_stats() and what is built on it, memory snapshots and history, "
                 "torch.cuda.OutOfMemoryError, cudnn.benchmark, torch.compile(mode='reduce-overhead'), "
-                "MemPool (tessera_torch.memory_stats() and its peers work)")
+                "MemPool (tessera.memory_stats() and its peers work)")
 
 
 def _adaptor_sources():
     """The torch adaptor's sources and include folders: beside this module in a package,
     else in the repository."""
-    for root in (os.path.join(_HERE, "adaptor"), os.path.join(_HERE, os.pardir, "adaptor")):
+    for root in (os.path.join(_HERE, "adaptor"), os.path.join(_HERE, os.pardir, os.pardir, "adaptor")):
         if os.path.isfile(os.path.join(root, "tessera_torch.cpp")):
             root = os.path.abspath(root)
             header = os.path.join(root, "tessera.h")
@@ -213,7 +217,7 @@ def _adaptor_sources():
 def build_adaptor(verbose=False):
     """Compile the torch adaptor (adaptor/*.cpp: PyTorch's CUDAAllocator over tessera) against the
     torch in this process with torch.utils.cpp_extension, cached per torch and tessera version
-    (TORCH_EXTENSIONS_DIR), and import it. Returns the module. `python -m tessera_torch build`
+    (TORCH_EXTENSIONS_DIR), and import it. Returns the module. `python -m tessera build`
     does this ahead of time."""
     import hashlib
     import torch
@@ -261,7 +265,7 @@ def install(lib_path=None, conf=None, adaptor=False):
 
     if torch.cuda.is_initialized():
         raise RuntimeError(
-            "tessera_torch.install() must run before CUDA is initialised in this process "
+            "tessera.install() must run before CUDA is initialised in this process "
             "(no CUDA tensor, torch.cuda.current_device(), set_device, ... before it): "
             "PyTorch can swap its allocator only once, before first use")
     why = "adaptor=False"
@@ -675,7 +679,7 @@ def on_oom(fn):
         try:
             fn(device, size)
         except BaseException:  # never let anything unwind into the library
-            print(f"tessera_torch: exception in OOM callback {fn!r} (ignored):", file=sys.stderr)
+            print(f"tessera: exception in OOM callback {fn!r} (ignored):", file=sys.stderr)
             traceback.print_exc()
 
     callback = _OOM_CALLBACK(trampoline)
@@ -724,7 +728,7 @@ def monitor(interval_s=10, file=None, device=None):
     return stop
 
 
-# ----- configuration options and `python -m tessera_torch` ------------------------------------
+# ----- configuration options and `python -m tessera` ------------------------------------
 
 # TESSERA_CONF keys: (name, default, meaning). The library's own list is the authority
 # (tests/python checks that the two agree).
@@ -752,8 +756,8 @@ def _main(argv):
         return 0
     out = _usage()
     if "--status" in argv:
-        out = ("tessera_torch: --status cannot attach to another process. In the process itself, call\n"
-               "tessera_torch.monitor(interval_s) or print(tessera_torch.memory_summary()); from outside,\n"
+        out = ("tessera: --status cannot attach to another process. In the process itself, call\n"
+               "tessera.monitor(interval_s) or print(tessera.memory_summary()); from outside,\n"
                "start it with TESSERA_CONF=status_interval:N (a status line every N s on stderr).\n\n" + out)
     sys.stdout.write(out)
     return 0

@@ -1,22 +1,27 @@
 //! tessera: a CUDA caching allocator for PyTorch and LibTorch, built on the
 //! driver's virtual-memory API (expandable segments with page reclamation).
 //!
-//! Layers, bottom up (each in its own module; see each module's opening doc):
+//! Layers, top down; a call goes down only (each module's opening doc says
+//! what it owns):
+//! - [`ffi`]: the C ABI (`include/tessera.h`), where panics stop.
+//! - [`allocator`]: the process-wide registry of devices and configuration,
+//!   OOM callbacks, the global instance and its unloading.
+//! - [`device`]: one device, its front caches before its pool, and the
+//!   protocol between them, written once.
+//! - [`front`]: the hot path. Per-stream shards, each with its own lock,
+//!   serve a stream's freed blocks again for requests of exactly their size.
+//! - [`pool`]: the policy layer for one device, a folder of one file per
+//!   concept: blocks, best fit, split, coalesce, streams, growth, gap
+//!   placement, handles, recycling, private pools, statistics. It never asks
+//!   which backend it runs on.
 //! - [`backend`]: the primitive layer. Reserve address space, create physical
 //!   handles, map and unmap whole handles, record and wait on events. Three
-//!   implementations (cuda, host, sim) behind one trait, and a fault-injecting
-//!   wrapper for tests; no policy, no counting.
-//! - [`pool`]: the policy layer for one device. Blocks, best fit, split,
-//!   coalesce, streams, growth, reclamation, statistics. It never asks which
-//!   backend it runs on.
-//! - [`front`]: the hot path. Per-stream shards, each with its own lock,
-//!   serve a stream's freed blocks again for requests of exactly their size;
-//!   a miss goes to the pool.
-//! - [`allocator`]: the process-wide registry of devices, configuration and
-//!   the error channel.
-//! - [`ffi`]: the C ABI (`include/tessera.h`), where panics stop.
-//! - [`config`] (every option, once), [`stats`] (every statistic, once),
-//!   [`error`], [`log`], and the tools: [`trace`] (the trace format) and
+//!   implementations (cuda, host, sim) behind one trait, and (feature
+//!   `testing`) a fault-injecting wrapper; no policy, no counting.
+//! - Beside them: [`config`] (every option, once), [`stats`] (every
+//!   statistic, once), [`error`], [`log`], [`hash`], [`spin`]; presentation
+//!   over typed views: [`snapshot`] (PyTorch's snapshot shape), [`status`]
+//!   (the status line and its thread), [`trace`] (the trace format); and
 //!   [`replay`] (trace replay and the OOM frontier, behind `tessera-replay`).
 //!
 //! Glossary, used the same way everywhere:

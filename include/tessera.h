@@ -235,6 +235,15 @@ typedef struct TesseraStats {
 } TesseraStats;
 
 /*
+ A function tessera calls before it gives up on an allocation:
+ `(device, bytes requested, user_data)`. It may free memory (e.g. run a
+ garbage collection); tessera retries once after all callbacks ran. A
+ nullable function pointer (`Option` of one is what C sees as a plain
+ pointer, NULL for `None`).
+ */
+typedef void (*TesseraOomCallback)(int device, uint64_t size, void *user_data);
+
+/*
  One block, as `tessera_blocks` and `tessera_pool_blocks` write it.
  */
 typedef struct TesseraBlock {
@@ -258,15 +267,6 @@ typedef struct TesseraBlock {
    */
   int32_t state;
 } TesseraBlock;
-
-/*
- A function tessera calls before it gives up on an allocation:
- `(device, bytes requested, user_data)`. It may free memory (e.g. run a
- garbage collection); tessera retries once after all callbacks ran. A
- nullable function pointer (`Option` of one is what C sees as a plain
- pointer, NULL for `None`).
- */
-typedef void (*TesseraOomCallback)(int device, uint64_t size, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -390,56 +390,6 @@ int64_t tessera_status_line(int device, char *buf, uintptr_t len);
 int64_t tessera_config_warnings(char *buf, uintptr_t len);
 
 /*
- Writes every mapped block of `device`, in address order, into `out` (at
- most `capacity` of them; blocks handed out by the front caches show as
- allocated), without changing anything. Consecutive blocks of one arena
- with no gap between them form a segment. Returns how many blocks there
- are (call with NULL, 0 to ask), or -1.
- # Safety
- `out` is NULL or points to `capacity` writable `TesseraBlock`s.
- */
-int64_t tessera_blocks(int device, struct TesseraBlock *out, uintptr_t capacity);
-
-/*
- Allocates as `tessera_try_malloc`, in private pool `pool` (a number of
- the caller's, 1 to 2^61 - 1): the block comes from and goes back to that
- pool's own cache, which nothing outside the pool uses, until
- `tessera_release_pool`. For PyTorch's memory pools (the torch adaptor).
- */
-void *tessera_try_malloc_in_pool(ssize_t size, int device, cudaStream_t stream, uint64_t pool);
-
-/*
- Private pool `pool` of `device` is gone: its cached memory joins the
- general cache, its live blocks will when freed. Returns the bytes
- released, or -1.
- */
-int64_t tessera_release_pool(int device, uint64_t pool);
-
-/*
- Writes the live blocks of private pool `pool` of `device`, in address
- order, into `out` (at most `capacity`). Returns how many there are, or -1.
- # Safety
- `out` is NULL or points to `capacity` writable `TesseraBlock`s.
- */
-int64_t tessera_pool_blocks(int device,
-                            uint64_t pool,
-                            struct TesseraBlock *out,
-                            uintptr_t capacity);
-
-/*
- Allocates exactly `[ptr, ptr + size)` for `stream` out of private pool
- `pool`'s cache (`requested` bytes asked for): a checkpoint of the pool
- put back (PyTorch's cudagraph trees). Returns `ptr`, or NULL if no cached
- block of the pool holds that range.
- */
-void *tessera_claim_in_pool(int device,
-                            uint64_t pool,
-                            void *ptr,
-                            ssize_t size,
-                            ssize_t requested,
-                            cudaStream_t stream);
-
-/*
  Sets the cumulative values (`allocated`, `freed`) of `device`'s gauges
  to their current values and every counter to zero (PyTorch's
  reset_accumulated_memory_stats). Returns 0 or -1.
@@ -538,6 +488,56 @@ const char *tessera_last_error(void);
  The library's version ("0.1.0").
  */
 const char *tessera_version(void);
+
+/*
+ Writes every mapped block of `device`, in address order, into `out` (at
+ most `capacity` of them; blocks handed out by the front caches show as
+ allocated), without changing anything. Consecutive blocks of one arena
+ with no gap between them form a segment. Returns how many blocks there
+ are (call with NULL, 0 to ask), or -1.
+ # Safety
+ `out` is NULL or points to `capacity` writable `TesseraBlock`s.
+ */
+int64_t tessera_blocks(int device, struct TesseraBlock *out, uintptr_t capacity);
+
+/*
+ Allocates as `tessera_try_malloc`, in private pool `pool` (a number of
+ the caller's, 1 to 2^61 - 1): the block comes from and goes back to that
+ pool's own cache, which nothing outside the pool uses, until
+ `tessera_release_pool`. For PyTorch's memory pools (the torch adaptor).
+ */
+void *tessera_try_malloc_in_pool(ssize_t size, int device, cudaStream_t stream, uint64_t pool);
+
+/*
+ Private pool `pool` of `device` is gone: its cached memory joins the
+ general cache, its live blocks will when freed. Returns the bytes
+ released, or -1.
+ */
+int64_t tessera_release_pool(int device, uint64_t pool);
+
+/*
+ Writes the live blocks of private pool `pool` of `device`, in address
+ order, into `out` (at most `capacity`). Returns how many there are, or -1.
+ # Safety
+ `out` is NULL or points to `capacity` writable `TesseraBlock`s.
+ */
+int64_t tessera_pool_blocks(int device,
+                            uint64_t pool,
+                            struct TesseraBlock *out,
+                            uintptr_t capacity);
+
+/*
+ Allocates exactly `[ptr, ptr + size)` for `stream` out of private pool
+ `pool`'s cache (`requested` bytes asked for): a checkpoint of the pool
+ put back (PyTorch's cudagraph trees). Returns `ptr`, or NULL if no cached
+ block of the pool holds that range.
+ */
+void *tessera_claim_in_pool(int device,
+                            uint64_t pool,
+                            void *ptr,
+                            ssize_t size,
+                            ssize_t requested,
+                            cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,7 +1,7 @@
 //! The allocator under injected backend faults (host backend, real memory):
 //! random sequences from the fuzz target's decoder, checked after every step,
-//! and targeted faults in growth, reclaim, recycling, empty_cache and events;
-//! ignored tests show known bugs. Env: TESSERA_SOAK_OPS (default 120000, ~10 s),
+//! and targeted faults in growth, reclaim, recycling, empty_cache and events.
+//! Env: TESSERA_SOAK_OPS (default 120000, ~10 s),
 //! TESSERA_SOAK_SEED, TESSERA_FAULT_INPUT (hex input to replay; +TESSERA_FAULT_MULTI=1).
 
 mod common;

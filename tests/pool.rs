@@ -585,6 +585,16 @@ fn a_named_pool_keeps_its_blocks_to_itself_until_released() {
     assert_eq!(dev.pool_blocks(7).unwrap().iter().find(|b| b.addr == p).map(|b| b.requested), Some(3 * MIB - 5));
     assert!(dev.claim_in_pool(7, p, 3 * MIB, 3 * MIB, 1).is_err(), "a live block claimed twice");
     assert!(dev.claim_in_pool(8, outside, MIB, MIB, 1).is_err(), "another pool's memory claimed");
+    // Ranges that no block can start or end: refused, the pool unchanged.
+    let cached = a.malloc_in_pool(MIB, 0, 1, 7).unwrap();
+    a.free(cached, None, 0, None).unwrap();
+    for (addr, what) in [(u64::MAX - 100, "a range past the address space"), (cached + 1, "an address inside a granule of 512")] {
+        let e = dev.claim_in_pool(7, addr, 512, 512, 1).expect_err(what);
+        assert!(e.to_string().contains("not a block's address range"), "{what}: {e}");
+        check(&a, 0);
+    }
+    assert_eq!(dev.claim_in_pool(7, cached, MIB, MIB, 1).unwrap(), cached, "the cached block is whole");
+    a.free(cached, None, 0, None).unwrap();
     check(&a, 0);
     for x in [p, q, outside] {
         a.free(x, None, 0, None).unwrap();

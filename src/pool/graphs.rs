@@ -8,7 +8,7 @@
 //! reused outside its pool.
 #![forbid(unsafe_code)]
 
-use super::{round_size, ArenaKind, BlockId, DevicePool, State, GRAPH_KEY};
+use super::{round_size, ArenaKind, BlockId, DevicePool, State, GRAPH_KEY, MIN_BLOCK_BYTES};
 use crate::error::{Error, Result};
 use crate::stats::TesseraCounter as C;
 
@@ -131,11 +131,19 @@ impl DevicePool {
     pub fn claim_in_pool(&mut self, pool: u64, addr: u64, size: u64, requested: u64, stream: u64) -> Result<u64> {
         let key = pool_key(pool)?;
         let rounded = round_size(size);
+        // Blocks start on MIN_BLOCK_BYTES; a range past the end of the
+        // address space is no block's.
+        let end = addr.checked_add(rounded).filter(|_| addr % MIN_BLOCK_BYTES == 0);
+        let Some(end) = end else {
+            return Err(Error::InvalidArgument(format!(
+                "claim of {addr:#x} ({rounded} bytes) in pool {pool}: not a block's address range"
+            )));
+        };
         let gk = GRAPH_KEY | key;
         let found = [ArenaKind::Small, ArenaKind::Large].into_iter().find_map(|arena| {
             self.cached_by_stream
                 .range((arena, gk, 0, 0, 0)..=(arena, gk, u64::MAX, u64::MAX, u32::MAX))
-                .find(|&&(_, _, bsize, baddr, _)| baddr <= addr && addr + rounded <= baddr + bsize)
+                .find(|&&(_, _, bsize, baddr, _)| baddr <= addr && end <= baddr + bsize)
                 .map(|&(_, _, _, _, id)| id)
         });
         let Some(id) = found else {

@@ -230,6 +230,20 @@ pub extern "C" fn tessera_check_config() -> i32 {
     guarded("check_config", -1, || allocator::check_config().map(|_| 0))
 }
 
+/// Writes `value()` through `out` and returns 0; a NULL `out` is the error
+/// "{what} output pointer is NULL", checked before `value` runs.
+/// # Safety
+/// `out` is NULL or points to writable memory for one `T`.
+unsafe fn write_out<T>(out: *mut T, what: &str, value: impl FnOnce() -> Result<T, Error>) -> Result<i32, Error> {
+    if out.is_null() {
+        return Err(Error::InvalidArgument(format!("{what} output pointer is NULL")));
+    }
+    let v = value()?;
+    // SAFETY: out is non-null and writable for one T (this function's contract).
+    unsafe { out.write(v) };
+    Ok(0)
+}
+
 /// Copies the statistics of `device` into `*out`. Returns 0, or -1 with a
 /// message (bad device, NULL `out`).
 /// # Safety
@@ -237,13 +251,8 @@ pub extern "C" fn tessera_check_config() -> i32 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tessera_get_stats(device: c_int, out: *mut TesseraStats) -> i32 {
     guarded("get_stats", -1, || {
-        if out.is_null() {
-            return Err(Error::InvalidArgument("stats output pointer is NULL".into()));
-        }
-        let s = allocator::global()?.stats(device)?;
-        // SAFETY: out is non-null and points to a TesseraStats (caller's contract).
-        unsafe { out.write(s) };
-        Ok(0)
+        // SAFETY: out is NULL or points to a TesseraStats (caller's contract).
+        unsafe { write_out(out, "stats", || allocator::global()?.stats(device)) }
     })
 }
 
@@ -262,18 +271,17 @@ pub extern "C" fn tessera_reset_peak_stats(device: c_int) -> i32 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tessera_get_arena_stats(device: c_int, arena: c_int, out: *mut TesseraStats) -> i32 {
     guarded("get_arena_stats", -1, || {
-        if out.is_null() {
-            return Err(Error::InvalidArgument("stats output pointer is NULL".into()));
+        // SAFETY: out is NULL or points to a TesseraStats (caller's contract).
+        unsafe {
+            write_out(out, "stats", || {
+                let kind = match arena {
+                    0 => ArenaKind::Small,
+                    1 => ArenaKind::Large,
+                    _ => return Err(Error::InvalidArgument(format!("arena {arena} is neither 0 (small) nor 1 (large)"))),
+                };
+                allocator::global()?.arena_stats(device, kind)
+            })
         }
-        let kind = match arena {
-            0 => ArenaKind::Small,
-            1 => ArenaKind::Large,
-            _ => return Err(Error::InvalidArgument(format!("arena {arena} is neither 0 (small) nor 1 (large)"))),
-        };
-        let s = allocator::global()?.arena_stats(device, kind)?;
-        // SAFETY: out is non-null and points to a TesseraStats (caller's contract).
-        unsafe { out.write(s) };
-        Ok(0)
     })
 }
 
@@ -287,13 +295,8 @@ pub unsafe extern "C" fn tessera_get_arena_stats(device: c_int, arena: c_int, ou
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tessera_cache_info(device: c_int, largest_cached_bytes: *mut u64) -> i32 {
     guarded("cache_info", -1, || {
-        if largest_cached_bytes.is_null() {
-            return Err(Error::InvalidArgument("cache_info output pointer is NULL".into()));
-        }
-        let largest = allocator::global()?.largest_cached_bytes(device)?;
-        // SAFETY: non-null, and points to a u64 (caller's contract).
-        unsafe { largest_cached_bytes.write(largest) };
-        Ok(0)
+        // SAFETY: NULL or points to a u64 (caller's contract).
+        unsafe { write_out(largest_cached_bytes, "cache_info", || allocator::global()?.largest_cached_bytes(device)) }
     })
 }
 

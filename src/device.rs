@@ -192,11 +192,7 @@ impl Device {
             let stream = stream.or_else(|| pool.held_stream(ptr))?;
             if let Some(b) = pool.lent_at(ptr) {
                 if !front.take_back(pool, &b) {
-                    pool.stats_mut().bump(C::InvalidFrees, 1);
-                    return Some(Err(Error::InvalidArgument(format!(
-                        "free of {ptr:#x}, which is not a live tessera allocation on device {} (freed twice)",
-                        self.index
-                    ))));
+                    return Some(Err(pool.invalid_free(ptr, "freed twice")));
                 }
                 return Some(pool.free(ptr, size, Some(stream)));
             }
@@ -398,7 +394,7 @@ impl Device {
 
 impl Drop for Device {
     /// The fronts give their blocks back, so that a pool with nothing live
-    /// returns its memory (tests, replays; the global one is never dropped).
+    /// returns its memory (tests, replays, and the global one at `dlclose`).
     fn drop(&mut self) {
         self.drain_fronts();
     }

@@ -35,6 +35,16 @@ impl DevicePool {
         }
     }
 
+    /// The error for a free of `addr` that no live block answers, counted
+    /// in `invalid_frees`; `why` says what the pointer may have been.
+    pub fn invalid_free(&mut self, addr: u64, why: &str) -> Error {
+        self.stats.bump(C::InvalidFrees, 1);
+        Error::InvalidArgument(format!(
+            "free of {addr:#x}, which is not a live tessera allocation on device {} ({why})",
+            self.device
+        ))
+    }
+
     /// As `free`, but a block that would be cached whole for its stream (no
     /// other stream used it, no graph capture owns it, sizes and stream as
     /// allocated) is lent instead when `lend(stream)` says so: it becomes
@@ -44,14 +54,7 @@ impl DevicePool {
         let id = match self.live.get(&addr) {
             Some(&id) if self.b(id).state == State::Allocated => id,
             Some(&id) if self.b(id).state == State::Lent => return Ok(Freed::HeldByFront(self.b(id).stream)),
-            _ => {
-                self.stats.bump(C::InvalidFrees, 1);
-                return Err(Error::InvalidArgument(format!(
-                    "free of {addr:#x}, which is not a live tessera allocation on device {} \
-                     (never allocated by tessera, or freed twice)",
-                    self.device
-                )));
-            }
+            _ => return Err(self.invalid_free(addr, "never allocated by tessera, or freed twice")),
         };
         self.claim_for_capture_at_free(id);
         self.live.remove(&addr);

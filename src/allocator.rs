@@ -213,10 +213,7 @@ impl Allocator {
         for (d, dev) in self.devices.iter().enumerate() {
             if let Some(result) = dev.free(ptr, size, None) {
                 result?; // a double free there, say, is reported as such
-                dev.with_pool(|p| {
-                    p.stats_mut().bump(TesseraCounter::MismatchedFrees, 1);
-                    Ok(())
-                })?;
+                dev.count(TesseraCounter::MismatchedFrees);
                 return Err(Error::InvalidArgument(format!(
                     "free of {ptr:#x} named device {device}, but it was allocated on device {d}; freed it there"
                 )));

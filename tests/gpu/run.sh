@@ -65,14 +65,22 @@ run_test() {
   NAMES+=("$name") RESULTS+=("$result") SECS+=("$secs") NOTES+=("${note:0:140}")
 }
 
-# The LibTorch test: configure, build and run (one step, so one line in the table).
+# The LibTorch test: configure, build, run through the adaptor and as a plain plug-in
+# (one step, so one line in the table).
 libtorch_test() {
   local prefix build=${LIBTORCH_BUILD:-/tmp/tessera_libtorch_build}  # outside $OUT: logs only there
   prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)') || return 1
   cmake -S tests/libtorch -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" \
       -DTESSERA_LIBRARY="$TESSERA_LIB" ${TESSERA_INCLUDE_DIR:+-DTESSERA_INCLUDE_DIR="$TESSERA_INCLUDE_DIR"} &&
-    cmake --build "$build" -j "$(nproc)" &&
-    "$build/tessera_libtorch_test"
+    cmake --build "$build" -j "$(nproc)" || return 1
+  local mode out rc notes=""
+  for mode in adaptor plain; do  # each in its own process: the allocator is chosen once
+    out=$("$build/tessera_libtorch_test" "$mode"); rc=$?
+    printf '%s\n' "$out" | sed 's/^NOTE: /  /'
+    [ "$rc" = 0 ] || return "$rc"
+    notes+="${notes:+; }$(printf '%s\n' "$out" | grep -a '^NOTE: ' | cut -c7-)"
+  done
+  echo "NOTE: $notes"
 }
 export -f libtorch_test
 export OUT TESSERA_INCLUDE_DIR=${TESSERA_INCLUDE_DIR:-} LIBTORCH_BUILD=${LIBTORCH_BUILD:-}

@@ -1,5 +1,8 @@
-// LibTorch + tessera: install tessera as the CUDA allocator, train a small MLP, check
-// tessera's stats and its out-of-memory error. Prints "LIBTORCH OK" and exits 0 on success.
+// LibTorch + tessera: install tessera as the CUDA allocator, through the torch adaptor
+// (argument "adaptor") or as a plain plug-in ("plain"), train a small MLP, check tessera's
+// stats, PyTorch's own (adaptor) and the out-of-memory error. Prints "LIBTORCH OK" and
+// exits 0 on success.
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 #include <torch/torch.h>
 
@@ -10,6 +13,7 @@
 #include <tuple>
 
 #include "tessera.h"
+#include "tessera_torch.h"
 
 namespace {
 
@@ -42,12 +46,13 @@ int index_of(int32_t n, const char* (*name)(int32_t), const char* want) {
 }
 
 struct Stats {
-  int64_t allocated_current = 0, reserved_peak = 0;
+  int64_t allocated_current = 0, requested_current = 0, reserved_peak = 0;
   uint64_t hits = 0, misses = 0;
 };
 
 Stats read_stats() {
   static const int alloc = index_of(tessera_gauge_count(), tessera_gauge_name, "allocated_bytes");
+  static const int requested = index_of(tessera_gauge_count(), tessera_gauge_name, "requested_bytes");
   static const int reserved = index_of(tessera_gauge_count(), tessera_gauge_name, "reserved_bytes");
   static const int hits = index_of(tessera_counter_count(), tessera_counter_name, "cache_hits");
   static const int misses = index_of(tessera_counter_count(), tessera_counter_name, "cache_misses");
@@ -59,6 +64,7 @@ Stats read_stats() {
     return s;
   }
   if (alloc >= 0) s.allocated_current = st.gauges[alloc].current;
+  if (requested >= 0) s.requested_current = st.gauges[requested].current;
   if (reserved >= 0) s.reserved_peak = st.gauges[reserved].peak;
   if (hits >= 0) s.hits = st.counters[hits];
   if (misses >= 0) s.misses = st.counters[misses];
@@ -87,17 +93,28 @@ void install_tessera() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "adaptor";
+  if (mode != "adaptor" && mode != "plain") {
+    std::printf("usage: %s [adaptor|plain]\n", argv[0]);
+    return 2;
+  }
+  const bool adaptor = mode == "adaptor";
   if (tessera_check_config() != 0) {
     std::printf("FAIL: bad TESSERA_CONF: %s\n", tessera_last_error());
     return 2;
   }
-  install_tessera();
+  if (adaptor) {
+    tessera::torch_adaptor::install();
+    check(tessera::torch_adaptor::installed(), "the adaptor is installed");
+  } else {
+    install_tessera();
+  }
   if (!torch::cuda::is_available()) {
     std::printf("FAIL: no CUDA device\n");
     return 2;
   }
-  std::printf("tessera %s\n", tessera_version());
+  std::printf("tessera %s, %s\n", tessera_version(), adaptor ? "through the torch adaptor" : "as a plain plug-in");
   torch::manual_seed(0);
   const torch::Device dev(torch::kCUDA, 0);
 
@@ -127,24 +144,41 @@ int main() {
   check(s.allocated_current > 0, "allocated_bytes current > 0 while tensors live");
   check(s.hits > 0, "cache_hits > 0 after 20 steps");
   check(s.misses > 0, "cache_misses > 0");
+  namespace cca = c10::cuda::CUDACachingAllocator;
+  if (adaptor) {  // PyTorch's own statistics are tessera's
+    const auto agg = static_cast<size_t>(c10::CachingDeviceAllocator::StatType::AGGREGATE);
+    const auto torch_stats = cca::getDeviceStats(0);
+    check(torch_stats.allocated_bytes[agg].current == s.allocated_current,
+          "getDeviceStats allocated_bytes " + std::to_string(torch_stats.allocated_bytes[agg].current) +
+              " = tessera's " + std::to_string(s.allocated_current));
+    check(torch_stats.requested_bytes[agg].current == s.requested_current,
+          "getDeviceStats requested_bytes = tessera's " + std::to_string(s.requested_current));
+    check(torch_stats.reserved_bytes[agg].peak == s.reserved_peak, "getDeviceStats reserved_bytes peak = tessera's");
+    size_t largest = 0;
+    cca::cacheInfo(0, &largest);
+    check(largest > 0, "cacheInfo: the largest block without growing is " + std::to_string(largest) + " B");
+  }
 
   // Out of memory surfaces as a C++ exception with PyTorch's wording; CUDA still works after.
   try {
     auto huge = torch::empty({int64_t(1) << 40}, torch::TensorOptions().dtype(torch::kUInt8).device(dev));
     check(false, "1 TiB allocation raised");
+  } catch (const c10::OutOfMemoryError& e) {
+    check(adaptor, "1 TiB raised c10::OutOfMemoryError (the adaptor's): " + std::string(e.what_without_backtrace()).substr(0, 120));
   } catch (const std::exception& e) {
     std::string msg = e.what();
-    check(msg.rfind("CUDA out of memory. Tried to allocate", 0) == 0, "1 TiB raised: " + msg.substr(0, 120));
+    check(!adaptor && msg.rfind("CUDA out of memory. Tried to allocate", 0) == 0,
+          "1 TiB raised " + std::string(adaptor ? "a plain exception, not OutOfMemoryError: " : "") + msg.substr(0, 120));
   }
   auto a = torch::ones({1024, 1024}, dev);
   check((a.matmul(a) == 1024).all().item<bool>(), "matmul after OOM");
-  c10::cuda::CUDACachingAllocator::emptyCache();  // through the reset hook
+  cca::emptyCache();  // through the reset hook or the adaptor
 
   if (failures) {
     std::printf("LIBTORCH FAILED (%d)\n", failures);
     return 1;
   }
-  std::printf("NOTE: loss %.3f -> %.3f, hits %llu misses %llu\n", first, last, (unsigned long long)s.hits,
+  std::printf("NOTE: %s: loss %.3f -> %.3f, hits %llu misses %llu\n", mode.c_str(), first, last, (unsigned long long)s.hits,
               (unsigned long long)s.misses);
   std::printf("LIBTORCH OK\n");
   return 0;

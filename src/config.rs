@@ -253,9 +253,10 @@ options! {
     device_count: u32 = "1";
     /// Keep memory used by CUDA graph captures private to each capture
     /// (asks the driver whether the stream captures on every allocation and
-    /// free). `tessera.install()` (the plain plug-in) switches it on at the first
-    /// `CUDAGraph.capture_begin`; C++ code that captures sets it or calls
-    /// `tessera_watch_graphs()` first.
+    /// free), for the plain plug-in: `tessera.install(adaptor=False)`
+    /// switches it on at the first `CUDAGraph.capture_begin`; C++ code that
+    /// captures sets it or calls `tessera_watch_graphs()` first. Through the
+    /// torch adaptor, PyTorch's own pool calls keep captures private.
     graph_pools: bool = "false";
     /// Serve each stream's freed blocks again, for requests of exactly their
     /// size, from per-stream front caches with their own locks (the hot path:

@@ -28,6 +28,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--native", action="store_true", help="use PyTorch's native allocator")
+    p.add_argument("--plug-in", action="store_true",
+                   help="install tessera as a plain plug-in, not through the torch adaptor")
     p.add_argument("--conf", default=None, help="tessera config string (TESSERA_CONF syntax)")
     p.add_argument("--lib", default=None, help="path of libtessera.so")
     p.add_argument("--seed", type=int, default=0)
@@ -107,10 +109,10 @@ def memory_line(torch, tessera):
 
 def main():
     args = parse_args()
-    tessera = None
+    tessera = path = None
     if not args.native:
         import tessera_torch as tessera  # noqa: PLC0415
-        tessera.install(lib_path=args.lib, conf=args.conf)  # before any CUDA use
+        path = tessera.install(lib_path=args.lib, conf=args.conf, adaptor=not args.plug_in)  # before any CUDA use
     import torch
 
     if not torch.cuda.is_available():
@@ -153,6 +155,7 @@ def main():
         peak_reserved, peak_alloc = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
     print(json.dumps({
         "allocator": "native" if tessera is None else "tessera",
+        "path": None if tessera is None else path,
         "steps": args.steps, "final_loss": losses[-1], "steps_per_s": round(steps_per_s, 3),
         "peak_reserved_mib": round(peak_reserved / MiB, 1),
         "peak_allocated_mib": round(peak_alloc / MiB, 1),

@@ -33,10 +33,11 @@ def settle(torch):
     torch.cuda.synchronize()
 
 
-def install(conf=None):
-    """Install tessera (conf: TESSERA_CONF syntax), then import and return torch."""
+def install(conf=None, adaptor=True):
+    """Install tessera (conf: TESSERA_CONF syntax; through the torch adaptor unless adaptor is
+    False), then import and return torch."""
     import tessera_torch
-    tessera_torch.install(conf=conf)
+    tessera_torch.install(conf=conf, adaptor=adaptor)
     import torch
     torch.cuda.init()
     return torch, tessera_torch

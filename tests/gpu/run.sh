@@ -88,8 +88,12 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # skip CMake's GPU arc
 
 SELECTED=("$@")
 # Timeouts are a few times the expected time (whole suite: about 3-5 minutes on an H100).
+# First the torch adaptor, which install() uses by default: built once (cached per torch
+# version, sources and library), so that no test pays for the compile.
+run_test build       300 python3 -m tessera build
+run_test fallback    240 python3 tests/gpu/t_fallback.py
 run_test smoke       120 python3 tests/gpu/t_smoke.py
-run_test train       240 python3 tests/gpu/t_train_parity.py
+run_test train       300 python3 tests/gpu/t_train_parity.py
 run_test oom         240 python3 tests/gpu/t_oom.py
 run_test threads     240 python3 tests/gpu/t_threads.py
 run_test multistream 120 python3 tests/gpu/t_multistream.py

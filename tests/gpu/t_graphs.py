@@ -1,12 +1,27 @@
-"""CUDA graphs with tessera in its default configuration (tessera_torch switches graph_pools
-on at the first capture_begin): capture a small model step with
-torch.cuda.graph, replay it 1000 times while other work allocates and frees
-around it, and check that every replay gives bit-identical outputs; then
-torch.cuda.make_graphed_callables on an MLP, forward and backward."""
+"""CUDA graphs with tessera in its default configuration, through the torch adaptor (PyTorch's
+graph pools are tessera's pools) and as a plain plug-in (tessera switches graph_pools on at
+the first capture_begin), each in its own process: capture a small model step with
+torch.cuda.graph, replay it 1000 times while other work allocates and frees around it, and
+check that every replay gives bit-identical outputs; then torch.cuda.make_graphed_callables on
+an MLP, forward and backward."""
 
-from gpu_util import check, install, note, settle
+import json
+import sys
 
-torch, tt = install()
+from gpu_util import check, install, note, run_json, settle
+
+if len(sys.argv) == 1:
+    notes = []
+    for path in ("adaptor", "plug-in"):
+        summary, proc = run_json([sys.executable, __file__, path], timeout=300)  # memcheck: 10-50x
+        check(proc.returncode == 0, f"{path} run exited {proc.returncode}")
+        notes.append(f"{path}: {summary['note']}")
+    note("; ".join(notes))
+    print("GRAPHS OK")
+    sys.exit(0)
+
+torch, tt = install(adaptor=sys.argv[1] == "adaptor")
+check(tt.install() == sys.argv[1], f"installed as {tt.install()}, not {sys.argv[1]}")
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512)).cuda()
 static_in = torch.randn(64, 512, device="cuda")
@@ -53,5 +68,9 @@ check(torch.allclose(out, ref) and torch.allclose(x.grad, ref_grad), "graphed ca
 
 del g, graphed, static_out
 settle(torch)
-released = tt.release_graph_memory()
-note(f"1000 replays bit-identical with churn around; make_graphed_callables ok; {released >> 20} MiB released after")
+if sys.argv[1] == "plug-in":  # the graphs' memory stays private until released by hand
+    released = f"{tt.release_graph_memory() >> 20} MiB released after"
+else:  # PyTorch released the pools itself; nothing is left for the plug-in's call
+    check(tt.release_graph_memory() == 0, "the adaptor left memory in the plug-in's graph pools")
+    released = "pools released by PyTorch"
+print(json.dumps({"note": f"1000 replays bit-identical; make_graphed_callables ok; {released}"}))

@@ -19,6 +19,14 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#include <torch/version.h>
+
+// The CUDAAllocator interface this adaptor implements is PyTorch 2.11's (tested); older
+// versions differ in its methods and namespaces. Newer ones are tried: where the interface
+// changed, compiling fails, and tessera.install() falls back to the plain plug-in.
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 11)
+#error "tessera's torch adaptor needs PyTorch 2.11 or newer (its CUDAAllocator interface); use the plain plug-in"
+#endif
 
 #include <algorithm>
 #include <atomic>

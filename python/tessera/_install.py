@@ -31,6 +31,19 @@ def _adaptor_sources():
     return None, None
 
 
+# The oldest PyTorch whose CUDAAllocator interface the adaptor implements (2.11 is tested;
+# newer ones are compiled and, where the interface changed, fail and fall back).
+MIN_TORCH = (2, 11)
+
+
+def _torch_version(text):
+    """(major, minor) of a torch version string such as "2.11.0+cu130" or "2.12.0a0+git..."."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def _adaptor_name(torch, root, include):
     """The adaptor's module name: torch's version and a hash of what it is built from (its
     sources, tessera.h, and the libtessera.so it links, by path: a module linked with another
@@ -98,6 +111,9 @@ def build_adaptor(verbose=False):
     if root is None:
         raise FileNotFoundError("the torch adaptor's sources (adaptor/tessera_torch.cpp) are not here")
     load()
+    if _torch_version(torch.__version__) < MIN_TORCH:
+        raise RuntimeError(f"the torch adaptor needs PyTorch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer "
+                           f"(its CUDAAllocator interface); this is {torch.__version__}")
     name = _adaptor_name(torch, root, include)
     module = _cached_adaptor(cpp_extension, name)
     if module is not None:

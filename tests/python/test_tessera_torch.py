@@ -355,3 +355,91 @@ def test_a_pasted_pytorch_configuration_allocates_and_warns_per_key(lib_path):
     assert len(r["warnings"]) == 3, r["warnings"]
     for key in ("max_split_size_mb", "roundup_power2_divisions", "pinned_use_cuda_host_register"):
         assert any(key in w and "does not apply" in w for w in r["warnings"]), key
+
+
+# --- install() without a real torch: a stand-in torch records what tessera asks of it ---
+
+FAKE_TORCH = """
+import sys, types
+calls = []
+torch = types.ModuleType("torch"); torch.__version__ = VERSION
+cuda = types.ModuleType("torch.cuda"); cuda.is_initialized = lambda: False
+memory = types.ModuleType("torch.cuda.memory")
+class Hooks:
+    def __getattr__(self, name):
+        return lambda ptr: calls.append((name, bool(ptr)))
+class CUDAPluggableAllocator:
+    def __init__(self, path, malloc, free):
+        calls.append(("plug-in", malloc, free)); self.hooks = Hooks()
+    def allocator(self):
+        return self.hooks
+memory.CUDAPluggableAllocator = CUDAPluggableAllocator
+memory.change_current_allocator = lambda a: calls.append(("changed",))
+graphs = types.ModuleType("torch.cuda.graphs")
+class CUDAGraph:
+    def capture_begin(self): pass
+graphs.CUDAGraph = CUDAGraph
+cuda.memory, cuda.graphs, torch.cuda = memory, graphs, cuda
+utils = types.ModuleType("torch.utils"); ext = types.ModuleType("torch.utils.cpp_extension")
+def load(**kw):
+    calls.append(("compiled",)); raise RuntimeError("a compiler error\\nError building extension")
+ext.load = load
+ext._get_build_directory = lambda name, verbose: CACHE
+utils.cpp_extension, torch.utils = ext, utils
+sys.modules.update({"torch": torch, "torch.cuda": cuda, "torch.cuda.memory": memory,
+                    "torch.cuda.graphs": graphs, "torch.utils": utils, "torch.utils.cpp_extension": ext})
+"""
+
+
+@pytest.mark.parametrize("version, tools, expect", [
+    ("2.10.1+cu128", True, "needs PyTorch 2.11 or newer"),   # refused before compiling
+    ("2.11.0+cu130", False, "no C++ compiler (c++) and no ninja on PATH"),
+    ("2.12.0a0+git1234", True, "Error building extension"),  # tried, and the compile failed
+])
+def test_install_falls_back_to_the_plain_plug_in_in_one_line(lib_path, tmp_path, version, tools, expect):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if tools:  # stand-ins that shutil.which finds
+        for tool in ("c++", "ninja"):
+            (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+            (bin_dir / tool).chmod(0o755)
+    body = f"VERSION, CACHE = {version!r}, {str(tmp_path / 'cache')!r}\n" + FAKE_TORCH + """
+import io, contextlib
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    path = tt.install()
+emit(path=path, again=tt.install(), err=err.getvalue(), calls=calls)
+"""
+    out = run_child(lib_path, body, env={"TESSERA_CONF": "backend:host", "PATH": str(bin_dir)})
+    assert out["path"] == out["again"] == "plug-in"
+    lines = out["err"].splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("tessera: installed as a plain plug-in") and expect in lines[0], lines[0]
+    assert "torch.cuda.memory_stats()" in lines[0]
+    compiled = ["compiled"] in out["calls"]
+    assert compiled == (expect == "Error building extension"), out["calls"]
+    assert ["plug-in", "tessera_malloc", "tessera_free"] in out["calls"] and ["changed"] in out["calls"]
+    hooks = {c[0] for c in out["calls"] if len(c) == 2 and c[1] is True}
+    assert hooks == {"set_reset_fn", "set_record_stream_fn", "set_init_fn", "set_memory_fraction_fn"}
+
+
+def test_install_with_adaptor_false_says_nothing(lib_path, tmp_path):
+    body = f"VERSION, CACHE = '2.11.0', {str(tmp_path)!r}\n" + FAKE_TORCH + """
+import io, contextlib
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    path = tt.install(adaptor=False)
+emit(path=path, err=err.getvalue(), calls=calls)
+"""
+    out = run_child(lib_path, body, env={"TESSERA_CONF": "backend:host"})
+    assert out["path"] == "plug-in" and out["err"] == ""
+    assert ["compiled"] not in out["calls"]
+
+
+def test_torch_versions_parse():
+    from tessera import _install
+    assert _install._torch_version("2.11.0+cu130") == (2, 11)
+    assert _install._torch_version("2.12.0a0+git1234") == (2, 12)
+    assert _install._torch_version("2.1.0rc1") == (2, 1)
+    assert _install._torch_version("nonsense") == (0, 0)
+    assert _install._torch_version("2.10.1") < _install.MIN_TORCH <= _install._torch_version("2.11.0")

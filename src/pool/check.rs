@@ -170,5 +170,30 @@ impl DevicePool {
             let sum: i64 = self.arena_stats.iter().map(|a| a.gauge(gauge).current).sum();
             assert_eq!(sum, s.gauge(gauge).current, "arena gauges of {gauge:?} do not sum to the device's");
         }
+        self.check_epochs();
+    }
+
+    /// The streams' epochs: `epochs_waiting` lists exactly the streams with
+    /// an outstanding event, `epochs_dirty` exactly the dirty ones, each
+    /// once; a stream that is neither covers every free it stamped.
+    fn check_epochs(&self) {
+        let listed = |list: &[u64], what: &str, has: &dyn Fn(&super::Epoch) -> bool| {
+            let mut seen = std::collections::HashSet::new();
+            for stream in list {
+                assert!(seen.insert(*stream), "stream {stream} listed twice as {what}");
+                assert!(self.epochs.get(stream).is_some_and(has), "stream {stream} listed as {what} but is not");
+            }
+            let count = self.epochs.values().filter(|e| has(e)).count();
+            assert_eq!(count, list.len(), "{what} streams not all listed");
+        };
+        listed(&self.epochs_waiting, "waiting", &|e| e.event.is_some());
+        listed(&self.epochs_dirty, "dirty", &|e| e.dirty);
+        for id in self.cached_by_stream.iter().map(|k| k.4) {
+            let b = self.b(id);
+            let Some(epoch) = self.epochs.get(&b.stream).filter(|_| b.freed_seq != 0) else { continue };
+            let covered = epoch.done_seq >= b.freed_seq || epoch.event.is_some_and(|(_, seq)| seq >= b.freed_seq);
+            assert!(covered || epoch.dirty,
+                    "block {id}'s free on stream {} is covered by no epoch event and the stream is not dirty", b.stream);
+        }
     }
 }

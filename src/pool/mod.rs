@@ -117,6 +117,12 @@ pub struct DevicePool {
     /// when `free_seq` was the second field, and the highest free number the
     /// device has passed on it.
     epochs: HashMap<u64, Epoch>,
+    /// The streams with an outstanding epoch event (`Epoch::event` set),
+    /// each once: what `advance_epochs` polls.
+    epochs_waiting: Vec<u64>,
+    /// The streams that freed blocks since their last epoch event
+    /// (`Epoch::dirty` set), each once: where `advance_epochs` records one.
+    epochs_dirty: Vec<u64>,
     /// The stream of the last free, to skip the map on the hot path.
     last_free_stream: Option<u64>,
     /// Whether any graph capture was seen on this device.
@@ -222,6 +228,8 @@ impl DevicePool {
             arena_stats: [TesseraStats::default(); 2],
             free_seq: 0,
             epochs: HashMap::new(),
+            epochs_waiting: Vec::new(),
+            epochs_dirty: Vec::new(),
             last_free_stream: None,
             seen_capture: false,
             stale_events: Vec::new(),

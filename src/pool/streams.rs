@@ -23,10 +23,17 @@ pub(super) struct PendingFree {
     pub(super) needs_sync: bool,
 }
 
+/// What the device is known to have passed on one stream that freed blocks.
 #[derive(Debug, Default)]
 pub(super) struct Epoch {
+    /// The outstanding epoch event and the free number when it was recorded
+    /// (the stream is then in `DevicePool::epochs_waiting`).
     pub(super) event: Option<(EventId, u64)>,
+    /// The highest free number the device has passed on this stream.
     pub(super) done_seq: u64,
+    /// The stream freed blocks since its last event was recorded (it is then
+    /// in `DevicePool::epochs_dirty`).
+    pub(super) dirty: bool,
 }
 
 impl DevicePool {
@@ -72,7 +79,11 @@ impl DevicePool {
         b.state = State::Cached;
         b.freed_seq = seq;
         if self.last_free_stream != Some(stream) {
-            self.epochs.entry(stream).or_default();
+            let epoch = self.epochs.entry(stream).or_default();
+            if !epoch.dirty {
+                epoch.dirty = true;
+                self.epochs_dirty.push(stream);
+            }
             self.last_free_stream = Some(stream);
         }
     }
@@ -86,41 +97,75 @@ impl DevicePool {
         b.freed_seq == 0 || self.epochs.get(&b.stream).is_some_and(|e| b.freed_seq <= e.done_seq)
     }
 
-    /// Polls each stream's epoch event (advancing what the device is known
-    /// to have passed) and records a new one where none is outstanding. Off
-    /// the hot path: called when the pool must grow.
+    /// Polls the outstanding epoch events (advancing what the device is
+    /// known to have passed) and records one on each stream that freed
+    /// blocks since its last, where none is outstanding. Visits only those
+    /// streams, never every stream seen. Off the hot path: called when the
+    /// pool must grow or serve a stream from another's blocks.
     pub(super) fn advance_epochs(&mut self) -> Result<()> {
         self.retry_stale_events();
-        let streams: Vec<u64> = self.epochs.keys().copied().collect();
-        for stream in streams {
-            if self.backend.is_capturing(self.device, stream)? {
-                continue; // an event recorded now would belong to the graph
+        let mut i = 0;
+        while i < self.epochs_waiting.len() {
+            let stream = self.epochs_waiting[i];
+            let (event, seq) = self.epochs[&stream].event.expect("a waiting stream has an event");
+            // An event query is refused while the stream captures a graph.
+            if self.backend.is_capturing(self.device, stream)? || !self.backend.event_done(self.device, event)? {
+                i += 1;
+                continue;
             }
-            if let Some((event, seq)) = self.epochs[&stream].event {
-                if !self.backend.event_done(self.device, event)? {
-                    continue;
-                }
-                self.retire_epoch_event(stream, event, seq);
-                if self.epochs[&stream].event.is_some() {
-                    continue; // not destroyed: retried at the next poll
-                }
-            }
-            if self.epochs[&stream].done_seq < self.free_seq {
-                let event = self.backend.record_event(self.device, stream)?;
-                self.epochs.get_mut(&stream).expect("listed").event = Some((event, self.free_seq));
+            self.retire_epoch_event(stream, event, seq);
+            if self.epochs[&stream].event.is_none() {
+                self.epochs_waiting.swap_remove(i);
+            } else {
+                i += 1; // not destroyed: retried at the next poll
             }
         }
-        Ok(())
+        let dirty = std::mem::take(&mut self.epochs_dirty);
+        let mut still = Vec::new();
+        let mut result = Ok(());
+        for stream in dirty {
+            if result.is_err() || self.epochs[&stream].event.is_some() {
+                still.push(stream); // after the outstanding event passes
+                continue;
+            }
+            let event = match self.backend.is_capturing(self.device, stream) {
+                Ok(true) => Ok(None), // an event recorded now would belong to the graph
+                Ok(false) => self.backend.record_event(self.device, stream).map(Some),
+                Err(e) => Err(e),
+            };
+            match event {
+                Ok(Some(event)) => {
+                    let epoch = self.epochs.get_mut(&stream).expect("listed");
+                    epoch.event = Some((event, self.free_seq));
+                    epoch.dirty = false;
+                    self.epochs_waiting.push(stream);
+                }
+                Ok(None) => still.push(stream),
+                Err(e) => {
+                    still.push(stream);
+                    result = Err(e);
+                }
+            }
+        }
+        self.epochs_dirty = still;
+        // The next free on the last stream marks it dirty again.
+        self.last_free_stream = None;
+        result
     }
 
-    /// Waits for every stream's outstanding epoch event (recorded by
+    /// Waits for every outstanding epoch event (recorded by
     /// `advance_epochs`) and marks its frees done.
     pub(super) fn wait_epochs(&mut self) -> Result<()> {
-        let streams: Vec<u64> = self.epochs.keys().copied().collect();
-        for stream in streams {
-            if let Some((event, seq)) = self.epochs[&stream].event {
-                self.driver(|b, d| b.event_synchronize(d, event))?;
-                self.retire_epoch_event(stream, event, seq);
+        let mut i = 0;
+        while i < self.epochs_waiting.len() {
+            let stream = self.epochs_waiting[i];
+            let (event, seq) = self.epochs[&stream].event.expect("a waiting stream has an event");
+            self.driver(|b, d| b.event_synchronize(d, event))?;
+            self.retire_epoch_event(stream, event, seq);
+            if self.epochs[&stream].event.is_none() {
+                self.epochs_waiting.swap_remove(i);
+            } else {
+                i += 1;
             }
         }
         Ok(())

@@ -190,16 +190,16 @@ impl DevicePool {
             self.stats.gauge_mut(G::ReservedBytes).add((n * g) as i64);
             self.stats.gauge_mut(G::Handles).add(1);
             let h = Handle { backend_id, granules: n, va: None };
-            let idx = match self.handles.iter().position(Option::is_none) {
+            let idx = match self.free_handle_slots.pop() {
                 Some(i) => {
-                    self.handles[i] = Some(h);
+                    self.handles[i as usize] = Some(h);
                     i
                 }
                 None => {
                     self.handles.push(Some(h));
-                    self.handles.len() - 1
+                    (self.handles.len() - 1) as HandleIdx
                 }
-            } as HandleIdx;
+            };
             made.push(idx);
             left -= n;
         }
@@ -253,6 +253,7 @@ impl DevicePool {
         self.stats.bump(C::DriverReleaseCalls, 1);
         self.free_handles.remove(&(n, h));
         self.handles[h as usize] = None;
+        self.free_handle_slots.push(h);
         self.stats.gauge_mut(G::ReservedBytes).sub((n * self.conf.page_size.0) as i64);
         self.stats.gauge_mut(G::Handles).sub(1);
         Ok(())

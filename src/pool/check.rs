@@ -134,6 +134,12 @@ impl DevicePool {
             }
         }
         assert_eq!(handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
+        let mut slots: Vec<HandleIdx> = self.free_handle_slots.clone();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), self.free_handle_slots.len(), "a handle slot listed free twice");
+        assert!(slots.iter().all(|&h| self.handles[h as usize].is_none()), "a live handle's slot listed free");
+        assert_eq!(slots.len() + handles, self.handles.len(), "a released handle slot not listed free");
         let s = &self.stats;
         let checks = [
             (G::AllocatedBytes, allocated),
@@ -171,6 +177,40 @@ impl DevicePool {
             assert_eq!(sum, s.gauge(gauge).current, "arena gauges of {gauge:?} do not sum to the device's");
         }
         self.check_epochs();
+        self.check_recyclable();
+    }
+
+    /// Recycling's candidates: each is an indexed cached block outside graph
+    /// pools, under its own size; every mapped handle wholly under such
+    /// blocks overlaps one.
+    fn check_recyclable(&self) {
+        for &(size, id) in &self.recyclable {
+            let b = self.b(id);
+            assert!(self.is_indexed_cached(id) && b.size == size && b.graph == 0, "candidate {id} is not an indexed cached block of {size} bytes");
+        }
+        let g = self.conf.page_size.0;
+        // Non-hole blocks by address, every arena.
+        let mut blocks: Vec<(u64, u64, u32)> = Vec::new();
+        for arena in &self.arenas {
+            let mut id = arena.head;
+            while id != NIL {
+                let b = self.b(id);
+                if b.state != State::Hole {
+                    blocks.push((b.addr, b.addr + b.size, id));
+                }
+                id = b.next;
+            }
+        }
+        blocks.sort_unstable();
+        for (&va, &h) in &self.mapped {
+            let end = va + self.handles[h as usize].as_ref().expect("live").granules * g;
+            let from = blocks.partition_point(|&(_, e, _)| e <= va);
+            let under: Vec<u32> = blocks[from..].iter().take_while(|&&(a, _, _)| a < end).map(|&(_, _, id)| id).collect();
+            if under.iter().all(|&id| self.cached_no_graph(id)) {
+                assert!(under.iter().any(|&id| self.recyclable.contains(&(self.b(id).size, id))),
+                        "handle at {va:#x} lies wholly under cached blocks, none of them a candidate");
+            }
+        }
     }
 
     /// The streams' epochs: `epochs_waiting` lists exactly the streams with

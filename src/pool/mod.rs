@@ -100,8 +100,16 @@ pub struct DevicePool {
     cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
     /// Holes by (arena, size, addr).
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
-    /// Slab of physical handles (None: released slot).
+    /// Recycling's candidates by (size, id): indexed cached blocks outside
+    /// graph pools that a mapped handle wholly under cached blocks may
+    /// overlap (see `may_free_a_handle`). Every such handle overlaps one;
+    /// entries whose handle was since taken are dropped when recycling
+    /// looks at them. What recycling walks, never every cached block.
+    recyclable: BTreeSet<(u64, BlockId)>,
+    /// Slab of physical handles (None: released slot, listed in
+    /// `free_handle_slots`).
     handles: Vec<Option<Handle>>,
+    free_handle_slots: Vec<HandleIdx>,
     /// Unmapped live handles by (granules, index).
     free_handles: BTreeSet<(u64, HandleIdx)>,
     /// Mapped handles by address.
@@ -220,7 +228,9 @@ impl DevicePool {
             live: HashMap::with_hasher(AddrHash),
             cached_by_stream: BTreeSet::new(),
             holes: BTreeSet::new(),
+            recyclable: BTreeSet::new(),
             handles: Vec::new(),
+            free_handle_slots: Vec::new(),
             free_handles: BTreeSet::new(),
             mapped: BTreeMap::new(),
             pending: Vec::new(),

@@ -8,6 +8,12 @@
 
 use super::{BlockId, DevicePool, State, NIL};
 use crate::error::Result;
+use std::ops::Bound::{Excluded, Unbounded};
+
+/// How many neighbours `may_free_a_handle` walks on each side before it
+/// answers yes without looking further (a candidate too many costs one look
+/// when recycling; one too few would hide a handle from it).
+const RUN_WALK_BLOCKS: usize = 64;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 
 impl DevicePool {
@@ -25,8 +31,8 @@ impl DevicePool {
     /// it unmapped anything (else the blocks are as they were).
     pub(super) fn recycle_before_growth(&mut self, need: u64, keep: Option<(u64, u64)>) -> Result<bool> {
         let free = self.free_handle_granules();
-        if free >= need || self.cached_by_stream.is_empty() {
-            return Ok(false);
+        if free >= need || self.recyclable.is_empty() {
+            return Ok(false); // no handle lies wholly under cached blocks
         }
         let g = self.conf.page_size.0;
         let reserved = self.physical_bytes() as f64;
@@ -59,29 +65,79 @@ impl DevicePool {
     }
 
     /// Unmaps cached handles (only those the device is known to be done
-    /// with, if `only_device_done`), smallest or largest blocks first, until
-    /// `need` granules of handles are free. Nothing in the range `keep`.
+    /// with, if `only_device_done`), taking the candidates (`recyclable`)
+    /// smallest or largest first, until `need` granules of handles are free.
+    /// Nothing in the range `keep`. Looks at candidates only: its cost
+    /// follows what it unmaps and the stale candidates it drops, not the
+    /// number of cached blocks.
     pub(super) fn unmap_cached_blocks(&mut self, need: u64, only_device_done: bool, keep: Option<(u64, u64)>, smallest_first: bool) -> Result<()> {
         let mut free = self.free_handle_granules();
         // Near capacity, only what is needed: whatever else is unmapped must
         // be mapped again, handle by handle, at the next request.
         let exact = self.near_capacity(need.saturating_sub(free));
-        let mut order: Vec<(u64, BlockId)> = self.cached_by_stream.iter().map(|&(_, _, s, _, id)| (s, id)).collect();
-        if smallest_first {
-            order.sort_unstable();
-        } else {
-            order.sort_unstable_by(|a, b| b.cmp(a));
-        }
-        for (_, id) in order {
-            if free >= need {
-                break;
-            }
-            // An earlier unmap may have merged this block away.
-            if self.is_indexed_cached(id) {
-                free += self.unmap_cached_run(id, only_device_done, if exact { need - free } else { u64::MAX }, keep)?;
+        let mut cursor: Option<(u64, BlockId)> = None;
+        while free < need {
+            let next = match (cursor, smallest_first) {
+                (None, true) => self.recyclable.first(),
+                (None, false) => self.recyclable.last(),
+                (Some(c), true) => self.recyclable.range((Excluded(c), Unbounded)).next(),
+                (Some(c), false) => self.recyclable.range(..c).next_back(),
+            };
+            let Some(&(size, id)) = next else { break };
+            cursor = Some((size, id));
+            free += self.unmap_cached_run(id, only_device_done, if exact { need - free } else { u64::MAX }, keep)?;
+            // Unmapped, split or merged, it left the set or came back under
+            // its new size; as it is, it stays only while it may free one.
+            if self.recyclable.contains(&(size, id)) && !self.may_free_a_handle(id) {
+                self.recyclable.remove(&(size, id));
             }
         }
         Ok(())
+    }
+
+    /// Whether a mapped handle overlapping cached block `id` may lie wholly
+    /// under cached blocks outside graph pools: one inside the block, or an
+    /// end one that the neighbours cover (walking at most
+    /// `RUN_WALK_BLOCKS` of them in all; beyond, yes). Done-ness is not
+    /// asked: the device may finish with the blocks later.
+    pub(super) fn may_free_a_handle(&self, id: BlockId) -> bool {
+        let g = self.conf.page_size.0;
+        let (addr, end) = (self.b(id).addr, self.b(id).addr + self.b(id).size);
+        let span = |p: &Self, va: u64, h: &super::HandleIdx| (va, va + p.handles[*h as usize].as_ref().expect("live handle").granules * g);
+        // The handle holding `addr`, then those starting inside the block:
+        // an inner one answers yes, and only the two end ones can straddle.
+        let first = self.mapped.range(..=addr).next_back().map(|(&va, h)| span(self, va, h)).filter(|&(_, he)| he > addr);
+        let inner = self.mapped.range(addr.saturating_add(1)..end).map(|(&va, h)| span(self, va, h));
+        for (hs, he) in first.into_iter().chain(inner) {
+            if (hs >= addr && he <= end) || self.covered_by_cached(id, hs, he) {
+                return true;
+            }
+            if he >= end {
+                break;
+            }
+        }
+        false
+    }
+
+    /// Whether the cached neighbours of cached block `id` cover `hs..he`.
+    fn covered_by_cached(&self, id: BlockId, hs: u64, he: u64) -> bool {
+        let (mut lo, mut hi) = (id, id);
+        for _ in 0..RUN_WALK_BLOCKS {
+            if self.b(lo).addr > hs {
+                lo = self.b(lo).prev;
+                if !self.cached_no_graph(lo) {
+                    return false;
+                }
+            } else if self.b(hi).addr + self.b(hi).size < he {
+                hi = self.b(hi).next;
+                if !self.cached_no_graph(hi) {
+                    return false;
+                }
+            } else {
+                return true;
+            }
+        }
+        true
     }
 
     /// Unmaps handles that lie wholly inside the run of adjacent cached

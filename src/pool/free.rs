@@ -58,6 +58,9 @@ impl DevicePool {
         };
         self.claim_for_capture_at_free(id);
         self.live.remove(&addr);
+        let mut uses = std::mem::take(&mut self.bm(id).stream_uses);
+        uses.sort_unstable(); // one event a stream (record_stream keeps repeats)
+        uses.dedup();
         let b = self.b(id).clone();
         let mismatch = size.is_some_and(|s| s != b.requested && s != b.size) || stream.is_some_and(|s| s != b.stream);
         self.gauge(b.arena, G::AllocatedBytes, -(b.size as i64));
@@ -67,7 +70,6 @@ impl DevicePool {
             self.record(HistoryAction::Free, addr, b.size, b.requested, b.stream);
         }
         self.bm(id).requested = 0;
-        let uses = std::mem::take(&mut self.bm(id).stream_uses);
         if uses.is_empty() && !mismatch && self.b(id).graph == 0 && lend(b.stream) {
             return Ok(Freed::Lent(self.lend(id)));
         }

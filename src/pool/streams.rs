@@ -36,6 +36,9 @@ pub(super) struct Epoch {
     pub(super) dirty: bool,
 }
 
+/// record_stream looks this far back for a repeat of its stream.
+const RECENT_USES: usize = 4;
+
 impl DevicePool {
     /// Freed block `id` (out of `live`, counted free) was used by the
     /// streams `uses` too (record_stream): it waits, pending, for an event
@@ -219,10 +222,23 @@ impl DevicePool {
                 return Err(Error::InvalidArgument(format!("record_stream on {addr:#x}, which is not a live allocation")));
             }
         };
-        let b = self.bm(id);
-        if stream != b.stream && !b.stream_uses.contains(&stream) {
-            b.stream_uses.push(stream);
+        let b = self.b(id);
+        if stream == b.stream || b.stream_uses.iter().rev().take(RECENT_USES).any(|&s| s == stream) {
+            return Ok(());
         }
+        let uses = &mut self.bm(id).stream_uses;
+        // Repeats further back are dropped when the list fills its
+        // capacity, which then at least doubles: each call costs O(log)
+        // amortised, however many streams, and the list holds at most
+        // twice the distinct ones.
+        if uses.len() == uses.capacity() && uses.len() >= RECENT_USES {
+            uses.sort_unstable();
+            uses.dedup();
+            if uses.len() > uses.capacity() / 2 {
+                uses.reserve(uses.capacity());
+            }
+        }
+        uses.push(stream);
         Ok(())
     }
 

@@ -123,6 +123,7 @@ impl DevicePool {
         match b.state {
             State::Cached => {
                 self.cached_by_stream.remove(&(b.arena, cache_key(b), b.size, b.addr, id));
+                self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
                 self.recyclable.remove(&(b.size, id));
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, -size);
@@ -141,6 +142,9 @@ impl DevicePool {
         match b.state {
             State::Cached => {
                 self.cached_by_stream.insert((b.arena, cache_key(b), b.size, b.addr, id));
+                if cache_key(b) & GRAPH_KEY == 0 {
+                    self.cached_by_size.insert((b.arena, b.size, b.addr, id));
+                }
                 let (arena, size) = (b.arena, b.size as i64);
                 if b.graph == 0 && self.may_free_a_handle(id) {
                     self.recyclable.insert((size as u64, id));

@@ -96,8 +96,11 @@ pub struct DevicePool {
     /// Allocated, pending and lent blocks by address.
     live: HashMap<u64, BlockId, AddrHash>,
     /// Cached blocks by (arena, cache key, size, addr): best fit per stream
-    /// (or per graph capture, see `cache_key`). The only index of them.
+    /// (or per graph capture, see `cache_key`).
     cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
+    /// The cached blocks outside graph pools again, by (arena, size, addr):
+    /// best fit across streams, for a stream whose own cache has none.
+    cached_by_size: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
     /// Holes by (arena, size, addr).
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
     /// Recycling's candidates by (size, id): indexed cached blocks outside
@@ -227,6 +230,7 @@ impl DevicePool {
             free_slots: Vec::new(),
             live: HashMap::with_hasher(AddrHash),
             cached_by_stream: BTreeSet::new(),
+            cached_by_size: BTreeSet::new(),
             holes: BTreeSet::new(),
             recyclable: BTreeSet::new(),
             handles: Vec::new(),

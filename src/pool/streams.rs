@@ -6,7 +6,7 @@
 //! every event recorded is destroyed or kept in `stale_events`.
 #![forbid(unsafe_code)]
 
-use super::{ArenaKind, BlockId, DevicePool, State, GRAPH_KEY, NIL};
+use super::{ArenaKind, BlockId, DevicePool, State, NIL};
 use crate::backend::EventId;
 use crate::error::{Error, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
@@ -294,20 +294,20 @@ impl DevicePool {
     /// Best fit among blocks cached for other streams that the device is
     /// known to be done with (their streams' epoch events passed the free):
     /// safe to reuse on any stream with no wait. Polls the epoch events
-    /// first. A scan of one arena's cached blocks: for misses only.
+    /// first. Walks the cross-stream index from the request's size up, past
+    /// blocks not known done: for misses only.
     pub(super) fn find_done_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        let candidates: Vec<(u64, u64, BlockId)> = self
-            .cached_by_stream
-            .range((arena, 0, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, u64::MAX, NIL))
-            .filter(|&&(_, s, size, _, _)| s != stream && s & GRAPH_KEY == 0 && size >= rounded)
-            .map(|&(_, _, size, addr, id)| (size, addr, id))
-            .collect();
-        if candidates.is_empty() {
+        let range = (arena, rounded, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL);
+        if !self.cached_by_size.range(range.clone()).any(|&(_, _, _, id)| self.b(id).stream != stream) {
             return Ok(None);
         }
         // Polling events changes what is known done, not what is cached.
         self.advance_epochs()?;
-        let Some((_, _, id)) = candidates.into_iter().filter(|&(_, _, id)| self.device_done(id)).min() else {
+        let Some(&(_, _, _, id)) = self
+            .cached_by_size
+            .range(range)
+            .find(|&&(_, _, _, id)| self.b(id).stream != stream && self.device_done(id))
+        else {
             return Ok(None);
         };
         self.unindex(id);
@@ -323,14 +323,10 @@ impl DevicePool {
     /// waits (on the device, not the host) for the freeing stream to pass
     /// the point of the free, so the block is safe to reuse in stream order.
     pub(super) fn find_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        // A scan of every cached block: this is the pressure path only, and
-        // one index (by stream) keeps the hot path to half the tree updates.
-        let Some((_, id)) = self
-            .cached_by_stream
-            .iter()
-            .filter(|&&(a, s, size, _, _)| a == arena && s != stream && s & GRAPH_KEY == 0 && size >= rounded)
-            .map(|&(_, _, size, _, id)| (size, id))
-            .min()
+        let Some(&(_, _, _, id)) = self
+            .cached_by_size
+            .range((arena, rounded, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL))
+            .find(|&&(_, _, _, id)| self.b(id).stream != stream)
         else {
             return Ok(None);
         };

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from gpu_util import check, note, run_json
+from gpu_util import check, note, pin_children, run_json
 
 SIZES = [("512B", 512), ("64KiB", 64 << 10), ("1MiB", 1 << 20), ("64MiB", 64 << 20)]
 ITERS = 10_000
@@ -48,6 +48,7 @@ if __name__ == "__main__":
         sys.exit(0)
     # Alternate them (ABC ABC ABC): the machine's own noise between processes is larger than
     # many differences measured.
+    print(f"every process on CPU {pin_children(1)}")
     runs = {}
     for which in ("native", *PATHS) * PROCESSES:
         summary, proc = run_json([sys.executable, __file__, which], timeout=85)

@@ -10,11 +10,12 @@ single runs of this small model swing by 1.5x on their own.
 import statistics
 import sys
 
-from gpu_util import check, note, run_json
+from gpu_util import check, note, pin_children, run_json
 
 STEPS = 30
 RUNS = 3
 CONFIGS = (("native", ["--native"]), ("adaptor", []), ("plug-in", ["--plug-in"]))
+print(f"every run on CPUs {pin_children(4)}")
 results, speeds = {}, {}
 for _ in range(RUNS):
     for name, extra in CONFIGS:

@@ -2,19 +2,20 @@
 //! while too much is cached, handles the device is done with (epoch events)
 //! are unmapped, smallest blocks first; under pressure, after a synchronize,
 //! largest first; empty_cache gives everything cached back.
-//! Invariant: only handles wholly under cached blocks outside graph pools are
-//! unmapped, never inside the range growth is about to place.
+//! Invariants: only handles wholly under cached blocks outside graph pools are
+//! unmapped, never inside the range growth is about to place; every such
+//! handle overlaps a candidate in `recyclable`, which is all recycling walks.
 #![forbid(unsafe_code)]
 
 use super::{BlockId, DevicePool, State, NIL};
 use crate::error::Result;
+use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 use std::ops::Bound::{Excluded, Unbounded};
 
-/// How many neighbours `may_free_a_handle` walks on each side before it
-/// answers yes without looking further (a candidate too many costs one look
-/// when recycling; one too few would hide a handle from it).
+/// How many neighbours `may_free_a_handle` walks, both sides together,
+/// before it answers yes without looking further (a candidate too many
+/// costs one look when recycling; one too few would hide a handle from it).
 const RUN_WALK_BLOCKS: usize = 64;
-use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 
 impl DevicePool {
     /// Whether cached bytes exceed `max_cached_fraction` of the reserved

@@ -45,8 +45,10 @@ def install(conf=None, adaptor=True):
 
 def pin_children(n_cpus):
     """Pin this process, and so the children it starts, to the same n_cpus CPUs (the middle
-    ones allowed): timings of processes on different cores differ by up to 2x on the GPU
-    hosts (a torch.empty + del pair took 2.2 or 4.5 us by the process, whatever allocator)."""
+    ones allowed), so that the processes compared differ in their allocator and not in their
+    CPUs. It does not remove the GPU hosts' per-process speed modes: pinned or not, a
+    torch.empty + del pair took 2.0-2.4 us in some processes and 3.6-4.5 us in others, with
+    every allocator (H200, 12 single processes)."""
     cpus = sorted(os.sched_getaffinity(0))
     start = max(0, (len(cpus) - n_cpus) // 2)
     chosen = set(cpus[start:start + n_cpus])

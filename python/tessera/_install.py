@@ -51,7 +51,8 @@ def _adaptor_name(torch, root, include):
     import hashlib
 
     digest = hashlib.sha1(os.path.realpath(_library._lib_path).encode())
-    for path in _adaptor_files(root, include):
+    sources, headers = _adaptor_files(root, include)
+    for path in sources + headers:
         with open(path, "rb") as f:
             digest.update(f.read())
     tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
@@ -59,8 +60,9 @@ def _adaptor_name(torch, root, include):
 
 
 def _adaptor_files(root, include):
-    return [os.path.join(root, "tessera_torch.cpp"), os.path.join(root, "python_module.cpp"),
-            os.path.join(include, "tessera.h"), os.path.join(root, "tessera_torch.h")]
+    """The adaptor's (sources, headers) as paths."""
+    sources = [os.path.join(root, "tessera_torch.cpp"), os.path.join(root, "python_module.cpp")]
+    return sources, [os.path.join(include, "tessera.h"), os.path.join(root, "tessera_torch.h")]
 
 
 def _cached_adaptor(cpp_extension, name):
@@ -122,7 +124,7 @@ def build_adaptor(verbose=False):
     if missing:
         raise RuntimeError(missing)
     return cpp_extension.load(
-        name=name, sources=_adaptor_files(root, include)[:2], extra_include_paths=[include, root],
+        name=name, sources=_adaptor_files(root, include)[0], extra_include_paths=[include, root],
         extra_cflags=["-O2"], extra_ldflags=[_library._lib_path, "-Wl,-rpath," + os.path.dirname(_library._lib_path)],
         with_cuda=True, verbose=verbose)  # CUDA's headers (the adaptor asks the runtime for free memory)
 

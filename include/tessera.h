@@ -26,7 +26,7 @@ typedef struct CUstream_st *cudaStream_t;
 /*
  Number of counters (entries of `TesseraStats.counters`).
  */
-#define TESSERA_COUNTER_COUNT 17
+#define TESSERA_COUNTER_COUNT 21
 
 /*
  A quantity that goes up and down (bytes or counts held now).
@@ -170,12 +170,32 @@ enum TesseraCounter
    */
   TESSERA_COUNTER_GAP_PLACEMENTS,
   /*
-   Nanoseconds of wall time spent in the slow-path driver calls:
-   creating, releasing, mapping, unmapping and granting access to
-   handles, asking for free memory, and waiting for the device. What
-   growth and reclamation cost the caller's thread.
+   Nanoseconds of wall time spent on the callers' threads (the
+   allocating ones) in slow-path driver calls: creating, releasing,
+   mapping, unmapping and granting access to handles, asking for free
+   memory, and waiting for the device. What growth and reclamation cost
+   the caller.
    */
   TESSERA_COUNTER_DRIVER_NS,
+  /*
+   Allocations that missed the cache and took memory from the ready
+   reserve (mapped ahead by the driver thread), with no driver call.
+   */
+  TESSERA_COUNTER_READY_HITS,
+  /*
+   Slow-path driver calls (those `driver_ns` times) made on the
+   callers' threads.
+   */
+  TESSERA_COUNTER_DRIVER_CALLS,
+  /*
+   Slow-path driver calls made on tessera's driver thread, off the
+   callers' threads (see the `driver_thread` option).
+   */
+  TESSERA_COUNTER_BACKGROUND_DRIVER_CALLS,
+  /*
+   Nanoseconds of wall time those calls took on the driver thread.
+   */
+  TESSERA_COUNTER_BACKGROUND_DRIVER_NS,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

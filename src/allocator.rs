@@ -160,6 +160,32 @@ impl Allocator {
         self.devices.iter().for_each(Device::watch_graphs);
     }
 
+    /// From now on a driver thread tidies every device (pool/ready.rs),
+    /// woken by `signal`; without one the caller runs `tidy` (tests,
+    /// replays).
+    pub fn set_tidied(&self, signal: Option<Arc<crate::thread::Signal>>) {
+        for dev in &self.devices {
+            dev.set_tidied(signal.clone());
+        }
+    }
+
+    /// Whether some device's pool has work for a tidy round.
+    pub fn wants_tidy(&self) -> bool {
+        self.devices.iter().any(Device::wants_tidy)
+    }
+
+    /// One tidy round on every device (what the driver thread runs):
+    /// Waiting if any device's cache waits for its device, Worked if a round
+    /// stopped with work left.
+    pub fn tidy(&self) -> crate::pool::Tidy {
+        use crate::pool::Tidy;
+        self.devices.iter().map(Device::tidy).fold(Tidy::Idle, |acc, t| match (acc, t) {
+            (Tidy::Worked, _) | (_, Tidy::Worked) => Tidy::Worked,
+            (Tidy::Waiting, _) | (_, Tidy::Waiting) => Tidy::Waiting,
+            _ => Tidy::Idle,
+        })
+    }
+
     /// Registers a callback run before tessera gives up on a request.
     pub fn on_oom(&self, callback: OomCallback) {
         lock(&self.oom_callbacks).push(Arc::from(callback));
@@ -344,12 +370,16 @@ static EXITING: AtomicBool = AtomicBool::new(false);
 /// Set once the library is being unloaded: every later call is refused.
 static UNLOADED: AtomicBool = AtomicBool::new(false);
 
+/// The process exits: from now on nothing is given back, and the driver
+/// thread stops here, before the driver's own exit handlers run (they were
+/// registered before this one, so they run after it).
 extern "C" fn mark_exiting() {
     EXITING.store(true, Ordering::SeqCst);
+    let _ = std::panic::catch_unwind(crate::worker::stop);
 }
 
 /// The library's destructor: runs at dlclose, and at process exit after
-/// `mark_exiting`. At dlclose it stops the status thread and gives back
+/// `mark_exiting`. At dlclose it stops the status and driver threads and gives back
 /// what each device holds (see `Device::shutdown`): cached memory, handles
 /// and address space; blocks still live stay mapped, and it says so.
 extern "C" fn on_unload() {
@@ -359,6 +389,7 @@ extern "C" fn on_unload() {
     let _ = std::panic::catch_unwind(|| {
         UNLOADED.store(true, Ordering::SeqCst);
         crate::status::stop();
+        crate::worker::stop();
         lock(&PENDING_CONF).take();
         let Some(Ok(a)) = GLOBAL.get() else { return };
         for (d, dev) in a.devices.iter().enumerate() {
@@ -420,6 +451,15 @@ pub fn global() -> Result<&'static Allocator> {
             unsafe {
                 libc::pthread_atfork(None, None, Some(mark_forked_child));
                 libc::atexit(mark_exiting);
+            }
+            if allocator.config.driver_thread {
+                let signal = crate::worker::start(|| match GLOBAL.get() {
+                    Some(Ok(a)) if !EXITING.load(Ordering::Relaxed) => Some(a.tidy()),
+                    _ => None,
+                });
+                if signal.is_some() {
+                    allocator.set_tidied(signal);
+                }
             }
             if allocator.config.status_interval.0 > 0 {
                 crate::status::spawn(allocator.config.status_interval.0, || match GLOBAL.get() {

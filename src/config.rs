@@ -236,6 +236,23 @@ options! {
     /// shares handles with live blocks), growth maps just what the request
     /// needs, in one-granule handles.
     max_cached_fraction: Fraction = "0.08";
+    /// Do the driver work that can wait on a thread of tessera's own, off
+    /// the allocating threads: keeping a ready reserve mapped for the next
+    /// miss (ready_fraction), made of cached memory the device is done with
+    /// (recycled) while the cache is over max_cached_fraction. Growth on an
+    /// allocating thread then recycles only when the cache passes twice
+    /// max_cached_fraction (the thread is behind) or memory is short. The thread holds the device's
+    /// lock for one handle's driver calls at a time; it is stopped and
+    /// joined at exit and at unload. Off by default: on the recorded traces
+    /// it moves little driver time off the callers and raises reserved
+    /// memory (docs/measurements.md, "The driver thread").
+    driver_thread: bool = "false";
+    /// The ready reserve that the driver thread keeps: memory mapped ahead
+    /// of demand in the large arena, used by no stream yet, which a miss
+    /// takes with no driver call. At most this share of the reserved bytes
+    /// (it counts as cached), and twice the largest recent miss; none near
+    /// the memory limit or fine_handles_above of the device. 0: none.
+    ready_fraction: Fraction = "0.04";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles
     /// cached memory first, whatever max_cached_fraction says. 0: off.

@@ -17,9 +17,11 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::Front;
-use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent, PoolBlock};
+use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent, PoolBlock, Tidy};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::thread::Signal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Locks, ignoring poison: a panic while a lock was held is a bug that the
 /// C boundary already reported; keep serving rather than fail every call.
@@ -35,7 +37,13 @@ struct Slot {
     fraction: Option<f64>,
     /// History recording asked for: (on, ring entries).
     history: (bool, usize),
+    /// A driver thread tidies the pool (see `set_tidied`).
+    deferred: bool,
 }
+
+/// Tidy steps one `Device::tidy` runs at most before it lets the driver
+/// thread look at the other devices.
+const TIDY_STEPS_PER_ROUND: usize = 4096;
 
 pub struct Device {
     index: i32,
@@ -43,6 +51,11 @@ pub struct Device {
     backend: Arc<dyn Backend>,
     front: Front,
     slot: Mutex<Slot>,
+    /// The driver thread's signal, once one tidies this device.
+    tidier: OnceLock<Arc<Signal>>,
+    /// Poked since the driver thread last started tidying this device:
+    /// poke once, not at every call.
+    tidy_asked: AtomicBool,
 }
 
 impl Device {
@@ -53,6 +66,52 @@ impl Device {
             config: config.clone(),
             backend,
             slot: Mutex::new(Slot::default()),
+            tidier: OnceLock::new(),
+            tidy_asked: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on a driver thread tidies the pool (made now or later), and
+    /// `signal` wakes it when the pool has work for it. Without a signal,
+    /// the caller runs `tidy` itself (tests, replays).
+    pub fn set_tidied(&self, signal: Option<Arc<Signal>>) {
+        if let Some(signal) = signal {
+            let _ = self.tidier.set(signal);
+        }
+        let mut slot = lock(&self.slot);
+        slot.deferred = true;
+        if let Some(pool) = slot.pool.as_mut() {
+            pool.set_deferred(true);
+        }
+    }
+
+    /// Runs tidy steps (pool/ready.rs) until none finds work, the device's
+    /// lock let go between steps, so that callers wait at most one step.
+    /// Returns Waiting while cached memory waits for the device.
+    pub fn tidy(&self) -> Tidy {
+        self.tidy_asked.store(false, Ordering::Relaxed);
+        for step in 0..TIDY_STEPS_PER_ROUND {
+            match self.existing(|_, pool| pool.tidy_step(step == 0)).unwrap_or(Tidy::Idle) {
+                Tidy::Worked => std::thread::yield_now(),
+                other => return other,
+            }
+        }
+        Tidy::Worked
+    }
+
+    /// Whether the pool has work for a tidy round.
+    pub fn wants_tidy(&self) -> bool {
+        lock(&self.slot).pool.as_ref().is_some_and(DevicePool::wants_tidy)
+    }
+
+    /// Wakes the driver thread if the pool left it work and it was not
+    /// asked already (after the device's lock is let go).
+    fn ask_tidy(&self, wanted: bool) {
+        if wanted
+            && let Some(signal) = self.tidier.get()
+            && !self.tidy_asked.swap(true, Ordering::Relaxed)
+        {
+            signal.poke();
         }
     }
 
@@ -66,6 +125,7 @@ impl Device {
             conf.graph_pools |= self.front.graphs();
             let mut pool = DevicePool::new(self.index, self.backend.clone(), &conf, limit)?;
             pool.record_history(slot.history.0, slot.history.1);
+            pool.set_deferred(slot.deferred);
             slot.pool = Some(pool);
         }
         let pool = slot.pool.as_mut().expect("made above");
@@ -73,13 +133,22 @@ impl Device {
         if pool.poisoned().is_some() {
             self.front.stop();
         }
+        let wanted = pool.wants_tidy();
+        drop(slot);
+        self.ask_tidy(wanted);
         result
     }
 
     /// Runs `f` on the pool if it exists (None if not), with the device
     /// locked: for calls that must not make one.
     fn existing<T>(&self, f: impl FnOnce(&Front, &mut DevicePool) -> T) -> Option<T> {
-        lock(&self.slot).pool.as_mut().map(|pool| f(&self.front, pool))
+        let mut slot = lock(&self.slot);
+        let pool = slot.pool.as_mut()?;
+        let result = f(&self.front, pool);
+        let wanted = pool.wants_tidy();
+        drop(slot);
+        self.ask_tidy(wanted);
+        Some(result)
     }
 
     fn limit_for(&self, fraction: Option<f64>) -> Result<Option<u64>> {

@@ -5,7 +5,8 @@
 //! what it owns):
 //! - [`ffi`]: the C ABI (`include/tessera.h`), where panics stop.
 //! - [`allocator`]: the process-wide registry of devices and configuration,
-//!   OOM callbacks, the global instance and its unloading.
+//!   OOM callbacks, the global instance and its unloading; it starts
+//!   [`worker`], the driver thread, which tidies the devices through it.
 //! - [`device`]: one device, its front caches before its pool, and the
 //!   protocol between them, written once.
 //! - [`front`]: the hot path. Per-stream shards, each with its own lock,
@@ -19,7 +20,8 @@
 //!   implementations (cuda, host, sim) behind one trait, and (feature
 //!   `testing`) a fault-injecting wrapper; no policy, no counting.
 //! - Beside them: [`config`] (every option, once), [`stats`] (every
-//!   statistic, once), [`error`], [`log`], [`hash`], [`spin`]; presentation
+//!   statistic, once), [`error`], [`log`], [`hash`], [`spin`], [`thread`]
+//!   (the threads tessera starts, and how they stop); presentation
 //!   over typed views: [`snapshot`] (PyTorch's snapshot shape), [`status`]
 //!   (the status line and its thread), [`trace`] (the trace format); and
 //!   [`replay`] (trace replay and the OOM frontier, behind `tessera-replay`).
@@ -38,6 +40,8 @@
 //! - *front cache*: per device, 64 shards keyed by a hash of the stream, each
 //!   holding *lent* blocks (the pool's, lent whole) free or handed out, for
 //!   exact-size reuse on their stream without the pool's lock.
+//! - *ready reserve*: per device, mapped memory that no stream has used yet,
+//!   kept by the driver thread so that a miss takes it with no driver call.
 
 pub mod allocator;
 pub mod backend;
@@ -54,4 +58,6 @@ pub mod snapshot;
 pub mod spin;
 pub mod stats;
 pub mod status;
+pub mod thread;
 pub mod trace;
+pub mod worker;

@@ -24,9 +24,13 @@ pub struct ReplayResult {
     pub oom_message: Option<String>,
     pub stats: TesseraStats,
     pub elapsed_ns: u128,
-    /// What the replay's driver calls would have taken on an H100
+    /// What the replay's driver calls would have taken on an H200
     /// (`SimBackend::modelled_driver_ns`).
     pub modelled_driver_ns: u64,
+    /// The part of it that fell on the driver thread (with `driver_thread`,
+    /// the replay runs its tidy rounds after each event that left work:
+    /// a thread that keeps up).
+    pub modelled_background_ns: u64,
     /// The pool's segments (maximal runs of mapped blocks, with their
     /// blocks) when the replay stopped (at the OOM, or after the last
     /// event), in address order.
@@ -98,7 +102,11 @@ pub fn replay_with_timeline(
         config.device_capacity = Bytes(c);
     }
     let backend = Arc::new(SimBackend::new(1, config.device_capacity.0));
+    let tidied = config.driver_thread;
     let alloc = Allocator::with_backend(config, backend.clone()).map_err(|e| e.to_string())?;
+    if tidied {
+        alloc.set_tidied(None);
+    }
     let mut addrs: HashMap<u64, u64> = HashMap::with_capacity(4096);
     let mut result = ReplayResult { events: events.len(), peak_live_bytes: peak_live_bytes(events), ..Default::default() };
     let start = std::time::Instant::now();
@@ -131,6 +139,11 @@ pub fn replay_with_timeline(
                 let p = addrs.remove(&e.addr).ok_or_else(|| format!("event {i}: free of {} never allocated", e.addr))?;
                 alloc.free(p, Some(e.size), 0, Some(e.stream)).map_err(|err| format!("event {i}: {err}"))?;
             }
+        }
+        if tidied && alloc.wants_tidy() {
+            let before = backend.modelled_driver_ns(0);
+            alloc.tidy();
+            result.modelled_background_ns += backend.modelled_driver_ns(0) - before;
         }
     }
     result.elapsed_ns = start.elapsed().as_nanos();
@@ -247,11 +260,14 @@ struct Report<'a> {
     ns_per_event: f64,
     cache_hits: u64,
     cache_misses: u64,
+    ready_hits: u64,
     driver_map_calls: u64,
     driver_unmap_calls: u64,
     driver_create_calls: u64,
     reclaimed_granules: u64,
     modelled_driver_ms: f64,
+    /// The part of modelled_driver_ms on the driver thread.
+    modelled_background_driver_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     frontier_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -278,11 +294,13 @@ pub fn report_json(r: &ReplayResult, frontier_bytes: Option<u64>, capacity_bytes
         ns_per_event: rounded(r.elapsed_ns as f64 / r.events.max(1) as f64, 1),
         cache_hits: s.counter(C::CacheHits),
         cache_misses: s.counter(C::CacheMisses),
+        ready_hits: s.counter(C::ReadyHits),
         driver_map_calls: s.counter(C::DriverMapCalls),
         driver_unmap_calls: s.counter(C::DriverUnmapCalls),
         driver_create_calls: s.counter(C::DriverCreateCalls),
         reclaimed_granules: s.counter(C::ReclaimedGranules),
         modelled_driver_ms: rounded(r.modelled_driver_ns as f64 / 1e6, 1),
+        modelled_background_driver_ms: rounded(r.modelled_background_ns as f64 / 1e6, 1),
         frontier_bytes,
         frontier_ratio: frontier_bytes.map(|f| rounded(f as f64 / live, 4)),
         capacity_bytes,

@@ -76,20 +76,32 @@ pub enum TesseraCounter {
     /// small alone still serve a request that needs more granules than
     /// are free.
     GapPlacements,
-    /// Nanoseconds of wall time spent in the slow-path driver calls:
-    /// creating, releasing, mapping, unmapping and granting access to
-    /// handles, asking for free memory, and waiting for the device. What
-    /// growth and reclamation cost the caller's thread.
+    /// Nanoseconds of wall time spent on the callers' threads (the
+    /// allocating ones) in slow-path driver calls: creating, releasing,
+    /// mapping, unmapping and granting access to handles, asking for free
+    /// memory, and waiting for the device. What growth and reclamation cost
+    /// the caller.
     DriverNs,
+    /// Allocations that missed the cache and took memory from the ready
+    /// reserve (mapped ahead by the driver thread), with no driver call.
+    ReadyHits,
+    /// Slow-path driver calls (those `driver_ns` times) made on the
+    /// callers' threads.
+    DriverCalls,
+    /// Slow-path driver calls made on tessera's driver thread, off the
+    /// callers' threads (see the `driver_thread` option).
+    BackgroundDriverCalls,
+    /// Nanoseconds of wall time those calls took on the driver thread.
+    BackgroundDriverNs,
 }
 
 /// Number of gauges (entries of `TesseraStats.gauges`).
 pub const TESSERA_GAUGE_COUNT: usize = 11;
 /// Number of counters (entries of `TesseraStats.counters`).
-pub const TESSERA_COUNTER_COUNT: usize = 17;
+pub const TESSERA_COUNTER_COUNT: usize = 21;
 // The counts are literal for the C header; they must follow the enums.
 const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::PendingFreeBytes as usize + 1);
-const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::DriverNs as usize + 1);
+const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::BackgroundDriverNs as usize + 1);
 pub(crate) const GAUGE_COUNT: usize = TESSERA_GAUGE_COUNT;
 pub(crate) const COUNTER_COUNT: usize = TESSERA_COUNTER_COUNT;
 
@@ -216,7 +228,7 @@ mod tests {
         assert_eq!(gauge_names()[0], "allocated_bytes");
         assert_eq!(gauge_names()[GAUGE_COUNT - 1], "pending_free_bytes");
         assert_eq!(counter_names()[0], "cache_hits");
-        assert_eq!(counter_names()[COUNTER_COUNT - 1], "driver_ns");
+        assert_eq!(counter_names()[COUNTER_COUNT - 1], "background_driver_ns");
         let mut all: Vec<&String> = gauge_names().iter().chain(counter_names()).collect();
         all.sort();
         all.dedup();

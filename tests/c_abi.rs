@@ -105,6 +105,12 @@ fn unloading_gives_everything_back_and_exit_leaves_it_alone() {
     // Said once: at the unload with a live block; not at exit.
     let said: Vec<&str> = stderr.lines().filter(|l| l.contains("still live")).collect();
     assert_eq!(said, ["tessera: unloaded with 1 blocks (64.00 KiB) still live on device 0; their memory stays mapped"], "{stderr}");
+    // With the driver thread: each cycle starts it and the unload joins it
+    // (a thread left behind would keep its stack mapped: VmSize grows).
+    let run = Command::new(&exe).arg(&lib).arg("300").arg("backend:host,driver_thread:true").env_remove("TESSERA_CONF").output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success() && stdout.contains("UNLOAD OK"), "{:?}\n{stdout}\n{stderr}", run.status);
+    println!("{stdout}");
     let _ = std::fs::remove_file(exe);
 }
 

@@ -613,3 +613,130 @@ fn pool_numbers_over_2_61_are_refused() {
     assert!(a.malloc_in_pool(4096, 0, 0, 1 << 61).unwrap_err().to_string().contains("2^61"));
     check(&a, 0);
 }
+
+/// The driver thread's round (run here by hand): after a miss it maps the
+/// ready reserve, and the next miss that fits takes it with no driver call
+/// on the caller's thread; empty_cache gives it back for good.
+#[test]
+fn the_ready_reserve_serves_a_miss_with_no_driver_call_on_the_caller() {
+    let (a, _) = sim("driver_thread:true,ready_fraction:0.5,max_cached_fraction:1,growth_size:0");
+    a.set_tidied(None);
+    let p = a.malloc(64 * MIB, 0, 1).unwrap();
+    let caller_calls = counter(&a, C::DriverCalls);
+    assert!(caller_calls > 0 && counter(&a, C::BackgroundDriverCalls) == 0, "the first miss grows on the caller");
+    assert!(a.wants_tidy(), "a miss leaves the driver thread work");
+    a.tidy();
+    check(&a, 0);
+    assert!(counter(&a, C::BackgroundDriverCalls) > 0, "the round made the driver calls");
+    assert_eq!(counter(&a, C::DriverCalls), caller_calls, "none of them on the caller");
+    // Twice the miss, at most half the reserved bytes: 32 MiB.
+    assert_eq!(gauge(&a, G::CachedBytes), 32 * MIB as i64, "the reserve is cached, mapped memory");
+    assert!(!a.wants_tidy(), "a full reserve leaves nothing to do");
+    let q = a.malloc(16 * MIB, 0, 2).unwrap();
+    check(&a, 0);
+    assert_eq!(counter(&a, C::ReadyHits), 1);
+    assert_eq!(counter(&a, C::DriverCalls), caller_calls, "another stream's miss took the reserve: no driver call");
+    assert_eq!(counter(&a, C::CrossStreamReuses), 0, "never used memory needs no wait");
+    a.free(q, Some(16 * MIB), 0, Some(2)).unwrap();
+    a.free(p, Some(64 * MIB), 0, Some(1)).unwrap();
+    a.empty_cache().unwrap();
+    a.tidy();
+    check(&a, 0);
+    assert_eq!(gauge(&a, G::ReservedBytes), 0, "empty_cache gives the reserve back and it is not remade");
+}
+
+/// A miss larger than the reserve grows from it: only the difference is
+/// mapped, and the block is the caller's stream's.
+#[test]
+fn a_miss_larger_than_the_reserve_maps_only_the_difference() {
+    let (a, _) = sim("driver_thread:true,ready_fraction:0.5,max_cached_fraction:1,growth_size:0");
+    a.set_tidied(None);
+    let p = a.malloc(64 * MIB, 0, 1).unwrap();
+    a.tidy();
+    let reserved = gauge(&a, G::ReservedBytes);
+    let q = a.malloc(48 * MIB, 0, 3).unwrap();
+    check(&a, 0);
+    assert_eq!(gauge(&a, G::ReservedBytes), reserved + 16 * MIB as i64, "32 MiB ready, 16 MiB mapped");
+    assert_eq!(counter(&a, C::ReadyHits), 1);
+    a.free(q, Some(48 * MIB), 0, Some(3)).unwrap();
+    let r = a.malloc(48 * MIB, 0, 3).unwrap();
+    assert_eq!(r, q, "cached for stream 3, the caller's");
+    a.free(r, Some(48 * MIB), 0, Some(3)).unwrap();
+    a.free(p, Some(64 * MIB), 0, Some(1)).unwrap();
+    check(&a, 0);
+}
+
+/// Over max_cached_fraction the reserve is made of recycled memory only,
+/// and only what the device is done with: a busy device leaves the round
+/// waiting, with nothing new taken from the driver.
+#[test]
+fn over_the_cached_fraction_the_reserve_is_recycled_once_the_device_is_done() {
+    let (a, sim) = sim("driver_thread:true,ready_fraction:0.04,growth_size:0");
+    a.set_tidied(None);
+    let blocks: Vec<u64> = (0..20).map(|_| a.malloc(8 * MIB, 0, 1).unwrap()).collect();
+    sim.hold_events(true);
+    // 24 MiB cached of 172: over 8%, under the 16% at which the caller
+    // would recycle itself.
+    for &p in &blocks[..3] {
+        a.free(p, Some(8 * MIB), 0, Some(1)).unwrap();
+    }
+    let big = a.malloc(12 * MIB, 0, 2).unwrap(); // a miss: demand for 24 MiB
+    let reserved = gauge(&a, G::ReservedBytes);
+    assert_eq!(a.tidy(), tessera::pool::Tidy::Waiting, "the cache waits for the device");
+    assert_eq!(gauge(&a, G::ReservedBytes), reserved, "nothing new taken while cached memory waits");
+    sim.hold_events(false);
+    a.tidy();
+    check(&a, 0);
+    assert!(gauge(&a, G::ReservedBytes) <= reserved, "the reserve came from recycled memory");
+    assert!(gauge(&a, G::CachedBytes) < 24 * MIB as i64, "recycled, not added to");
+    assert!(counter(&a, C::ReclaimedGranules) > 0 && counter(&a, C::BackgroundDriverCalls) > 0);
+    a.free(big, Some(12 * MIB), 0, Some(2)).unwrap();
+    for &p in &blocks[3..] {
+        a.free(p, Some(8 * MIB), 0, Some(1)).unwrap();
+    }
+    check(&a, 0);
+}
+
+/// The real thread: four threads allocate and free while it tidies; every
+/// invariant holds, and stopping it joins it.
+#[test]
+fn the_driver_thread_tidies_while_threads_allocate() {
+    let (a, _) = sim("driver_thread:true,ready_fraction:0.5,max_cached_fraction:0.5");
+    let a = std::sync::Arc::new(a);
+    let t = a.clone();
+    let signal = tessera::worker::start(move || Some(t.tidy())).expect("the thread starts");
+    a.set_tidied(Some(signal));
+    let workers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let mut rng = w * 7919 + 1;
+                let mut live = Vec::new();
+                for _ in 0..3000 {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if live.len() < 16 && rng % 3 != 0 {
+                        let size = (rng >> 8) % (24 * MIB) + 1;
+                        live.push((a.malloc(size, 0, w).unwrap(), size));
+                    } else if !live.is_empty() {
+                        let (p, size) = live.swap_remove((rng >> 20) as usize % live.len());
+                        a.free(p, Some(size), 0, Some(w)).unwrap();
+                    }
+                }
+                for (p, size) in live {
+                    a.free(p, Some(size), 0, Some(w)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    tessera::worker::stop();
+    check(&a, 0);
+    let s = a.stats(0).unwrap();
+    assert!(s.counter(C::BackgroundDriverCalls) > 0, "the thread made driver calls");
+    assert!(s.counter(C::ReadyHits) > 0, "misses found the reserve");
+    assert_eq!(s.gauge(G::AllocatedBytes).current, 0);
+}

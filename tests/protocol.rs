@@ -8,7 +8,10 @@
 //! unmapped, while queued work of another stream may still touch it.
 //!
 //! The device lock makes each allocator call atomic, so interleavings of
-//! threads are interleavings of whole calls: what this explores.
+//! threads are interleavings of whole calls: what this explores. The driver
+//! thread is one more actor: its tidy round (`Op::Tidy`, with
+//! `driver_thread:true`) takes the lock step by step, so its steps
+//! interleave with the calls like any other call.
 
 mod common;
 use common::*;
@@ -261,6 +264,9 @@ enum Op {
     /// torch.cuda.synchronize().
     Sync,
     EmptyCache,
+    /// The driver thread runs a tidy round (maps the ready reserve,
+    /// recycling cached memory the device is done with).
+    Tidy,
 }
 
 const STREAMS: [u64; 3] = [0, 1, 2];
@@ -279,17 +285,22 @@ struct Live {
 /// and remapping happen within a few operations); returns the violations:
 /// early reuse, and out of memory while the memory was there.
 fn run(ops: &[Op], conf: &str) -> Vec<String> {
-    run_on(ops, conf, false)
+    run_on(ops, conf, false).0
 }
 
-fn run_on(ops: &[Op], conf: &str, lie: bool) -> Vec<String> {
+/// `run`, on a lying device if `lie`; also returns the ready reserve's hits.
+fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
     let config = Config::parse(&format!(
         "backend:sim,device_capacity:1M,page_size:64K,max_handle_size:128K,small_size:16K,growth_size:0,{conf}"
     ))
     .unwrap();
     let model = Arc::new(Mutex::new(Model::default()));
     let backend = Arc::new(ModelBackend { sim: SimBackend::new(1, config.device_capacity.0), model: model.clone(), lie, queries: Default::default() });
+    let tidied = config.driver_thread;
     let a = Allocator::with_backend(config, backend).unwrap();
+    if tidied {
+        a.set_tidied(None);
+    }
     let mut live: Vec<Live> = Vec::new();
     for &op in ops {
         match op {
@@ -340,12 +351,15 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> Vec<String> {
             Op::Progress(s) => model.lock().unwrap().progress(STREAMS[s as usize % STREAMS.len()]),
             Op::Sync => model.lock().unwrap().synchronize(),
             Op::EmptyCache => a.empty_cache().unwrap(),
+            Op::Tidy => {
+                a.tidy();
+            }
             _ => {}
         }
         check(&a, 0);
     }
     let violations = std::mem::take(&mut model.lock().unwrap().violations);
-    violations
+    (violations, a.stats(0).unwrap().counter(tessera::stats::TesseraCounter::ReadyHits))
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -357,8 +371,14 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..3).prop_map(Op::Progress),
         1 => Just(Op::Sync),
         1 => Just(Op::EmptyCache),
+        2 => Just(Op::Tidy),
     ]
 }
+
+/// The driver thread's configuration in the model: a reserve of up to a
+/// quarter of what is reserved (the 1 MiB device makes the default share
+/// smaller than a granule), recycled while over half cached.
+const TIDIED: &str = "driver_thread:true,ready_fraction:0.5,max_cached_fraction:0.5";
 
 proptest! {
     // 4096 cases each, or PROPTEST_CASES (an explicit `cases` would ignore it).
@@ -372,6 +392,12 @@ proptest! {
     #[test]
     fn random_interleavings_never_reuse_memory_early_without_recycling(ops in prop::collection::vec(op(), 1..80)) {
         let v = run(&ops, "max_cached_fraction:1");
+        prop_assert!(v.is_empty(), "{:?}\nops: {:?}", v, ops);
+    }
+
+    #[test]
+    fn random_interleavings_with_the_driver_thread_never_reuse_memory_early(ops in prop::collection::vec(op(), 1..80)) {
+        let v = run(&ops, TIDIED);
         prop_assert!(v.is_empty(), "{:?}\nops: {:?}", v, ops);
     }
 }
@@ -394,6 +420,7 @@ fn every_short_interleaving_never_reuses_memory_early() {
         Op::Progress(2),
         Op::Sync,
         Op::EmptyCache,
+        Op::Tidy,
     ];
     let n = alphabet.len() as u64;
     let total = n.pow(depth);
@@ -408,8 +435,10 @@ fn every_short_interleaving_never_reuses_memory_early() {
         // within the bound.
         let mut seq = vec![Op::Alloc(2, 1), Op::Alloc(2, 2)];
         seq.extend_from_slice(&ops);
-        let v = run(&seq, "");
-        assert!(v.is_empty(), "{v:?}\nops: {seq:?}");
+        for conf in ["", TIDIED] {
+            let v = run(&seq, conf);
+            assert!(v.is_empty(), "{v:?}\nconf {conf:?}, ops: {seq:?}");
+        }
     }
     eprintln!("model check: {total} sequences of {depth} operations (after a 2-operation prefix), no early reuse");
 }
@@ -445,7 +474,7 @@ fn a_device_that_lies_about_events_is_caught() {
     let mut caught = 0;
     for _ in 0..300 {
         let ops = strategy.new_tree(&mut runner).unwrap().current();
-        if !run_on(&ops, "", true).is_empty() {
+        if !run_on(&ops, "", true).0.is_empty() {
             caught += 1;
         }
     }
@@ -501,4 +530,22 @@ fn the_rest_of_a_block_taken_from_another_stream_stays_that_streams() {
         Alloc(0,0), Alloc(0,0), RecordStream(61,1), Free(144), Free(0), Alloc(0,0), Alloc(0,0), Alloc(1,2), Alloc(0,0), Alloc(1,0), Alloc(1,1)];
     let v = run(&ops, "");
     assert!(v.is_empty(), "{v:?}");
+}
+
+/// The driver thread's runs are no vacuous pass: random sequences take the
+/// ready reserve often (and the lying device shows that such runs would be
+/// caught).
+#[test]
+fn random_interleavings_with_the_driver_thread_use_the_ready_reserve() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = prop::collection::vec(op(), 1..80);
+    let (mut used, mut caught) = (0, 0);
+    for _ in 0..300 {
+        let ops = strategy.new_tree(&mut runner).unwrap().current();
+        used += (run_on(&ops, TIDIED, false).1 > 0) as u32;
+        caught += !run_on(&ops, TIDIED, true).0.is_empty() as u32;
+    }
+    assert!(used >= 30, "the ready reserve served a miss in {used} of 300 sequences");
+    assert!(caught > 0, "no early reuse caught on a lying device with the driver thread");
+    eprintln!("driver thread: the reserve served misses in {used} of 300 sequences; a lying device caught in {caught}");
 }

@@ -2,7 +2,7 @@
 //! are numbers that nothing dereferences. Lets the pool run traces at sizes
 //! larger than any GPU, fast. Events complete at once unless a test holds
 //! them ([`SimBackend::hold_events`]), which models a device still busy.
-//! Each handle and mapping call adds what it costs on an H100 to a modelled
+//! Each handle and mapping call adds what it costs on an H200 to a modelled
 //! driver time ([`SimBackend::modelled_driver_ns`]), so that policies can be
 //! compared by time as well as by calls on the CPU.
 #![forbid(unsafe_code)]
@@ -15,15 +15,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 const GRANULARITY: u64 = 4096;
 
-/// What each call costs on an H100 (docs/driver-costs.md, driver 580), in
+/// What each call costs on an H200 (docs/driver-costs.md, driver 580), in
 /// microseconds: a fixed part plus a part per MiB of the handle, or per
 /// handle in the range (set access and unmap over many handles cost about
-/// the same per handle: 200 handles take 4.5 ms and 3.0 ms).
-const CREATE_US: (f64, f64) = (10.0, 0.02); // 2 MiB 13.5, 512 MiB 20.8
-const RELEASE_US: (f64, f64) = (10.0, 0.55); // 2 MiB 10, 64 MiB 47, 512 MiB 290
-const MAP_US: f64 = 1.5;
-const SET_ACCESS_US: (f64, f64) = (15.0, 23.0); // fixed, per handle: one 2 MiB handle 38
-const UNMAP_US: (f64, f64) = (1.0, 15.0); // fixed, per handle: one 2 MiB handle 16
+/// the same per handle). One 8 MiB handle: create 11, map 1, set access 29,
+/// unmap 21, release 14; the parts per MiB and per handle are the H100's
+/// shape (2 MiB to 512 MiB, 200 handles in one range) fitted to those.
+const CREATE_US: (f64, f64) = (10.8, 0.02);
+const RELEASE_US: (f64, f64) = (9.6, 0.55);
+const MAP_US: f64 = 1.0;
+const SET_ACCESS_US: (f64, f64) = (11.5, 17.5);
+const UNMAP_US: (f64, f64) = (1.0, 20.0);
 const MIB: f64 = (1u64 << 20) as f64;
 
 #[derive(Default)]
@@ -39,7 +41,7 @@ struct SimDevice {
     mapped_bytes: u64,
     /// Address -> size of every mapping, to count the handles a range holds.
     mappings: BTreeMap<u64, u64>,
-    /// What the calls so far would have cost on an H100 (see `CREATE_US`).
+    /// What the calls so far would have cost on an H200 (see `CREATE_US`).
     modelled_ns: f64,
 }
 
@@ -82,7 +84,7 @@ impl SimBackend {
     }
 
     /// Nanoseconds the handle and mapping calls so far would have taken on
-    /// an H100 (a model: see `CREATE_US`). Waits for the device cost nothing
+    /// an H200 (a model: see `CREATE_US`). Waits for the device cost nothing
     /// here: the simulated device is never busy for long.
     pub fn modelled_driver_ns(&self, device: i32) -> u64 {
         self.dev(device).map_or(0, |d| d.modelled_ns as u64)

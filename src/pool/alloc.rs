@@ -55,6 +55,10 @@ impl DevicePool {
             return Ok(self.hand_out(id, rounded, size, stream, graph));
         }
         self.stats.bump(C::CacheMisses, 1);
+        self.note_miss(arena, rounded);
+        if let Some(id) = self.take_ready(arena, rounded) {
+            return Ok(self.hand_out(id, rounded, size, stream, graph));
+        }
         // Small requests take a block that another stream cached and the
         // device is done with before growing: each stream growing its own
         // granules would let a few small blocks per stream pin many granules.

@@ -72,6 +72,11 @@ pub(super) struct Arena {
 /// Cache keys with this bit set name a graph capture's private cache.
 pub(super) const GRAPH_KEY: u64 = 1 << 63;
 
+/// The stream value of the ready reserve's blocks (see ready.rs): mapped
+/// memory no stream has used, which any stream's miss may take. No CUDA
+/// stream has this value (streams are pointers, aligned).
+pub(super) const READY_KEY: u64 = GRAPH_KEY - 1;
+
 /// The key under which a cached block waits: its stream, or its capture's
 /// private cache.
 pub(super) fn cache_key(b: &Block) -> u64 {

@@ -138,6 +138,9 @@ impl DevicePool {
             }
         }
         assert_eq!(handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
+        let free_granules: u64 = self.free_handles.iter().map(|&(n, _)| n).sum();
+        assert_eq!(free_granules, self.free_handle_granules(), "free handles differ from reserved less mapped");
+        self.check_ready();
         let mut slots: Vec<HandleIdx> = self.free_handle_slots.clone();
         slots.sort_unstable();
         slots.dedup();

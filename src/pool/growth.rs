@@ -4,7 +4,8 @@
 //! Invariant: growth returns an unindexed cached block of at least the request.
 #![forbid(unsafe_code)]
 
-use super::{cache_key, round_up, ArenaKind, BlockId, DevicePool, Gap, State, GRAPH_KEY, NIL};
+use super::{cache_key, round_up, ArenaKind, BlockId, DevicePool, Gap, State, GRAPH_KEY, NIL, READY_KEY};
+use crate::stats::TesseraCounter as C;
 use crate::error::{Error, Result};
 
 /// Growth by `growth_size` steps maps at most this share (1/8) of the
@@ -42,7 +43,11 @@ impl DevicePool {
         let key = if graph != 0 { GRAPH_KEY | graph } else { stream };
         let g = self.conf.page_size.0;
         let fresh_granules = round_up(rounded, g) / g;
-        let same_key = move |p: &Self, x: BlockId| x != NIL && p.b(x).state == State::Cached && cache_key(p.b(x)) == key;
+        // The ready reserve (never used) joins any stream's run, outside
+        // graph captures: a miss larger than it maps only the difference.
+        let same_key = move |p: &Self, x: BlockId| {
+            x != NIL && p.b(x).state == State::Cached && (cache_key(p.b(x)) == key || (graph == 0 && p.b(x).stream == READY_KEY))
+        };
         let mut plan = if self.conf.expandable_segments { self.best_gap(arena, rounded, &same_key) } else { None };
         if self.conf.expandable_segments && !capturing {
             // Recycling frees handles for a fresh range even when the gap
@@ -65,7 +70,7 @@ impl DevicePool {
         let fragmented = self.conf.expandable_segments
             && !capturing
             && self.limit_bytes.is_none()
-            && self.cache_over_fraction();
+            && self.recycling_due();
         let plan = match plan {
             Some(p) => p,
             None => {
@@ -87,6 +92,10 @@ impl DevicePool {
             self.least_growth_granules(arena, rounded).clamp(plan.new, room)
         };
         let id = self.map_gap(plan, growth, stream, graph, fragmented, false)?;
+        if self.b(id).stream == READY_KEY && key != READY_KEY {
+            self.stats.bump(C::ReadyHits, 1);
+            self.bm(id).stream = stream; // the run began with ready memory
+        }
         // Merge with a following cached block of the same key, but keep it
         // unindexed for the caller.
         let next = self.b(id).next;

@@ -131,11 +131,16 @@ impl DevicePool {
     }
 
     /// Runs a slow-path driver call (handles, mappings, memory info, waits
-    /// for the device), adding its wall time to the `driver_ns` counter.
+    /// for the device), counting it and its wall time as the callers'
+    /// (`driver_calls`, `driver_ns`) or, in a tidy step, the driver
+    /// thread's (`background_driver_calls`, `background_driver_ns`).
     pub(super) fn driver<T>(&mut self, call: impl FnOnce(&dyn Backend, i32) -> Result<T>) -> Result<T> {
         let start = std::time::Instant::now();
         let result = call(self.backend.as_ref(), self.device);
-        self.stats.bump(C::DriverNs, start.elapsed().as_nanos() as u64);
+        let ns = start.elapsed().as_nanos() as u64;
+        let (calls, time) = if self.background { (C::BackgroundDriverCalls, C::BackgroundDriverNs) } else { (C::DriverCalls, C::DriverNs) };
+        self.stats.bump(calls, 1);
+        self.stats.bump(time, ns);
         result
     }
 
@@ -152,9 +157,11 @@ impl DevicePool {
         self.stats.gauge(G::ReservedBytes).current as u64
     }
 
-    /// Granules in handles that are mapped nowhere.
+    /// Granules in handles that are mapped nowhere: the reserved bytes that
+    /// are not mapped (every live handle is one or the other).
     pub(super) fn free_handle_granules(&self) -> u64 {
-        self.free_handles.iter().map(|&(n, _)| n).sum()
+        let unmapped = self.physical_bytes() - self.stats.gauge(G::MappedBytes).current as u64;
+        unmapped / self.conf.page_size.0
     }
 
     /// Creates handles for `granules` granules (each at most

@@ -13,6 +13,8 @@
 //! - `gap`: placement across the cached blocks around a hole;
 //! - `handles`: physical handles and every driver call that maps memory;
 //! - `recycle`: every unmap of cached memory (recycling, reclamation, empty_cache);
+//! - `ready`: the driver thread's work (tidying): trimming the cache, the
+//!   ready reserve, giving free handles back;
 //! - `graphs`: the private caches of CUDA graph captures;
 //! - `history`: the ring of recorded events;
 //! - `view`: read-only pictures of blocks and segments;
@@ -46,6 +48,7 @@ mod growth;
 mod handles;
 mod history;
 mod lend;
+mod ready;
 mod recycle;
 mod streams;
 mod view;
@@ -53,6 +56,7 @@ mod view;
 pub use graphs::PoolBlock;
 pub use history::{HistoryAction, HistoryEvent};
 pub use lend::{Freed, FrontDelta, LentBlock};
+pub use ready::Tidy;
 pub use view::{BlockState, BlockView};
 
 use crate::backend::{Backend, EventId};
@@ -60,7 +64,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hash::AddrHash;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
-use block::{Arena, Block, BlockId, State, GRAPH_KEY, NIL, cache_key};
+use block::{Arena, Block, BlockId, State, GRAPH_KEY, NIL, READY_KEY, cache_key};
 use gap::Gap;
 use handles::{Handle, HandleIdx};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -149,6 +153,18 @@ pub struct DevicePool {
     /// The driver's free bytes when last asked, the reserved bytes then, and
     /// how many more growths may use the answer (see `near_capacity`).
     free_hint: Option<(u64, u64, u32)>,
+    /// A driver thread tidies this pool (see ready.rs): growth on the
+    /// callers' threads leaves recycling to it until the cache passes twice
+    /// max_cached_fraction.
+    deferred: bool,
+    /// A tidy step runs now: driver calls count as the driver thread's.
+    background: bool,
+    /// The largest recent miss of the large arena, in bytes, decaying by
+    /// an eighth each tidy round: what the ready reserve prepares for.
+    ready_demand_bytes: u64,
+    /// (misses, frees) when a tidy round last found nothing to do: until
+    /// either moves, there is nothing new for the driver thread.
+    tidied_at: (u64, u64),
 }
 
 impl Drop for DevicePool {
@@ -251,6 +267,10 @@ impl DevicePool {
             history: None,
             total_bytes,
             free_hint: None,
+            deferred: false,
+            background: false,
+            ready_demand_bytes: 0,
+            tidied_at: (u64::MAX, u64::MAX),
             conf,
             limit_bytes,
         };

@@ -7,9 +7,9 @@
 //! handle overlaps a candidate in `recyclable`, which is all recycling walks.
 #![forbid(unsafe_code)]
 
-use super::{BlockId, DevicePool, State, NIL};
+use super::{BlockId, DevicePool, State, NIL, READY_KEY};
 use crate::error::Result;
-use crate::stats::{TesseraCounter as C, TesseraGauge as G};
+use crate::stats::TesseraCounter as C;
 use std::ops::Bound::{Excluded, Unbounded};
 
 /// How many neighbours `may_free_a_handle` walks, both sides together,
@@ -18,12 +18,6 @@ use std::ops::Bound::{Excluded, Unbounded};
 const RUN_WALK_BLOCKS: usize = 64;
 
 impl DevicePool {
-    /// Whether cached bytes exceed `max_cached_fraction` of the reserved
-    /// bytes (what recycling tries to undo before growth).
-    pub(super) fn cache_over_fraction(&self) -> bool {
-        self.stats.gauge(G::CachedBytes).current as f64 > self.conf.max_cached_fraction.0 * self.physical_bytes() as f64
-    }
-
     /// Before growing by `need` granules: when too much is cached (see
     /// `cached_fraction` and `gc_threshold`), unmap cached handles the
     /// device is done with, so that growth maps them again instead of
@@ -45,7 +39,7 @@ impl DevicePool {
         // of the same step needs back, over and over (seen on GPT-2 capped
         // at its frontier + 5%). garbage_collection_threshold still applies.
         let within_limit = self.limit_bytes.is_some_and(|l| reserved + (need * g) as f64 <= l as f64);
-        if (!self.cache_over_fraction() || within_limit) && !over_gc {
+        if (!self.recycling_due() || within_limit) && !over_gc {
             return Ok(false);
         }
         // Smallest blocks first: the large cached blocks are the ones that
@@ -53,25 +47,36 @@ impl DevicePool {
         // (sim, modelled driver time): GPT-2 222 -> 139 ms, KV trace 249 ->
         // 219, GPU KV workload 806 -> 756, 24 multi-stream seeds 331 -> 271,
         // churn 196 -> 207; reserved up by at most 0.015 (KV 1.034 -> 1.049).
+        // The ready reserve is spared: it serves misses that fit it, and
+        // one that did not fit came here.
         self.advance_epochs()?;
-        self.unmap_cached_blocks(need, true, keep, true)?;
-        if self.free_handle_granules() < need {
+        self.unmap_cached_blocks(need, true, keep, true, true, u64::MAX)?;
+        if self.free_handle_granules() < need && !self.background {
             // Not enough known done: wait for the streams' epoch events (a
             // wait on each stream's event, not a device synchronize), then
-            // try again.
+            // try again. The driver thread never waits (it holds the lock).
             self.wait_epochs()?;
-            self.unmap_cached_blocks(need, true, keep, true)?;
+            self.unmap_cached_blocks(need, true, keep, true, true, u64::MAX)?;
         }
         Ok(self.free_handle_granules() > free)
     }
 
     /// Unmaps cached handles (only those the device is known to be done
     /// with, if `only_device_done`), taking the candidates (`recyclable`)
-    /// smallest or largest first, until `need` granules of handles are free.
-    /// Nothing in the range `keep`. Looks at candidates only: its cost
-    /// follows what it unmaps and the stale candidates it drops, not the
-    /// number of cached blocks.
-    pub(super) fn unmap_cached_blocks(&mut self, need: u64, only_device_done: bool, keep: Option<(u64, u64)>, smallest_first: bool) -> Result<()> {
+    /// smallest or largest first, until `need` granules of handles are free,
+    /// at most `max_run_granules` (about) from one run of cached blocks.
+    /// Nothing in the range `keep`, nor the ready reserve if `spare_ready`.
+    /// Looks at candidates only: its cost follows what it unmaps and the
+    /// stale candidates it drops, not the number of cached blocks.
+    pub(super) fn unmap_cached_blocks(
+        &mut self,
+        need: u64,
+        only_device_done: bool,
+        keep: Option<(u64, u64)>,
+        smallest_first: bool,
+        spare_ready: bool,
+        max_run_granules: u64,
+    ) -> Result<()> {
         let mut free = self.free_handle_granules();
         // Near capacity, only what is needed: whatever else is unmapped must
         // be mapped again, handle by handle, at the next request.
@@ -86,7 +91,8 @@ impl DevicePool {
             };
             let Some(&(size, id)) = next else { break };
             cursor = Some((size, id));
-            free += self.unmap_cached_run(id, only_device_done, if exact { need - free } else { u64::MAX }, keep)?;
+            let want = if exact { need - free } else { u64::MAX };
+            free += self.unmap_cached_run(id, only_device_done, want.min(max_run_granules), keep, spare_ready)?;
             // Unmapped, split or merged, it left the set or came back under
             // its new size; as it is, it stays only while it may free one.
             if self.recyclable.contains(&(size, id)) && !self.may_free_a_handle(id) {
@@ -149,11 +155,20 @@ impl DevicePool {
     /// blocks the device is known to be done with count when
     /// `only_device_done`; otherwise the caller has synchronized. Nothing in
     /// `keep` (an address range: where growth is about to place a request)
-    /// is unmapped: the run ends at it, on `id`'s side. Returns the granules
-    /// freed.
-    pub(super) fn unmap_cached_run(&mut self, id: BlockId, only_device_done: bool, want_granules: u64, keep: Option<(u64, u64)>) -> Result<u64> {
+    /// is unmapped: the run ends at it, on `id`'s side; with `spare_ready`,
+    /// the ready reserve's blocks end it too. Returns the granules freed.
+    pub(super) fn unmap_cached_run(
+        &mut self,
+        id: BlockId,
+        only_device_done: bool,
+        want_granules: u64,
+        keep: Option<(u64, u64)>,
+        spare_ready: bool,
+    ) -> Result<u64> {
         let g = self.conf.page_size.0;
-        let cached = |p: &Self, x: BlockId| p.cached_no_graph(x) && (!only_device_done || p.device_done(x));
+        let cached = |p: &Self, x: BlockId| {
+            p.cached_no_graph(x) && (!only_device_done || p.device_done(x)) && !(spare_ready && p.b(x).stream == READY_KEY)
+        };
         if !cached(self, id) {
             return Ok(0);
         }
@@ -237,20 +252,22 @@ impl DevicePool {
         }
         self.driver(|b, d| b.synchronize(d))?;
         self.process_pending()?;
-        self.unmap_cached_blocks(need, false, None, false)?;
+        self.unmap_cached_blocks(need, false, None, false, false, u64::MAX)?;
         Ok(true)
     }
 
     /// Unmaps every cached granule and releases every handle with nothing
     /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
+    /// The ready reserve goes too, and is not refilled until the next miss.
     pub fn release_cached(&mut self) -> Result<()> {
+        self.ready_demand_bytes = 0;
         self.retry_stale_events();
         self.driver(|b, d| b.synchronize(d))?;
         self.process_pending()?;
         let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
         for id in ids {
             if self.is_indexed_cached(id) {
-                self.unmap_cached_run(id, false, u64::MAX, None)?;
+                self.unmap_cached_run(id, false, u64::MAX, None, false)?;
             }
         }
         while let Some(&(n, h)) = self.free_handles.first() {

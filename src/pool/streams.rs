@@ -6,7 +6,7 @@
 //! every event recorded is destroyed or kept in `stale_events`.
 #![forbid(unsafe_code)]
 
-use super::{ArenaKind, BlockId, DevicePool, State, NIL};
+use super::{ArenaKind, BlockId, DevicePool, State, NIL, READY_KEY};
 use crate::backend::EventId;
 use crate::error::{Error, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
@@ -330,11 +330,14 @@ impl DevicePool {
         else {
             return Ok(None);
         };
+        // The ready reserve's blocks were never used: nothing to wait for.
         let from = self.b(id).stream;
-        let event = self.backend.record_event(self.device, from)?;
-        let waited = self.backend.stream_wait_event(self.device, stream, event);
-        self.destroy_event_or_keep(event);
-        waited?;
+        if from != READY_KEY {
+            let event = self.backend.record_event(self.device, from)?;
+            let waited = self.backend.stream_wait_event(self.device, stream, event);
+            self.destroy_event_or_keep(event);
+            waited?;
+        }
         self.unindex(id);
         self.stats.bump(C::CrossStreamReuses, 1);
         Ok(Some(id))

@@ -36,6 +36,9 @@ pub struct Setup {
     /// At most one injected fault per operation (the model the allocator is
     /// meant to survive in full); false lets faults strike recovery too.
     pub single_fault: bool,
+    /// The driver thread's work: a tidy round after every operation, its
+    /// driver calls under the same faults.
+    pub tidied: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,11 +85,12 @@ pub fn decode(data: &[u8]) -> (Setup, Vec<Op>) {
     let growth = [0, 4 * granule, 20 << 20, 2 * granule][((b0 >> 5) & 3) as usize];
     let limit = if b0 >> 7 == 1 { "0.75" } else { "none" };
     let cached_fraction = ["0.1", "1", "0.5", "0"][(b1 >> 5 & 3) as usize];
+    let tidied = b1 >> 7 == 1;
     let capacity = 96 * granule;
     let conf = format!(
         "backend:host,page_size:{granule},max_handle_size:{handle},expandable_segments:{expandable},\
          growth_size:{growth},small_size:{},memory_limit:{limit},device_capacity:{capacity},va_size:{},\
-         max_cached_fraction:{cached_fraction}",
+         max_cached_fraction:{cached_fraction},driver_thread:{tidied},ready_fraction:0.25",
         2 * granule,
         1024 * granule
     );
@@ -105,6 +109,7 @@ pub fn decode(data: &[u8]) -> (Setup, Vec<Op>) {
         points,
         create_fault: [CreateFault::OutOfMemory, CreateFault::Driver, CreateFault::Either][(b4 % 3) as usize],
         single_fault: true,
+        tidied,
     };
     let mut ops = Vec::new();
     let size_classes = [2 * granule, 2 * granule, 2 * granule, 8 * granule, 8 * granule, 8 * granule, capacity / 2, capacity * 5 / 4];
@@ -246,6 +251,9 @@ fn allowed_driver_error(e: &Error, injected_during: bool) -> bool {
 /// Runs `ops` under `setup`; panics on the first broken check.
 pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
     let (a, f) = faulty_host(&setup.conf, setup.seed);
+    if setup.tidied {
+        a.set_tidied(None);
+    }
     f.set_create_fault(setup.create_fault);
     // Make the pool with nothing failing (reserve has its own test).
     f.set_enabled(false);
@@ -302,6 +310,10 @@ pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
             Op::Arm { point, after } => f.fail_at(point, f.calls(point) + after),
             Op::Faults { on } => faults_on = on,
             _ => {}
+        }
+        if setup.tidied {
+            // Failures in it are counted and leave the pool as it was.
+            a.tidy();
         }
         sum.ops += 1;
         f.set_enabled(false);

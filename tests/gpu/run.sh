@@ -8,7 +8,7 @@
 #   python3 tests/gpu/record_trace.py mixed|multistream|infer_varbatch OUT.trace.gz  # native-allocator trace (<1 min)
 #   python3 tests/gpu/bench_frontier.py   # OOM frontier, tessera/native/expandable/async x 7 workloads (~8 min)
 #   python3 tests/gpu/bench_capped.py     # GPT-2 steps/s, tessera uncapped vs memory_limit = frontier+5% (~2 min)
-#   python3 tests/gpu/bench_time.py       # warm wall time of the frontier workloads, tessera vs native (~3 min)
+#   python3 tests/gpu/bench_time.py       # warm wall time of 9 workloads, tessera vs native, expandable, async (~8 min)
 #   python3 tests/gpu/prof_step.py native|tessera   # where a training step's time goes (torch.profiler)
 #   python3 tests/gpu/diag_growth.py native|tessera # does growing the pool wait for the GPU?
 #   bash tests/gpu/multi/run.sh          # two GPUs: two devices in one process, DDP under torchrun
@@ -96,6 +96,7 @@ run_test smoke       120 python3 tests/gpu/t_smoke.py
 run_test train       300 python3 tests/gpu/t_train_parity.py
 run_test oom         240 python3 tests/gpu/t_oom.py
 run_test threads     240 python3 tests/gpu/t_threads.py
+run_test threads_drv 240 env TESSERA_CONF=driver_thread:true python3 tests/gpu/t_threads.py
 run_test multistream 120 python3 tests/gpu/t_multistream.py
 run_test reclaim     120 python3 tests/gpu/t_reclaim.py
 run_test gap         120 python3 tests/gpu/t_gap.py

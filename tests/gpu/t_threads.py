@@ -1,4 +1,6 @@
-"""8 threads, each on its own stream, allocate/fill/verify/free random-size tensors.
+"""8 threads, each on its own stream, allocate/fill/verify/free random-size tensors
+(run by the suite twice: as configured, and with TESSERA_CONF=driver_thread:true, where the
+driver thread must have made driver calls among them).
 
 Every tensor is filled with a value unique to (thread, iteration) and checked just before
 it is freed, so a block handed out twice while live shows up as a wrong value. Some
@@ -7,6 +9,7 @@ from whatever thread drops the last reference).
 (Freeing from a thread whose current device differs needs 2 GPUs: not tested here.)
 """
 
+import os
 import queue
 import random
 import threading
@@ -72,5 +75,12 @@ check(not errors, f"{len(errors)} errors")
 for g in ("allocated_bytes", "active_blocks"):
     check(end[g]["current"] == base[g]["current"],
           f"{g} not back to start: {base[g]['current']} -> {end[g]['current']}")
-note(f"{THREADS}x{ITERS} in {elapsed:.1f}s, no corruption")
+threaded = "driver_thread:true" in os.environ.get("TESSERA_CONF", "")
+if threaded:
+    check(end["background_driver_calls"] > base["background_driver_calls"], "the driver thread made no driver call")
+    extra = (f"; driver thread: {end['background_driver_calls']} calls, {end['ready_hits']} ready hits; "
+             f"caller threads: {end['driver_calls']} calls")
+else:
+    extra = ""
+note(f"{THREADS}x{ITERS} in {elapsed:.1f}s, no corruption{extra}")
 print("THREADS OK")

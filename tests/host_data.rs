@@ -197,19 +197,22 @@ fn near_capacity_free_coarse_handles_are_split_into_pages() {
 fn near_capacity_recycling_unmaps_only_what_the_request_needs() {
     let (a, _) = host("page_size:64K,device_capacity:4M,max_handle_size:64K,growth_size:0,small_size:64K");
     let x = a.malloc(2 << 20, 0, 1).unwrap();
-    let y = a.malloc(1536 << 10, 0, 1).unwrap();
+    let y = a.malloc(1 << 20, 0, 1).unwrap();
+    let w = a.malloc(512 << 10, 0, 1).unwrap();
     fill(x, 2 << 20, 1);
-    fill(y, 1536 << 10, 2);
-    a.free(x, None, 0, Some(1)).unwrap(); // 2 MiB cached for stream 1, of 3.5 MiB held
-    // Stream 2 needs 4 pages, near the 4 MiB device's end: recycling takes
-    // 4 pages of the cached run, not all 32 (they would have to be mapped
-    // again, page by page, by the next request that needs them).
-    let z = a.malloc(256 << 10, 0, 2).unwrap();
-    fill(z, 256 << 10, 3);
+    fill(y, 1 << 20, 2);
+    a.free(x, None, 0, Some(1)).unwrap();
+    a.free(w, None, 0, Some(1)).unwrap(); // 2.5 MiB cached for stream 1, in two runs, of 3.5 MiB held
+    // Stream 2 needs 36 pages (more than either cached block, which it
+    // would take as it is), near the 4 MiB device's end: recycling takes
+    // the 8 pages of w's run and 28 of x's, not all 32 (they would have to
+    // be mapped again, page by page, by the next request that needs them).
+    let z = a.malloc(2304 << 10, 0, 2).unwrap();
+    fill(z, 2304 << 10, 3);
     let s = a.stats(0).unwrap();
-    assert_eq!(s.counter(C::ReclaimedGranules), 4);
-    assert_eq!(s.gauge(G::CachedBytes).current, (2 << 20) - (256 << 10));
-    assert!(verify(y, 1536 << 10, 2) && verify(z, 256 << 10, 3));
+    assert_eq!(s.counter(C::ReclaimedGranules), 36);
+    assert_eq!(s.gauge(G::CachedBytes).current, 256 << 10);
+    assert!(verify(y, 1 << 20, 2) && verify(z, 2304 << 10, 3));
     check(&a, 0);
 }
 

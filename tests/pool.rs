@@ -475,11 +475,14 @@ fn front_lists_are_bounded() {
 
 #[test]
 fn growth_trades_a_larger_free_handle_for_an_exact_one_instead_of_taking_more() {
-    let (a, _) = sim("growth_size:0");
+    let (a, backend) = sim("growth_size:0");
     let p = a.malloc(8 * MIB, 0, 1).unwrap(); // one 8 MiB handle
     a.free(p, None, 0, Some(1)).unwrap();
-    // Stream 2 needs 4 MiB: recycling unmaps stream 1's cached handle (the
-    // device is done with it); that handle is larger than the need.
+    a.reset_peak_stats(0).unwrap(); // no high-water mark of 8 MiB live
+    // Stream 2 needs 4 MiB while the device still runs stream 1's work (so
+    // stream 1's block is not taken as it is): recycling waits for it and
+    // unmaps stream 1's cached handle, larger than the need.
+    backend.hold_events(true);
     let q = a.malloc(4 * MIB, 0, 2).unwrap();
     assert_eq!(gauge(&a, G::ReservedBytes), (4 * MIB) as i64, "no memory beyond what the request needs");
     assert!(counter(&a, C::DriverReleaseCalls) >= 1, "the 8 MiB handle went back");
@@ -495,15 +498,16 @@ fn growth_over_a_cache_that_recycling_cannot_shrink_is_exact_in_one_granule_hand
     // 3 MiB grows by 20 MiB: handles of 8, 8 and 4 MiB; 17 MiB cached.
     let p = a.malloc(3 * MIB, 0, 0).unwrap();
     assert_eq!((gauge(&a, G::ReservedBytes), gauge(&a, G::Handles)), ((180 * MIB) as i64, 23));
-    // Stream 1 misses. Recycling takes back the two handles under nothing
-    // live (12 MiB); 5 MiB stay cached in p's handle, over
-    // max_cached_fraction of what is held. So the growth maps the 3
-    // granules the request needs, not 20 MiB: the free 4 MiB handle, and
-    // one new one-granule handle for the 8 MiB one (released).
-    let q = a.malloc(5 * MIB, 0, 1).unwrap();
-    assert_eq!(gauge(&a, G::ReservedBytes), (174 * MIB) as i64, "nothing beyond what the request needs");
-    assert_eq!(gauge(&a, G::Handles), 23);
-    assert_eq!(gauge(&a, G::CachedBytes), (6 * MIB) as i64, "p's 5 MiB and q's last 1 MiB");
+    // Stream 1 misses with 18 MiB, more than the 17 MiB cached (which it
+    // would otherwise take as it is: never used). Recycling takes back the
+    // two handles under nothing live (12 MiB); 5 MiB stay cached in p's
+    // handle, over max_cached_fraction of what is held. So the growth maps
+    // the 9 granules the request needs, not more: the two free handles (6
+    // granules) and three new one-granule handles.
+    let q = a.malloc(18 * MIB, 0, 1).unwrap();
+    assert_eq!(gauge(&a, G::ReservedBytes), (186 * MIB) as i64, "nothing beyond what the request needs");
+    assert_eq!(gauge(&a, G::Handles), 26);
+    assert_eq!(gauge(&a, G::CachedBytes), (5 * MIB) as i64, "p's 5 MiB");
     check(&a, 0);
     a.free(p, None, 0, Some(0)).unwrap();
     a.free(q, None, 0, Some(1)).unwrap();
@@ -739,4 +743,60 @@ fn the_driver_thread_tidies_while_threads_allocate() {
     assert!(s.counter(C::BackgroundDriverCalls) > 0, "the thread made driver calls");
     assert!(s.counter(C::ReadyHits) > 0, "misses found the reserve");
     assert_eq!(s.gauge(G::AllocatedBytes).current, 0);
+}
+
+/// Under the high-water mark of live memory (plus max_cached_fraction),
+/// growth caches instead of recycling: the peak already took that much.
+/// After empty_cache the mark starts again, and recycling with it.
+#[test]
+fn growth_under_the_high_water_mark_of_live_memory_does_not_recycle() {
+    let (a, _) = sim("growth_size:0");
+    let big: Vec<u64> = (0..10).map(|_| a.malloc(10 * MIB, 0, 1).unwrap()).collect(); // 100 MiB live
+    for &p in &big[..5] {
+        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
+    }
+    // 50 MiB cached of 100: far over 8%. A 6 MiB miss stays under
+    // 1.08 x 100 MiB: it grows without recycling.
+    let q = a.malloc(6 * MIB, 0, 2).unwrap();
+    assert_eq!(counter(&a, C::ReclaimedGranules), 0, "recycled under the high-water mark");
+    assert_eq!(counter(&a, C::DriverUnmapCalls), 0);
+    check(&a, 0);
+    a.free(q, Some(6 * MIB), 0, Some(2)).unwrap();
+    for &p in &big[5..] {
+        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
+    }
+    // After empty_cache the mark is gone: the cache over 8% is recycled.
+    a.empty_cache().unwrap();
+    let small: Vec<u64> = (0..4).map(|_| a.malloc(10 * MIB, 0, 1).unwrap()).collect();
+    for &p in &small[..2] {
+        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
+    }
+    let r = a.malloc(12 * MIB, 0, 2).unwrap();
+    assert!(counter(&a, C::ReclaimedGranules) > 0, "over the fraction and past the mark: growth recycles");
+    a.free(r, Some(12 * MIB), 0, Some(2)).unwrap();
+    for &p in &small[2..] {
+        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
+    }
+    check(&a, 0);
+}
+
+/// Once recycling is due, a large miss takes a block that another stream
+/// cached and the device is done with, as it is: no driver call (growth
+/// would unmap it and map its handles again).
+#[test]
+fn a_large_miss_takes_another_streams_done_block_once_recycling_is_due() {
+    let (a, _) = sim("growth_size:0");
+    let p = a.malloc(40 * MIB, 0, 1).unwrap();
+    let keep = a.malloc(8 * MIB, 0, 1).unwrap();
+    a.free(p, Some(40 * MIB), 0, Some(1)).unwrap();
+    a.reset_peak_stats(0).unwrap(); // the high-water mark down to what is live (8 MiB)
+    let calls = counter(&a, C::DriverCalls);
+    let q = a.malloc(32 * MIB, 0, 2).unwrap();
+    assert_eq!(q, p, "stream 1's done block, taken by stream 2");
+    assert_eq!(counter(&a, C::DriverCalls), calls, "no driver call");
+    assert_eq!(counter(&a, C::CrossStreamReuses), 1);
+    check(&a, 0);
+    a.free(q, Some(32 * MIB), 0, Some(2)).unwrap();
+    a.free(keep, Some(8 * MIB), 0, Some(1)).unwrap();
+    check(&a, 0);
 }

@@ -62,7 +62,12 @@ impl DevicePool {
         // Small requests take a block that another stream cached and the
         // device is done with before growing: each stream growing its own
         // granules would let a few small blocks per stream pin many granules.
-        if arena == ArenaKind::Small && graph == 0 && let Some(id) = self.find_done_cached_other_stream(arena, rounded, stream)? {
+        // Large ones too once recycling is due (no memory limit: under one,
+        // each stream caches up to it): growth would unmap such a block and
+        // map its handles again, where taking it costs no call.
+        let done_other =
+            arena == ArenaKind::Small || (self.conf.expandable_segments && self.limit_bytes.is_none() && self.recycling_due());
+        if done_other && graph == 0 && let Some(id) = self.find_done_cached_other_stream(arena, rounded, stream)? {
             return Ok(self.hand_out(id, rounded, size, stream, 0));
         }
         // Nothing may wait on the device while the stream captures a graph

@@ -57,7 +57,7 @@ impl DevicePool {
             // KV-cache workload: 1.23x native with just the gap's granules,
             // 1.08x so; the sim agrees, 24% less modelled driver time).
             let keep = plan.map(|p| self.gap_span(p));
-            if self.recycle_before_growth(fresh_granules.max(self.least_growth_granules(arena, rounded)), keep)? {
+            if self.recycle_before_growth(fresh_granules.max(self.least_growth_granules(arena, rounded)), keep, rounded)? {
                 // Recycling opened holes, maybe beside cached blocks: look again.
                 plan = self.best_gap(arena, rounded, &same_key);
             }

@@ -165,6 +165,9 @@ pub struct DevicePool {
     /// (misses, frees) when a tidy round last found nothing to do: until
     /// either moves, there is nothing new for the driver thread.
     tidied_at: (u64, u64),
+    /// The most bytes allocated at any growth (the request included) since
+    /// the last reset_peak_stats or empty_cache: the workload's peak.
+    live_high_water_bytes: u64,
 }
 
 impl Drop for DevicePool {
@@ -271,6 +274,7 @@ impl DevicePool {
             background: false,
             ready_demand_bytes: 0,
             tidied_at: (u64::MAX, u64::MAX),
+            live_high_water_bytes: 0,
             conf,
             limit_bytes,
         };
@@ -367,6 +371,7 @@ impl DevicePool {
     }
 
     pub fn reset_peaks(&mut self) {
+        self.live_high_water_bytes = self.stats.gauge(G::AllocatedBytes).current as u64;
         self.stats.reset_peaks();
         for s in &mut self.arena_stats {
             s.reset_peaks();

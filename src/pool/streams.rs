@@ -302,7 +302,13 @@ impl DevicePool {
             return Ok(None);
         }
         // Polling events changes what is known done, not what is cached.
+        // Events recorded by this poll (on streams that freed since their
+        // last) are asked again at once: an idle device has passed them.
+        let recorded = !self.epochs_dirty.is_empty();
         self.advance_epochs()?;
+        if recorded {
+            self.advance_epochs()?;
+        }
         let Some(&(_, _, _, id)) = self
             .cached_by_size
             .range(range)

@@ -785,16 +785,21 @@ fn growth_under_the_high_water_mark_of_live_memory_does_not_recycle() {
 /// would unmap it and map its handles again).
 #[test]
 fn a_large_miss_takes_another_streams_done_block_once_recycling_is_due() {
-    let (a, _) = sim("growth_size:0");
+    let (a, _) = sim("growth_size:0,ready_fraction:0,front_caches:false");
     let p = a.malloc(40 * MIB, 0, 1).unwrap();
     let keep = a.malloc(8 * MIB, 0, 1).unwrap();
     a.free(p, Some(40 * MIB), 0, Some(1)).unwrap();
     a.reset_peak_stats(0).unwrap(); // the high-water mark down to what is live (8 MiB)
-    let calls = counter(&a, C::DriverCalls);
+    // Two rounds of the driver thread's (no reserve: they only poll the
+    // epochs) record stream 1's event and see it passed.
+    a.set_tidied(None);
+    a.tidy();
+    a.tidy();
+    let (calls, reuses) = (counter(&a, C::DriverCalls), counter(&a, C::CrossStreamReuses));
     let q = a.malloc(32 * MIB, 0, 2).unwrap();
-    assert_eq!(q, p, "stream 1's done block, taken by stream 2");
+    assert!(q >= p && q + 32 * MIB <= p + 40 * MIB, "stream 1's done block, taken by stream 2");
     assert_eq!(counter(&a, C::DriverCalls), calls, "no driver call");
-    assert_eq!(counter(&a, C::CrossStreamReuses), 1);
+    assert_eq!(counter(&a, C::CrossStreamReuses), reuses + 1);
     check(&a, 0);
     a.free(q, Some(32 * MIB), 0, Some(2)).unwrap();
     a.free(keep, Some(8 * MIB), 0, Some(1)).unwrap();

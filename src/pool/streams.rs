@@ -302,13 +302,10 @@ impl DevicePool {
             return Ok(None);
         }
         // Polling events changes what is known done, not what is cached.
-        // Events recorded by this poll (on streams that freed since their
-        // last) are asked again at once: an idle device has passed them.
-        let recorded = !self.epochs_dirty.is_empty();
+        // (Events this poll records are asked at the next: asking them at
+        // once made every cached block known done sooner, and the 24
+        // multi-stream seeds' reserved mean 1.100 -> 1.125 on the sim.)
         self.advance_epochs()?;
-        if recorded {
-            self.advance_epochs()?;
-        }
         let Some(&(_, _, _, id)) = self
             .cached_by_size
             .range(range)

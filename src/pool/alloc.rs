@@ -65,8 +65,11 @@ impl DevicePool {
         // Large ones too once recycling is due (no memory limit: under one,
         // each stream caches up to it): growth would unmap such a block and
         // map its handles again, where taking it costs no call.
-        let done_other =
-            arena == ArenaKind::Small || (self.conf.expandable_segments && self.limit_bytes.is_none() && self.recycling_due());
+        let done_other = arena == ArenaKind::Small
+            || (self.conf.expandable_segments
+                && self.limit_bytes.is_none()
+                && self.recycling_due()
+                && !self.near_capacity(round_up(rounded, self.conf.page_size.0) / self.conf.page_size.0));
         if done_other && graph == 0 && let Some(id) = self.find_done_cached_other_stream(arena, rounded, stream)? {
             return Ok(self.hand_out(id, rounded, size, stream, 0));
         }

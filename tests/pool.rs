@@ -14,6 +14,13 @@ fn counter(a: &tessera::allocator::Allocator, c: C) -> u64 {
     a.stats(0).unwrap().counter(c)
 }
 
+/// Frees each of `ptrs` (all of `size` bytes, allocated on `stream`).
+fn free_each(a: &tessera::allocator::Allocator, ptrs: &[u64], size: u64, stream: u64) {
+    for &p in ptrs {
+        a.free(p, Some(size), 0, Some(stream)).unwrap();
+    }
+}
+
 #[test]
 fn cached_block_is_reused_without_driver_calls() {
     let (a, _) = sim("");
@@ -681,9 +688,7 @@ fn over_the_cached_fraction_the_reserve_is_recycled_once_the_device_is_done() {
     sim.hold_events(true);
     // 24 MiB cached of 172: over 8%, under the 16% at which the caller
     // would recycle itself.
-    for &p in &blocks[..3] {
-        a.free(p, Some(8 * MIB), 0, Some(1)).unwrap();
-    }
+    free_each(&a, &blocks[..3], 8 * MIB, 1);
     let big = a.malloc(12 * MIB, 0, 2).unwrap(); // a miss: demand for 24 MiB
     let reserved = gauge(&a, G::ReservedBytes);
     assert_eq!(a.tidy(), tessera::pool::Tidy::Waiting, "the cache waits for the device");
@@ -695,9 +700,7 @@ fn over_the_cached_fraction_the_reserve_is_recycled_once_the_device_is_done() {
     assert!(gauge(&a, G::CachedBytes) < 24 * MIB as i64, "recycled, not added to");
     assert!(counter(&a, C::ReclaimedGranules) > 0 && counter(&a, C::BackgroundDriverCalls) > 0);
     a.free(big, Some(12 * MIB), 0, Some(2)).unwrap();
-    for &p in &blocks[3..] {
-        a.free(p, Some(8 * MIB), 0, Some(1)).unwrap();
-    }
+    free_each(&a, &blocks[3..], 8 * MIB, 1);
     check(&a, 0);
 }
 
@@ -752,9 +755,7 @@ fn the_driver_thread_tidies_while_threads_allocate() {
 fn growth_under_the_high_water_mark_of_live_memory_does_not_recycle() {
     let (a, _) = sim("growth_size:0");
     let big: Vec<u64> = (0..10).map(|_| a.malloc(10 * MIB, 0, 1).unwrap()).collect(); // 100 MiB live
-    for &p in &big[..5] {
-        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
-    }
+    free_each(&a, &big[..5], 10 * MIB, 1);
     // 50 MiB cached of 100: far over 8%. A 6 MiB miss stays under
     // 1.08 x 100 MiB: it grows without recycling.
     let q = a.malloc(6 * MIB, 0, 2).unwrap();
@@ -762,21 +763,15 @@ fn growth_under_the_high_water_mark_of_live_memory_does_not_recycle() {
     assert_eq!(counter(&a, C::DriverUnmapCalls), 0);
     check(&a, 0);
     a.free(q, Some(6 * MIB), 0, Some(2)).unwrap();
-    for &p in &big[5..] {
-        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
-    }
+    free_each(&a, &big[5..], 10 * MIB, 1);
     // After empty_cache the mark is gone: the cache over 8% is recycled.
     a.empty_cache().unwrap();
     let small: Vec<u64> = (0..4).map(|_| a.malloc(10 * MIB, 0, 1).unwrap()).collect();
-    for &p in &small[..2] {
-        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
-    }
+    free_each(&a, &small[..2], 10 * MIB, 1);
     let r = a.malloc(12 * MIB, 0, 2).unwrap();
     assert!(counter(&a, C::ReclaimedGranules) > 0, "over the fraction and past the mark: growth recycles");
     a.free(r, Some(12 * MIB), 0, Some(2)).unwrap();
-    for &p in &small[2..] {
-        a.free(p, Some(10 * MIB), 0, Some(1)).unwrap();
-    }
+    free_each(&a, &small[2..], 10 * MIB, 1);
     check(&a, 0);
 }
 

@@ -13,8 +13,8 @@
 //! - `gap`: placement across the cached blocks around a hole;
 //! - `handles`: physical handles and every driver call that maps memory;
 //! - `recycle`: every unmap of cached memory (recycling, reclamation, empty_cache);
-//! - `ready`: the driver thread's work (tidying): trimming the cache, the
-//!   ready reserve, giving free handles back;
+//! - `ready`: the driver thread's work (tidying): the ready reserve, made
+//!   of recycled memory while the cache is over its fraction;
 //! - `graphs`: the private caches of CUDA graph captures;
 //! - `history`: the ring of recorded events;
 //! - `view`: read-only pictures of blocks and segments;
@@ -159,8 +159,8 @@ pub struct DevicePool {
     deferred: bool,
     /// A tidy step runs now: driver calls count as the driver thread's.
     background: bool,
-    /// The largest recent miss of the large arena, in bytes, decaying by
-    /// an eighth each tidy round: what the ready reserve prepares for.
+    /// The largest recent miss of the large arena, in bytes, decaying by a
+    /// sixteenth at each miss: what the ready reserve prepares for.
     ready_demand_bytes: u64,
     /// (misses, frees) when a tidy round last found nothing to do: until
     /// either moves, there is nothing new for the driver thread.

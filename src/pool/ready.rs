@@ -1,8 +1,8 @@
 //! Tidying: the driver work that can wait, done by tessera's driver thread
 //! (worker.rs, through device.rs) one step at a time, off the callers'
-//! threads: trimming the cache back under max_cached_fraction by unmapping
-//! what the device is done with, keeping the ready reserve mapped for the
-//! next miss, and giving free handles back to the driver.
+//! threads: keeping the ready reserve mapped for the next miss, made of
+//! recycled memory (cached handles the device is done with) while the cache
+//! is over max_cached_fraction, and polling the streams' events.
 //! Invariants: the ready reserve is the cached blocks of key `READY_KEY`:
 //! in the large arena, outside graph pools, never used by a stream since
 //! mapped (`freed_seq` 0); a step makes one round of driver calls of at most
@@ -92,7 +92,7 @@ impl DevicePool {
     }
 
     /// One step of tidying (see the module doc); the first of a round also
-    /// polls the streams' events and ages the demand. Driver calls count as
+    /// polls the streams' events and pending frees. Driver calls count as
     /// the driver thread's. A failure is counted and ends the round; the
     /// pool stays as it was before the failed call.
     pub fn tidy_step(&mut self, first: bool) -> Tidy {
@@ -153,13 +153,13 @@ impl DevicePool {
 
     /// The ready reserve's blocks are what the module doc says.
     pub(super) fn check_ready(&self) {
-        for k in self.cached_by_stream.range((ArenaKind::Small, READY_KEY, 0, 0, 0)..=(ArenaKind::Large, READY_KEY, u64::MAX, u64::MAX, NIL)) {
-            if k.1 != READY_KEY {
-                continue;
+        for arena in [ArenaKind::Small, ArenaKind::Large] {
+            let ready = self.cached_by_stream.range((arena, READY_KEY, 0, 0, 0)..=(arena, READY_KEY, u64::MAX, u64::MAX, NIL));
+            for &(_, _, _, _, id) in ready {
+                let b = self.b(id);
+                assert!(b.state == State::Cached && b.arena == ArenaKind::Large && b.graph == 0 && b.freed_seq == 0,
+                        "ready block {id} is not fresh large-arena memory");
             }
-            let b = self.b(k.4);
-            assert!(b.state == State::Cached && b.arena == ArenaKind::Large && b.graph == 0 && b.freed_seq == 0,
-                    "ready block {} is not fresh large-arena memory", k.4);
         }
     }
 }

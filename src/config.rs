@@ -241,17 +241,18 @@ options! {
     /// miss (ready_fraction), made of cached memory the device is done with
     /// (recycled) while the cache is over max_cached_fraction. Growth on an
     /// allocating thread then recycles only when the cache passes twice
-    /// max_cached_fraction (the thread is behind) or memory is short. The thread holds the device's
-    /// lock for one handle's driver calls at a time; it is stopped and
-    /// joined at exit and at unload. Off by default: on the recorded traces
-    /// it moves little driver time off the callers and raises reserved
-    /// memory (docs/measurements.md, "The driver thread").
+    /// max_cached_fraction (the thread is behind) or memory is short. The
+    /// thread holds the device's lock for one handle's driver calls at a
+    /// time; it is stopped and joined at exit and at unload. Off by default:
+    /// it buys time with reserved memory, about as caching more does
+    /// (docs/measurements.md, "The driver thread").
     driver_thread: bool = "false";
     /// The ready reserve that the driver thread keeps: memory mapped ahead
     /// of demand in the large arena, used by no stream yet, which a miss
-    /// takes with no driver call. At most this share of the reserved bytes
-    /// (it counts as cached), and twice the largest recent miss; none near
-    /// the memory limit or fine_handles_above of the device. 0: none.
+    /// takes with no driver call. At most this share (and half of
+    /// max_cached_fraction) of the other reserved bytes (it counts as
+    /// cached), and twice the largest recent miss; none near the memory
+    /// limit or fine_handles_above of the device. 0: none.
     ready_fraction: Fraction = "0.04";
     /// PyTorch's name: while reserved memory exceeds this fraction of the
     /// allowed memory (memory_limit, else the device), growth recycles

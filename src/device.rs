@@ -87,11 +87,13 @@ impl Device {
 
     /// Runs tidy steps (pool/ready.rs) until none finds work, the device's
     /// lock let go between steps, so that callers wait at most one step.
-    /// Returns Waiting while cached memory waits for the device.
+    /// Returns Waiting while cached memory waits for the device. (Not
+    /// through `existing`, which would poke the thread that runs this.)
     pub fn tidy(&self) -> Tidy {
         self.tidy_asked.store(false, Ordering::Relaxed);
         for step in 0..TIDY_STEPS_PER_ROUND {
-            match self.existing(|_, pool| pool.tidy_step(step == 0)).unwrap_or(Tidy::Idle) {
+            let found = lock(&self.slot).pool.as_mut().map_or(Tidy::Idle, |pool| pool.tidy_step(step == 0));
+            match found {
                 Tidy::Worked => std::thread::yield_now(),
                 other => return other,
             }

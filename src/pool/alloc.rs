@@ -55,6 +55,8 @@ impl DevicePool {
             return Ok(self.hand_out(id, rounded, size, stream, graph));
         }
         self.stats.bump(C::CacheMisses, 1);
+        // Granules a fresh range for the request needs.
+        let need = round_up(rounded, self.conf.page_size.0) / self.conf.page_size.0;
         self.note_miss(arena, rounded);
         if let Some(id) = self.take_ready(arena, rounded) {
             return Ok(self.hand_out(id, rounded, size, stream, graph));
@@ -69,7 +71,7 @@ impl DevicePool {
             || (self.conf.expandable_segments
                 && self.limit_bytes.is_none()
                 && self.recycling_due()
-                && !self.near_capacity(round_up(rounded, self.conf.page_size.0) / self.conf.page_size.0));
+                && !self.near_capacity(need));
         if done_other && graph == 0 && let Some(id) = self.find_done_cached_other_stream(arena, rounded, stream)? {
             return Ok(self.hand_out(id, rounded, size, stream, 0));
         }
@@ -93,7 +95,6 @@ impl DevicePool {
         if let Some(id) = self.find_cached_other_stream(arena, rounded, stream)? {
             return Ok(self.hand_out(id, rounded, size, stream, graph));
         }
-        let need = round_up(rounded, self.conf.page_size.0) / self.conf.page_size.0;
         if self.conf.expandable_segments {
             let idle = self.reclaim(need)?;
             // Fewer granules free than a fresh range needs: the cached

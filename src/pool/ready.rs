@@ -39,16 +39,16 @@ impl DevicePool {
             .sum()
     }
 
-    /// What the ready reserve should hold: twice the largest recent miss,
-    /// at most `ready_fraction` (and half of `max_cached_fraction`) of the
-    /// other reserved bytes, in whole granules; nothing without a driver
-    /// thread.
-    fn ready_target_bytes(&self) -> u64 {
+    /// What the ready reserve should hold, `have_bytes` being what it holds
+    /// (`ready_bytes`): twice the largest recent miss, at most
+    /// `ready_fraction` (and half of `max_cached_fraction`) of the other
+    /// reserved bytes, in whole granules; nothing without a driver thread.
+    fn ready_target_bytes(&self, have_bytes: u64) -> u64 {
         if !self.deferred {
             return 0;
         }
         let share = self.conf.ready_fraction.0.min(self.conf.max_cached_fraction.0 / 2.0);
-        let cap = (share * self.physical_bytes().saturating_sub(self.ready_bytes()) as f64) as u64;
+        let cap = (share * self.physical_bytes().saturating_sub(have_bytes) as f64) as u64;
         let g = self.conf.page_size.0;
         (2 * self.ready_demand_bytes).min(cap) / g * g
     }
@@ -88,7 +88,10 @@ impl DevicePool {
         self.deferred
             && self.poisoned.is_none()
             && self.tidied_at != (self.stats.counter(C::CacheMisses), self.free_seq)
-            && self.ready_bytes() + self.conf.page_size.0 <= self.ready_target_bytes()
+            && {
+                let have = self.ready_bytes();
+                have + self.conf.page_size.0 <= self.ready_target_bytes(have)
+            }
     }
 
     /// One step of tidying (see the module doc); the first of a round also
@@ -121,7 +124,8 @@ impl DevicePool {
             }
             self.advance_epochs()?;
         }
-        let (target, have) = (self.ready_target_bytes(), self.ready_bytes());
+        let have = self.ready_bytes();
+        let target = self.ready_target_bytes(have);
         if have + g > target {
             return Ok(Tidy::Idle);
         }

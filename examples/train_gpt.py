@@ -107,6 +107,25 @@ def memory_line(torch, tessera):
             f"(peak {torch.cuda.max_memory_reserved() / MiB:8.1f})")
 
 
+# What the timed window cost the allocator. tessera: allocations, cache misses (allocations
+# that needed memory no cached block held), ready-reserve hits, driver calls and their time on
+# the allocating thread and on tessera's driver thread. native: cudaMalloc/cudaFree calls
+# (segment allocations and frees) and retries.
+TESSERA_COUNTERS = ("cache_hits", "cache_misses", "ready_hits", "driver_calls", "driver_ns",
+                    "background_driver_calls", "background_driver_ns", "driver_map_calls",
+                    "driver_unmap_calls", "driver_create_calls", "reclaimed_granules")
+NATIVE_COUNTERS = ("segment.all.allocated", "segment.all.freed", "num_alloc_retries",
+                   "allocation.all.allocated")
+
+
+def counters(torch, tessera):
+    if tessera is not None:
+        s = tessera.stats()
+        return {k: s[k] for k in TESSERA_COUNTERS}
+    s = torch.cuda.memory_stats()
+    return {k: s.get(k, 0) for k in NATIVE_COUNTERS}
+
+
 def main():
     args = parse_args()
     tessera = path = None
@@ -129,11 +148,24 @@ def main():
     print(f"allocator: {'native' if tessera is None else 'tessera ' + tessera.version()}  "
           f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
 
+    # The process's own speed, for comparing runs: us per launch of a small kernel that
+    # allocates nothing. On shared GPU hosts it differs between processes by up to 2x
+    # whatever the allocator (tests/gpu/diag_launch.py).
+    probe = torch.ones(256, device=dev)
+    for _ in range(2):
+        t_probe = time.perf_counter()
+        for _ in range(5000):
+            torch.add(probe, probe, out=probe)
+        torch.cuda.synchronize()
+        launch_us = (time.perf_counter() - t_probe) / 5000 * 1e6
+    del probe
+
     losses, warmup, t0 = [], min(5, args.steps), None
     for step in range(1, args.steps + 1):
         if step == warmup + 1:  # time the steady state only
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            before = counters(torch, tessera)
         x, y = make_batch(torch, gen, args)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         logits = model(x)
@@ -147,6 +179,7 @@ def main():
     torch.cuda.synchronize()
     timed = args.steps - warmup
     steps_per_s = timed / (time.perf_counter() - t0) if timed > 0 else float("nan")
+    window = {k: v - before[k] for k, v in counters(torch, tessera).items()} if timed > 0 else {}
 
     if tessera is not None:
         s = tessera.stats()
@@ -159,6 +192,8 @@ def main():
         "steps": args.steps, "final_loss": losses[-1], "steps_per_s": round(steps_per_s, 3),
         "peak_reserved_mib": round(peak_reserved / MiB, 1),
         "peak_allocated_mib": round(peak_alloc / MiB, 1),
+        "launch_us": round(launch_us, 3),
+        "timed_window": window,
         "losses": losses,
     }), flush=True)
 

@@ -11,6 +11,9 @@
 #   python3 tests/gpu/bench_time.py       # warm wall time of 9 workloads, tessera vs native, expandable, async (~8 min)
 #   python3 tests/gpu/prof_step.py native|tessera   # where a training step's time goes (torch.profiler)
 #   python3 tests/gpu/diag_growth.py native|tessera # does growing the pool wait for the GPU?
+#   python3 tests/gpu/diag_train.py       # train_gpt.py steps/s and its allocator counters, per configuration (~3 min)
+#   python3 tests/gpu/bench_replay.py     # the allocator's CPU time per event on a training trace, vs native (~1 min)
+#   python3 tests/gpu/diag_launch.py      # kernel launch cost under each allocator, no allocation (~1 min)
 #   bash tests/gpu/multi/run.sh          # two GPUs: two devices in one process, DDP under torchrun
 #   python3 tests/gpu/bench_multistream.py # memory shared across streams, tessera vs native
 #   python3 tests/gpu/drv_cost.py         # what one cuMemGetInfo costs (a driver call on the growth path)

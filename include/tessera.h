@@ -21,12 +21,17 @@ typedef struct CUstream_st *cudaStream_t;
 /*
  Number of gauges (entries of `TesseraStats.gauges`).
  */
-#define TESSERA_GAUGE_COUNT 11
+#define TESSERA_GAUGE_COUNT 13
 
 /*
  Number of counters (entries of `TesseraStats.counters`).
  */
 #define TESSERA_COUNTER_COUNT 21
+
+/*
+ The longest tag name, in bytes.
+ */
+#define TESSERA_MAX_TAG_BYTES 128
 
 /*
  A quantity that goes up and down (bytes or counts held now).
@@ -83,6 +88,15 @@ enum TesseraGauge
    Bytes of the blocks waiting for other streams (record_stream).
    */
   TESSERA_GAUGE_PENDING_FREE_BYTES,
+  /*
+   Bytes of paused tags (`tessera_pause`): their address ranges are
+   kept, their physical memory given back to the driver.
+   */
+  TESSERA_GAUGE_PAUSED_BYTES,
+  /*
+   Bytes of paused blocks copied to host memory, to be restored at resume.
+   */
+  TESSERA_GAUGE_BACKUP_BYTES,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -558,6 +572,62 @@ void *tessera_claim_in_pool(int device,
                             ssize_t size,
                             ssize_t requested,
                             cudaStream_t stream);
+
+/*
+ Makes `tag` the calling thread's current tag: its allocations from now
+ on belong to that tag (NULL or "": untagged again). Returns 0, or -1
+ for a bad name (1 to 128 bytes of printable ASCII).
+ # Safety
+ `tag` is NULL or a NUL-terminated string.
+ */
+int32_t tessera_set_tag(const char *tag);
+
+/*
+ The calling thread's allocations are untagged again.
+ */
+void tessera_clear_tag(void);
+
+/*
+ Writes the calling thread's current tag ("" if none) into `buf` if
+ `len` bytes suffice. Returns the bytes needed (NUL included; call with
+ NULL, 0 to ask).
+ # Safety
+ `buf` is NULL or points to `len` writable bytes.
+ */
+int64_t tessera_get_tag(char *buf, uintptr_t len);
+
+/*
+ Pauses `tag` on every device: waits for the streams that used its
+ memory, then gives its physical memory back to the driver, keeping every
+ address. With `backup` non-zero, its live blocks are first copied to
+ page-locked host memory, and `tessera_resume` copies them back; without,
+ their contents are lost. Frees of paused blocks are allowed; allocations
+ into a paused tag fail. Returns the bytes given back, or -1.
+ # Safety
+ `tag` is NULL or a NUL-terminated string.
+ */
+int64_t tessera_pause(const char *tag, int backup);
+
+/*
+ Maps new physical memory at `tag`'s addresses on every device where it
+ is paused, and restores its backups. Returns the bytes mapped, or -1:
+ out of memory ("CUDA out of memory..." in `tessera_last_error`, naming
+ what the tag needs) leaves the tag paused with its backups intact, and a
+ later call may succeed.
+ # Safety
+ `tag` is NULL or a NUL-terminated string.
+ */
+int64_t tessera_resume(const char *tag);
+
+/*
+ Copies the statistics of `tag`'s memory on `device` into `*out` (zeros
+ for a tag never used there); `paused_bytes` and `backup_bytes` say what
+ a pause holds. Returns 0 or -1.
+ # Safety
+ `tag` is NULL or a NUL-terminated string; `out` is NULL or points to
+ writable memory for one `TesseraStats`.
+ */
+int32_t tessera_get_tag_stats(int device, const char *tag, struct TesseraStats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -11,7 +11,7 @@ use crate::backend::{self, Backend};
 use crate::config::Config;
 use crate::device::{lock, Device};
 use crate::error::{Error, Result};
-use crate::pool::ArenaKind;
+use crate::pool::{ArenaKind, PauseReport};
 use crate::stats::{TesseraCounter, TesseraStats};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,7 +212,12 @@ impl Allocator {
         let devices: Vec<_> = self
             .devices
             .iter()
-            .map(|dev| (dev.segments(), dev.history()))
+            .map(|dev| crate::snapshot::DeviceMemory {
+                segments: dev.segments(),
+                history: dev.history(),
+                tag_segments: dev.tag_segments().into_iter().map(|(t, a, b)| (crate::tags::name(t), a, b)).collect(),
+                tags: dev.tag_summaries(),
+            })
             .collect();
         crate::snapshot::to_json(&devices)
     }
@@ -267,6 +272,41 @@ impl Allocator {
         // No device is named: count it on the first device in use.
         self.devices.iter().any(Device::count_invalid_request);
         Err(Error::InvalidArgument(format!("record_stream on {ptr:#x}, which is not a live tessera allocation")))
+    }
+
+    /// Pauses tag `tag` on every device (see `DevicePool::pause`): its
+    /// physical memory goes back to the driver, its addresses stay; with
+    /// `backup`, its live blocks' contents are copied to host memory first.
+    /// Returns what every device released, together.
+    pub fn pause(&self, tag: &str, backup: bool) -> Result<PauseReport> {
+        let id = crate::tags::find(tag).ok_or_else(|| Error::InvalidArgument(format!("pause of tag {tag:?}: no allocation was ever made with it")))?;
+        let mut total = PauseReport::default();
+        for dev in &self.devices {
+            let r = dev.pause_tag(id, backup)?;
+            total.bytes += r.bytes;
+            total.backup_bytes += r.backup_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Resumes tag `tag` on every device where it is paused (see
+    /// `DevicePool::resume`). Out of memory leaves the tag paused, with its
+    /// backups, where it could not resume; calling again retries.
+    pub fn resume(&self, tag: &str) -> Result<PauseReport> {
+        let id = crate::tags::find(tag).ok_or_else(|| Error::InvalidArgument(format!("resume of tag {tag:?}: no allocation was ever made with it")))?;
+        let mut total = PauseReport::default();
+        for dev in &self.devices {
+            let r = dev.resume_tag(id)?;
+            total.bytes += r.bytes;
+            total.backup_bytes += r.backup_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Statistics of tag `tag` on a device (zeros for a tag never used there).
+    pub fn tag_stats(&self, device: i32, tag: &str) -> Result<TesseraStats> {
+        let dev = self.device(device)?;
+        Ok(crate::tags::find(tag).map(|id| dev.tag_stats(id)).unwrap_or_default())
     }
 
     /// Releases cached memory of every device to the driver.

@@ -6,7 +6,9 @@
 //! coalesced), the pool's malloc. A free tries the shard, then the pool,
 //! which takes handed-out blocks back, reports bad frees and lends blocks to
 //! the shard of their stream. Every call goes this way, device → front /
-//! pool, never back.
+//! pool, never back. A thread with a current tag (tags.rs) allocates from
+//! that tag's pool instead, past the fronts; a free that no untagged block
+//! matches goes to the tag pool whose address space holds it.
 //! Invariants: the pool exists iff a call succeeded in reserving its arenas
 //! (until the library is unloaded);
 //! lock order: the pool's mutex, then one shard (front.rs); a memory
@@ -17,7 +19,8 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::Front;
-use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent, PoolBlock, Tidy};
+use crate::tags::TagPools;
+use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent, PauseReport, PoolBlock, Tidy};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use crate::thread::Signal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +54,8 @@ pub struct Device {
     backend: Arc<dyn Backend>,
     front: Front,
     slot: Mutex<Slot>,
+    /// The tags' pools (never locked together with `slot`).
+    tagged: TagPools,
     /// The driver thread's signal, once one tidies this device.
     tidier: OnceLock<Arc<Signal>>,
     /// Poked since the driver thread last started tidying this device:
@@ -63,6 +68,7 @@ impl Device {
         Device {
             index,
             front: Front::new(config.front_caches, config.graph_pools),
+            tagged: TagPools::new(index, config, backend.clone()),
             config: config.clone(),
             backend,
             slot: Mutex::new(Slot::default()),
@@ -188,6 +194,10 @@ impl Device {
             self.count(C::InvalidRequests);
             return Err(e);
         }
+        let tag = crate::tags::current();
+        if tag != 0 {
+            return self.malloc_tagged(tag, size, stream, named, on_oom);
+        }
         let front = &self.front;
         let fronts_on = front.enabled();
         let capturing = fronts_on && (named.is_some() || front.graphs() && self.capturing(stream));
@@ -217,9 +227,76 @@ impl Device {
         if retry { self.pool_op(|_, pool| pool_malloc(pool)) } else { first }
     }
 
+    /// An allocation of tag `tag`, from its pool. When memory is short, the
+    /// untagged cache goes back to the driver and `on_oom` runs (no lock
+    /// held), then the tag's pool tries once more.
+    fn malloc_tagged(&self, tag: u32, size: u64, stream: u64, named: Option<u64>, on_oom: &dyn Fn() -> bool) -> Result<u64> {
+        let attempt = || {
+            self.tagged.with_pool(tag, |pool| match named {
+                None => pool.malloc(size, stream),
+                Some(n) => pool.malloc_in_pool(size, stream, n),
+            })
+        };
+        match attempt() {
+            Err(Error::OutOfMemory(_)) => {
+                let _ = self.empty_cache();
+                on_oom();
+                attempt()
+            }
+            other => other,
+        }
+    }
+
+    /// Pauses tag `tag` on this device (see `DevicePool::pause`).
+    pub fn pause_tag(&self, tag: u32, backup: bool) -> Result<PauseReport> {
+        self.tagged.pause(tag, backup)
+    }
+
+    /// Resumes tag `tag` on this device (see `DevicePool::resume`). When
+    /// memory is short, the untagged cache goes back to the driver and the
+    /// resume tries once more.
+    pub fn resume_tag(&self, tag: u32) -> Result<PauseReport> {
+        match self.tagged.resume(tag) {
+            Err(Error::OutOfMemory(_)) => {
+                let _ = self.empty_cache();
+                self.tagged.resume(tag)
+            }
+            other => other,
+        }
+    }
+
+    /// Whether tag `tag` is paused on this device.
+    pub fn tag_paused(&self, tag: u32) -> bool {
+        self.tagged.is_paused(tag)
+    }
+
+    /// Tag `tag`'s statistics on this device.
+    pub fn tag_stats(&self, tag: u32) -> TesseraStats {
+        self.tagged.stats(tag)
+    }
+
+    /// Each tag's statistics on this device, by name (for snapshots).
+    pub fn tag_summaries(&self) -> Vec<(String, TesseraStats)> {
+        let mut out = Vec::new();
+        self.tagged.each(|tag, pool| out.push((crate::tags::name(tag), pool.stats())));
+        out
+    }
+
+    /// The tags' segments, with their tags (for snapshots).
+    pub fn tag_segments(&self) -> Vec<(u32, ArenaKind, Vec<BlockView>)> {
+        self.tagged.segments()
+    }
+
     /// Named pool `pool` is released (see `DevicePool::release_pool`).
     pub fn release_pool(&self, pool: u64) -> Result<u64> {
-        self.existing(|_, p| p.release_pool(pool)).unwrap_or(Ok(0))
+        let mut released = self.existing(|_, p| p.release_pool(pool)).unwrap_or(Ok(0));
+        // A capture inside a tag's region allocated from that tag's pool.
+        self.tagged.each(|_, p| {
+            if let (Ok(n), Ok(more)) = (&released, p.release_pool(pool)) {
+                released = Ok(n + more);
+            }
+        });
+        released
     }
 
     /// The live blocks of named pool `pool`.
@@ -282,6 +359,7 @@ impl Device {
             })
         })
         .flatten()
+        .or_else(|| self.tagged.at(ptr, |pool| pool.owns(ptr).then(|| pool.free(ptr, size, stream))).flatten())
     }
 
     /// A free of `ptr` that no device holds: the pool reports and counts it.
@@ -301,6 +379,7 @@ impl Device {
             pool.held_stream(ptr).is_some().then(|| pool.record_stream(ptr, stream))
         })
         .flatten()
+        .or_else(|| self.tagged.at(ptr, |pool| pool.owns(ptr).then(|| pool.record_stream(ptr, stream))).flatten())
     }
 
     /// Counts a rejected request here; false if the device has no pool yet.
@@ -316,11 +395,14 @@ impl Device {
     /// The device's statistics, the fronts' counts merged (zeros before the
     /// first allocation).
     pub fn stats(&self) -> TesseraStats {
-        self.existing(|front, pool| {
-            front.merge(pool);
-            pool.stats()
-        })
-        .unwrap_or_default()
+        let mut s = self
+            .existing(|front, pool| {
+                front.merge(pool);
+                pool.stats()
+            })
+            .unwrap_or_default();
+        s.add_all(&self.tagged.total_stats());
+        s
     }
 
     /// One arena's statistics (block-level gauges), the fronts' counts merged.
@@ -356,11 +438,18 @@ impl Device {
     /// Gives every cached granule back to the driver, the fronts' free
     /// blocks first.
     pub fn empty_cache(&self) -> Result<()> {
-        self.existing(|front, pool| {
-            front.drain(pool, false);
-            pool.empty_cache()
-        })
-        .unwrap_or(Ok(()))
+        let mut result = self
+            .existing(|front, pool| {
+                front.drain(pool, false);
+                pool.empty_cache()
+            })
+            .unwrap_or(Ok(()));
+        self.tagged.each(|_, pool| {
+            if let Err(e) = pool.release_cached() {
+                result = result.clone().and(Err(e));
+            }
+        });
+        result
     }
 
     pub fn set_memory_fraction(&self, fraction: f64) -> Result<()> {
@@ -455,6 +544,8 @@ impl Device {
     pub fn check_invariants(&self) {
         let mut slot = lock(&self.slot);
         self.front.check(slot.pool.as_mut());
+        drop(slot);
+        self.tagged.each(|_, pool| pool.check_invariants());
     }
 
     /// Whether the pool stopped serving after driver failures.

@@ -43,6 +43,8 @@ pub struct OomInfo {
     pub pending_bytes: u64,
     /// The largest live allocations: (bytes, stream).
     pub largest_allocations: Vec<(u64, u64)>,
+    /// What failed when it was a resume: the tag and what it could not get.
+    pub resuming: Option<String>,
 }
 
 impl OomInfo {
@@ -134,6 +136,9 @@ impl fmt::Display for Error {
                 )?;
                 if let Some(limit) = o.limit_bytes {
                     write!(f, "; memory limit {}", format_bytes(limit))?;
+                }
+                if let Some(what) = &o.resuming {
+                    write!(f, "; {what}")?;
                 }
                 if !o.largest_allocations.is_empty() {
                     let list: Vec<String> = o

@@ -58,6 +58,7 @@ pub mod snapshot;
 pub mod spin;
 pub mod stats;
 pub mod status;
+pub mod tags;
 pub mod thread;
 pub mod trace;
 pub mod worker;

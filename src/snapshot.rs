@@ -2,9 +2,12 @@
 //! `torch.cuda.memory._snapshot()`, so that PyTorch's memory viewer draws
 //! it: `segments` (maximal mapped runs of an arena, with their blocks) and
 //! `device_traces` (the history ring, when recording), from typed views.
+//! Segments of a tag's pool (tags.rs) carry `tessera_tag`; `tessera_tags`
+//! lists each tag's allocated, reserved, paused and backup bytes.
 #![forbid(unsafe_code)]
 
 use crate::pool::{ArenaKind, BlockState, BlockView, HistoryEvent};
+use crate::stats::{TesseraGauge as G, TesseraStats};
 use serde::Serialize;
 
 /// PyTorch's frames (Python stacks): tessera records none.
@@ -14,6 +17,17 @@ type Frames = [(); 0];
 struct Snapshot {
     segments: Vec<Segment>,
     device_traces: Vec<Vec<TraceEntry>>,
+    tessera_tags: Vec<TagEntry>,
+}
+
+#[derive(Serialize)]
+struct TagEntry {
+    device: i32,
+    tag: String,
+    allocated_bytes: i64,
+    reserved_bytes: i64,
+    paused_bytes: i64,
+    backup_bytes: i64,
 }
 
 #[derive(Serialize)]
@@ -30,6 +44,8 @@ struct Segment {
     is_expandable: bool,
     frames: Frames,
     blocks: Vec<Block>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tessera_tag: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -52,14 +68,22 @@ struct TraceEntry {
     frames: Frames,
 }
 
-/// One device's part: its segments and its recorded events.
-pub type DeviceMemory = (Vec<(ArenaKind, Vec<BlockView>)>, Vec<HistoryEvent>);
+/// One device's memory: its untagged segments, its recorded events, its
+/// tags' segments (with the tag's name) and each tag's statistics.
+pub struct DeviceMemory {
+    pub segments: Vec<(ArenaKind, Vec<BlockView>)>,
+    pub history: Vec<HistoryEvent>,
+    pub tag_segments: Vec<(String, ArenaKind, Vec<BlockView>)>,
+    pub tags: Vec<(String, TesseraStats)>,
+}
 
 /// The snapshot of `devices` (index order) as JSON.
 pub fn to_json(devices: &[DeviceMemory]) -> String {
-    let mut snapshot = Snapshot { segments: Vec::new(), device_traces: Vec::new() };
-    for (device, (segments, history)) in devices.iter().enumerate() {
-        for (arena, blocks) in segments {
+    let mut snapshot = Snapshot { segments: Vec::new(), device_traces: Vec::new(), tessera_tags: Vec::new() };
+    for (device, memory) in devices.iter().enumerate() {
+        let untagged = memory.segments.iter().map(|(a, b)| (None, a, b));
+        let tagged = memory.tag_segments.iter().map(|(t, a, b)| (Some(t.clone()), a, b));
+        for (tag, arena, blocks) in untagged.chain(tagged) {
             let sum = |f: &dyn Fn(&BlockView) -> u64| blocks.iter().map(f).sum();
             let stream = blocks.iter().find(|b| b.state != BlockState::Cached).map_or(blocks[0].stream, |b| b.stream);
             snapshot.segments.push(Segment {
@@ -78,10 +102,21 @@ pub fn to_json(devices: &[DeviceMemory]) -> String {
                     .iter()
                     .map(|b| Block { address: b.addr, size: b.size, requested_size: b.requested, state: b.state.torch_name(), frames: [] })
                     .collect(),
+                tessera_tag: tag,
+            });
+        }
+        for (tag, s) in &memory.tags {
+            snapshot.tessera_tags.push(TagEntry {
+                device: device as i32,
+                tag: tag.clone(),
+                allocated_bytes: s.gauge(G::AllocatedBytes).current,
+                reserved_bytes: s.gauge(G::ReservedBytes).current,
+                paused_bytes: s.gauge(G::PausedBytes).current,
+                backup_bytes: s.gauge(G::BackupBytes).current,
             });
         }
         snapshot.device_traces.push(
-            history
+            memory.history
                 .iter()
                 .map(|e| TraceEntry {
                     action: e.action.torch_name(),

@@ -33,6 +33,11 @@ pub enum TesseraGauge {
     CachedBlocks,
     /// Bytes of the blocks waiting for other streams (record_stream).
     PendingFreeBytes,
+    /// Bytes of paused tags (`tessera_pause`): their address ranges are
+    /// kept, their physical memory given back to the driver.
+    PausedBytes,
+    /// Bytes of paused blocks copied to host memory, to be restored at resume.
+    BackupBytes,
 }
 
 /// A count of events that only grows (until reset).
@@ -96,11 +101,11 @@ pub enum TesseraCounter {
 }
 
 /// Number of gauges (entries of `TesseraStats.gauges`).
-pub const TESSERA_GAUGE_COUNT: usize = 11;
+pub const TESSERA_GAUGE_COUNT: usize = 13;
 /// Number of counters (entries of `TesseraStats.counters`).
 pub const TESSERA_COUNTER_COUNT: usize = 21;
 // The counts are literal for the C header; they must follow the enums.
-const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::PendingFreeBytes as usize + 1);
+const _: () = assert!(TESSERA_GAUGE_COUNT == TesseraGauge::BackupBytes as usize + 1);
 const _: () = assert!(TESSERA_COUNTER_COUNT == TesseraCounter::BackgroundDriverNs as usize + 1);
 pub(crate) const GAUGE_COUNT: usize = TESSERA_GAUGE_COUNT;
 pub(crate) const COUNTER_COUNT: usize = TESSERA_COUNTER_COUNT;
@@ -208,6 +213,21 @@ impl TesseraStats {
         }
     }
 
+    /// Adds `other`'s values to these (the statistics of a device's pools
+    /// together). Each peak becomes the sum of the peaks: at least the
+    /// peak of the sum.
+    pub fn add_all(&mut self, other: &TesseraStats) {
+        for (g, o) in self.gauges.iter_mut().zip(other.gauges.iter()) {
+            g.current += o.current;
+            g.peak += o.peak;
+            g.allocated += o.allocated;
+            g.freed += o.freed;
+        }
+        for (c, o) in self.counters.iter_mut().zip(other.counters.iter()) {
+            *c += o;
+        }
+    }
+
     /// Cumulative values back to zero, keeping current values and peaks
     /// (PyTorch's reset_accumulated_memory_stats): `allocated` becomes the
     /// current value, so that `current == allocated - freed` still holds.
@@ -226,7 +246,7 @@ mod tests {
     #[test]
     fn names_are_snake_case_and_unique() {
         assert_eq!(gauge_names()[0], "allocated_bytes");
-        assert_eq!(gauge_names()[GAUGE_COUNT - 1], "pending_free_bytes");
+        assert_eq!(gauge_names()[GAUGE_COUNT - 1], "backup_bytes");
         assert_eq!(counter_names()[0], "cache_hits");
         assert_eq!(counter_names()[COUNTER_COUNT - 1], "background_driver_ns");
         let mut all: Vec<&String> = gauge_names().iter().chain(counter_names()).collect();

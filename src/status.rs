@@ -22,15 +22,22 @@ pub fn line(devices: &[(i32, TesseraStats)], skip_unused: bool) -> String {
             continue;
         }
         let allocated = s.gauge(G::AllocatedBytes).current as u64;
-        parts.push(format!(
+        // Paused tags' blocks stay allocated while their memory is away.
+        let paused = s.gauge(G::PausedBytes).current as u64;
+        let held = reserved + paused;
+        let mut part = format!(
             "dev{d} allocated {} (peak {}) reserved {} (peak {}) fragmentation {:.1}% ooms {}",
             format_bytes(allocated),
             format_bytes(s.gauge(G::AllocatedBytes).peak as u64),
             format_bytes(reserved),
             format_bytes(s.gauge(G::ReservedBytes).peak as u64),
-            if reserved > 0 { 100.0 * (reserved.saturating_sub(allocated)) as f64 / reserved as f64 } else { 0.0 },
+            if held > 0 { 100.0 * (held.saturating_sub(allocated)) as f64 / held as f64 } else { 0.0 },
             s.counter(C::Ooms),
-        ));
+        );
+        if paused > 0 {
+            part += &format!(" paused {} (backup {})", format_bytes(paused), format_bytes(s.gauge(G::BackupBytes).current as u64));
+        }
+        parts.push(part);
     }
     if parts.is_empty() { "tessera: no device used yet".into() } else { format!("tessera: {}", parts.join(" | ")) }
 }

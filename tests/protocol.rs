@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tessera::allocator::Allocator;
 use tessera::backend::sim::SimBackend;
-use tessera::backend::{Backend, EventId, HandleId};
+use tessera::backend::{Backend, BackupId, EventId, HandleId};
 use tessera::config::Config;
 use tessera::error::Result;
 
@@ -246,6 +246,16 @@ impl Backend for ModelBackend {
         let w = m.after.entry(stream).or_default().entry(u).or_insert(0);
         *w = (*w).max(p);
         Ok(())
+    }
+    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+        self.model.lock().unwrap().check_unmap(va, size_bytes);
+        self.sim.backup(device, va, size_bytes)
+    }
+    fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()> {
+        self.sim.restore(device, backup, va, size_bytes)
+    }
+    fn drop_backup(&self, device: i32, backup: BackupId, size_bytes: u64) {
+        self.sim.drop_backup(device, backup, size_bytes)
     }
 }
 

@@ -22,6 +22,9 @@ signatures and shapes:
     on_oom(fn)                      fn(device, size) runs before tessera gives up on a request; it retries once
     monitor(interval_s)             a daemon thread printing one status line per interval; returns stop()
     stats(device)                   tessera's own gauges and counters, by tessera's names
+    region(tag), pause(tag, backup=None|"cpu"), resume(tag), tag_stats(tag, device)
+                                    sleep and wake: a tag's memory goes back to the driver and
+                                    returns at the same addresses (see tessera._tags)
 
 Importing this module does not import torch; only install() does. The library is
 looked up in $TESSERA_LIB, then in this package (pip install), then in the repository's
@@ -36,6 +39,7 @@ from ._library import (check_config, config_warnings, configure, find_library, l
 from ._monitor import monitor, on_oom, status_line
 from ._stats import (empty_cache, max_memory_allocated, max_memory_reserved, memory_allocated, memory_reserved,
                      memory_stats, memory_summary, reset_peak_memory_stats, reset_peak_stats, stats)
+from ._tags import OutOfMemoryError, current_tag, pause, region, resume, tag_stats
 from ._cli import _main
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "max_memory_reserved", "reset_peak_memory_stats", "memory_summary",
     "snapshot", "dump_snapshot", "record_memory_history", "history_trace", "dump_history_trace",
     "on_oom", "monitor", "status_line", "options", "build_adaptor",
+    "region", "pause", "resume", "tag_stats", "current_tag", "OutOfMemoryError",
 ]
 
 

@@ -5,7 +5,7 @@
 //! from any thread). A missing or too-old libcuda is a clear error, never
 //! cudarc's panic: loading is probed once, behind `catch_unwind`.
 
-use super::{Backend, EventId, HandleId};
+use super::{Backend, BackupId, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
 use cudarc::driver::sys::{self, CUresult};
 use std::sync::OnceLock;
@@ -379,5 +379,41 @@ impl Backend for CudaBackend {
             // SAFETY: both are live driver objects of this device.
             check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, event as sys::CUevent, 0) })
         })
+    }
+    /// Page-locked host memory, copied into on the null stream, which is
+    /// then waited for (the copy is done when this returns).
+    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+        self.in_context(device, || {
+            let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: cuMemAllocHost writes a pointer to size_bytes of page-locked memory.
+            check("cuMemAllocHost", unsafe { sys::cuMemAllocHost_v2(&mut host, size_bytes as usize) })?;
+            // SAFETY: the range is mapped and readable (contract); host holds size_bytes.
+            let copied = Self::relaxed(|| unsafe {
+                check("cuMemcpyDtoHAsync", sys::cuMemcpyDtoHAsync_v2(host, va, size_bytes as usize, std::ptr::null_mut()))?;
+                check("cuStreamSynchronize", sys::cuStreamSynchronize(std::ptr::null_mut()))
+            });
+            if let Err(e) = copied {
+                // SAFETY: host came from cuMemAllocHost and no copy uses it now.
+                unsafe { sys::cuMemFreeHost(host) };
+                return Err(e);
+            }
+            Ok(host as BackupId)
+        })
+    }
+    fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()> {
+        self.in_context(device, || {
+            // SAFETY: backup is page-locked memory of size_bytes from `backup`; the
+            // range is mapped and writable (contract).
+            Self::relaxed(|| unsafe {
+                check("cuMemcpyHtoDAsync", sys::cuMemcpyHtoDAsync_v2(va, backup as *const std::ffi::c_void, size_bytes as usize, std::ptr::null_mut()))?;
+                check("cuStreamSynchronize", sys::cuStreamSynchronize(std::ptr::null_mut()))
+            })
+        })
+    }
+    fn drop_backup(&self, device: i32, backup: BackupId, _size_bytes: u64) {
+        let _ = self.in_context(device, || {
+            // SAFETY: backup came from cuMemAllocHost in `backup`; no copy uses it.
+            check("cuMemFreeHost", unsafe { sys::cuMemFreeHost(backup as *mut std::ffi::c_void) })
+        });
     }
 }

@@ -8,7 +8,7 @@
 //! Invariants: the handles' ranges never overlap; free ranges are
 //! coalesced; `used_bytes` is the sum of the handles' sizes.
 
-use super::{Backend, EventId, HandleId};
+use super::{Backend, BackupId, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -21,6 +21,8 @@ struct HostDevice {
     file_bytes: u64,
     /// Handle id -> (offset in the file, size in bytes).
     handles: HashMap<HandleId, (u64, u64)>,
+    /// Backup id -> the bytes copied (see `Backend::backup`).
+    backups: HashMap<u64, Vec<u8>>,
     /// Ranges of the file no handle holds: offset -> size.
     free: BTreeMap<u64, u64>,
     next_id: HandleId,
@@ -109,6 +111,11 @@ impl HostBackend {
     /// Live handles, for leak checks in tests.
     pub fn live_handles(&self, device: i32) -> usize {
         self.dev(device).map(|d| d.handles.len()).unwrap_or(0)
+    }
+
+    /// Live backups and their bytes, for leak checks in tests.
+    pub fn live_backups(&self, device: i32) -> (usize, u64) {
+        self.dev(device).map(|d| (d.backups.len(), d.backups.values().map(|b| b.len() as u64).sum())).unwrap_or((0, 0))
     }
 }
 
@@ -265,5 +272,35 @@ impl Backend for HostBackend {
     }
     fn stream_wait_event(&self, _device: i32, _stream: u64, _event: EventId) -> Result<()> {
         Ok(())
+    }
+    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(size_bytes as usize).map_err(|_| Error::OutOfMemory(Box::default()))?;
+        // SAFETY: the range is mapped read-write (contract) and nothing writes
+        // it meanwhile; `bytes` has room for size_bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(va as *const u8, bytes.as_mut_ptr(), size_bytes as usize);
+            bytes.set_len(size_bytes as usize);
+        }
+        let mut d = self.dev(device)?;
+        d.next_id += 1;
+        let id = d.next_id;
+        d.backups.insert(id, bytes);
+        Ok(id)
+    }
+    fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()> {
+        let d = self.dev(device)?;
+        let bytes = d.backups.get(&backup).ok_or_else(|| Error::InvalidArgument(format!("no backup {backup}")))?;
+        if bytes.len() as u64 != size_bytes {
+            return Err(Error::InvalidArgument(format!("backup {backup} holds {} bytes, not {size_bytes}", bytes.len())));
+        }
+        // SAFETY: the range is mapped read-write (contract) and of size_bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), va as *mut u8, size_bytes as usize) };
+        Ok(())
+    }
+    fn drop_backup(&self, device: i32, backup: BackupId, _size_bytes: u64) {
+        if let Ok(mut d) = self.dev(device) {
+            d.backups.remove(&backup);
+        }
     }
 }

@@ -21,6 +21,11 @@
 //!   may be reused for a new record once `destroy_event` returned.
 //! - `unmap` and `release` are not stream-ordered: the caller makes sure that
 //!   no queued work touches the range (by events or `synchronize`) first.
+//! - `backup` copies a mapped range into host memory that the backend holds
+//!   (page-locked on CUDA) and `restore` copies it back to a mapped,
+//!   accessible range of the same size; each returns once its copy is done.
+//!   The caller makes sure that no queued work writes the range first. A
+//!   backup lives until `drop_backup`.
 //! - Every method may be called from any thread; implementations are Sync.
 
 pub mod cuda;
@@ -37,6 +42,8 @@ use crate::error::Result;
 pub type HandleId = u64;
 /// A recorded point in a stream, as the backend names it.
 pub type EventId = u64;
+/// A copy of device memory held in host memory, as the backend names it.
+pub type BackupId = u64;
 
 pub trait Backend: Send + Sync {
     /// Name for logs and reports ("cuda", "host", "sim").
@@ -72,6 +79,14 @@ pub trait Backend: Send + Sync {
     fn event_synchronize(&self, device: i32, event: EventId) -> Result<()>;
     fn destroy_event(&self, device: i32, event: EventId) -> Result<()>;
     fn stream_wait_event(&self, device: i32, stream: u64, event: EventId) -> Result<()>;
+
+    /// Copies `size_bytes` at `va` into host memory (see the contract).
+    /// Lack of host memory is [`crate::error::Error::OutOfMemory`].
+    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId>;
+    /// Copies `backup` (of `size_bytes`) back to `va`.
+    fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()>;
+    /// Frees the host memory of `backup` (of `size_bytes`).
+    fn drop_backup(&self, device: i32, backup: BackupId, size_bytes: u64);
 }
 
 /// Builds the backend that the configuration names.

@@ -7,7 +7,7 @@
 //! compared by time as well as by calls on the CPU.
 #![forbid(unsafe_code)]
 
-use super::{Backend, EventId, HandleId};
+use super::{Backend, BackupId, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -37,6 +37,8 @@ struct SimDevice {
     handles: HashMap<HandleId, u64>,
     /// Events recorded and not yet destroyed.
     live_events: u64,
+    /// Backup id -> size: the simulated device has no bytes to copy.
+    backups: HashMap<u64, u64>,
     /// Mapped bytes: a cheap cross-check of the pool's own counts.
     mapped_bytes: u64,
     /// Address -> size of every mapping, to count the handles a range holds.
@@ -81,6 +83,11 @@ impl SimBackend {
     pub fn live(&self, device: i32) -> (usize, u64, u64) {
         let d = self.dev(device).unwrap();
         (d.handles.len(), d.live_events, d.mapped_bytes)
+    }
+
+    /// Live backups and their bytes, for leak checks.
+    pub fn live_backups(&self, device: i32) -> (usize, u64) {
+        self.dev(device).map(|d| (d.backups.len(), d.backups.values().sum())).unwrap_or((0, 0))
     }
 
     /// Nanoseconds the handle and mapping calls so far would have taken on
@@ -206,6 +213,24 @@ impl Backend for SimBackend {
     }
     fn stream_wait_event(&self, _device: i32, _stream: u64, _event: EventId) -> Result<()> {
         Ok(())
+    }
+    fn backup(&self, device: i32, _va: u64, size_bytes: u64) -> Result<BackupId> {
+        let mut d = self.dev(device)?;
+        d.next_id += 1;
+        let id = d.next_id;
+        d.backups.insert(id, size_bytes);
+        Ok(id)
+    }
+    fn restore(&self, device: i32, backup: BackupId, _va: u64, size_bytes: u64) -> Result<()> {
+        match self.dev(device)?.backups.get(&backup) {
+            Some(&n) if n == size_bytes => Ok(()),
+            _ => Err(Error::InvalidArgument(format!("no backup {backup} of {size_bytes} bytes"))),
+        }
+    }
+    fn drop_backup(&self, device: i32, backup: BackupId, _size_bytes: u64) {
+        if let Ok(mut d) = self.dev(device) {
+            d.backups.remove(&backup);
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 //! succeeded and says why if not, void functions (`tessera_free`) included.
 
 mod pools;
+mod tags;
 
 pub use pools::{TesseraBlock, TesseraBlockState};
 

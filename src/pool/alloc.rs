@@ -38,6 +38,13 @@ impl DevicePool {
         if let Some(why) = &self.poisoned {
             return Err(Error::Driver { call: "malloc", code: -1, message: format!("device {} disabled: {why}", self.device) });
         }
+        if self.paused.is_some() {
+            self.stats.bump(C::InvalidRequests, 1);
+            return Err(Error::InvalidArgument(format!(
+                "allocation of {size} bytes into a paused tag on device {}: resume the tag first, or allocate outside its region",
+                self.device
+            )));
+        }
         if !self.pending.is_empty() {
             self.process_pending()?;
         }
@@ -230,6 +237,7 @@ impl DevicePool {
             free_handle_bytes: self.free_handle_granules() * self.conf.page_size.0,
             pending_bytes,
             largest_allocations: largest,
+            resuming: None,
         }
     }
 }

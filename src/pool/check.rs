@@ -102,13 +102,19 @@ impl DevicePool {
         }
         // Mapped handles, merged into contiguous runs, equal the used runs.
         let mut mapped_runs: Vec<(u64, u64)> = Vec::new();
-        let mut mapped_bytes = 0u64;
+        // Paused handles (pause.rs) keep their place but hold nothing.
+        let (mut mapped_bytes, mut paused_bytes) = (0u64, 0u64);
         for (&va, &h) in &self.mapped {
             let handle = self.handles[h as usize].as_ref().expect("mapped handle is live");
             assert_eq!(handle.va, Some(va), "handle {h} does not know its address");
             assert!(!self.free_handles.contains(&(handle.granules, h)), "handle {h} both mapped and free");
+            assert!(!handle.paused || self.paused.is_some(), "handle {h} paused in a pool that is not");
             let end = va + handle.granules * g;
-            mapped_bytes += handle.granules * g;
+            if handle.paused {
+                paused_bytes += handle.granules * g;
+            } else {
+                mapped_bytes += handle.granules * g;
+            }
             match mapped_runs.last_mut() {
                 Some(run) if run.1 == va => run.1 = end,
                 Some(run) => {
@@ -128,16 +134,21 @@ impl DevicePool {
         assert_eq!(outside_graphs.count(), self.cached_by_size.len(), "the cross-stream index holds other blocks");
         assert_eq!(self.live.len() as i64, active - lent_live.len() as i64 + pending + lent_blocks);
         assert!(lent_live.keys().all(|&id| self.b(id).state == State::Lent), "a front's live block is not lent");
-        let (mut physical, mut handles) = (0i64, 0usize);
+        let (mut physical, mut handles, mut paused_handles) = (0i64, 0usize, 0usize);
         for (h, handle) in self.handles.iter().enumerate() {
             let Some(handle) = handle else { continue };
+            if handle.paused {
+                paused_handles += 1;
+                continue;
+            }
             physical += (handle.granules * g) as i64;
             handles += 1;
             if handle.va.is_none() {
                 assert!(self.free_handles.contains(&(handle.granules, h as HandleIdx)), "unmapped handle {h} lost");
             }
         }
-        assert_eq!(handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
+        assert_eq!(handles + paused_handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
+        assert!(self.paused.is_none() || self.free_handles.is_empty(), "a paused pool holds free handles");
         let free_granules: u64 = self.free_handles.iter().map(|&(n, _)| n).sum();
         assert_eq!(free_granules, self.free_handle_granules(), "free handles differ from reserved less mapped");
         self.check_ready();
@@ -146,7 +157,7 @@ impl DevicePool {
         slots.dedup();
         assert_eq!(slots.len(), self.free_handle_slots.len(), "a handle slot listed free twice");
         assert!(slots.iter().all(|&h| self.handles[h as usize].is_none()), "a live handle's slot listed free");
-        assert_eq!(slots.len() + handles, self.handles.len(), "a released handle slot not listed free");
+        assert_eq!(slots.len() + handles + paused_handles, self.handles.len(), "a released handle slot not listed free");
         let s = &self.stats;
         let checks = [
             (G::AllocatedBytes, allocated),
@@ -157,6 +168,8 @@ impl DevicePool {
             (G::MappedBytes, mapped_bytes as i64),
             (G::ReservedBytes, physical),
             (G::Handles, handles as i64),
+            (G::PausedBytes, paused_bytes as i64),
+            (G::BackupBytes, self.paused.as_ref().map_or(0, |p| p.backups.iter().map(|&(_, n, _)| n as i64).sum())),
         ];
         for (gauge, value) in checks {
             assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");

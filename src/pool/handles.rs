@@ -13,12 +13,14 @@ use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 pub(super) type HandleIdx = u32;
 
 /// One physical handle of `granules` granules, mapped whole at `va` or not
-/// at all.
+/// at all. While `paused` (pause.rs) it keeps its `va` but holds no memory:
+/// `backend_id` is stale until resume creates a new one.
 #[derive(Debug, Clone)]
 pub(super) struct Handle {
     pub(super) backend_id: u64,
     pub(super) granules: u64,
     pub(super) va: Option<u64>,
+    pub(super) paused: bool,
 }
 
 /// Growths that may reuse the driver's last free-bytes answer.
@@ -144,6 +146,14 @@ impl DevicePool {
         result
     }
 
+    pub(super) fn handle(&self, h: HandleIdx) -> &Handle {
+        self.handles[h as usize].as_ref().expect("live handle")
+    }
+
+    pub(super) fn handle_mut(&mut self, h: HandleIdx) -> &mut Handle {
+        self.handles[h as usize].as_mut().expect("live handle")
+    }
+
     /// Handles taken for a mapping that did not happen become free again.
     pub(super) fn return_handles(&mut self, handles: &[HandleIdx]) {
         for &h in handles {
@@ -196,7 +206,7 @@ impl DevicePool {
             self.stats.bump(C::DriverCreateCalls, 1);
             self.stats.gauge_mut(G::ReservedBytes).add((n * g) as i64);
             self.stats.gauge_mut(G::Handles).add(1);
-            let h = Handle { backend_id, granules: n, va: None };
+            let h = Handle { backend_id, granules: n, va: None, paused: false };
             let idx = match self.free_handle_slots.pop() {
                 Some(i) => {
                     self.handles[i as usize] = Some(h);

@@ -16,6 +16,8 @@
 //! - `ready`: the driver thread's work (tidying): the ready reserve, made
 //!   of recycled memory while the cache is over its fraction;
 //! - `graphs`: the private caches of CUDA graph captures;
+//! - `pause`: giving the physical memory back and taking it again at the
+//!   same addresses (a tag's pool);
 //! - `history`: the ring of recorded events;
 //! - `view`: read-only pictures of blocks and segments;
 //! - `check`: the invariant check.
@@ -48,6 +50,7 @@ mod growth;
 mod handles;
 mod history;
 mod lend;
+mod pause;
 mod ready;
 mod recycle;
 mod streams;
@@ -56,6 +59,7 @@ mod view;
 pub use graphs::PoolBlock;
 pub use history::{HistoryAction, HistoryEvent};
 pub use lend::{Freed, FrontDelta, LentBlock};
+pub use pause::PauseReport;
 pub use ready::Tidy;
 pub use view::{BlockState, BlockView};
 
@@ -168,6 +172,8 @@ pub struct DevicePool {
     /// The most bytes allocated at any growth (the request included) since
     /// the last reset_peak_stats or empty_cache: the workload's peak.
     live_high_water_bytes: u64,
+    /// Set while paused (see pause.rs): the backups to restore at resume.
+    paused: Option<pause::Paused>,
 }
 
 impl Drop for DevicePool {
@@ -175,12 +181,19 @@ impl Drop for DevicePool {
     /// one, which lives until exit) gives its memory and address space back.
     /// With live blocks it leaks on purpose: someone may still use them.
     fn drop(&mut self) {
+        self.drop_backups();
         if !self.live.is_empty() || self.poisoned.is_some() {
             return;
         }
         let mapped: Vec<u64> = self.mapped.keys().copied().collect();
         for va in mapped {
             let h = self.mapped[&va];
+            if self.handles[h as usize].as_ref().is_some_and(|h| h.paused) {
+                // Released at pause: nothing mapped, nothing held.
+                self.mapped.remove(&va);
+                self.handles[h as usize] = None;
+                continue;
+            }
             let size = self.handles[h as usize].as_ref().map_or(0, |h| h.granules * self.conf.page_size.0);
             if self.backend.unmap(self.device, va, size).is_ok() {
                 self.mapped.remove(&va);
@@ -267,6 +280,7 @@ impl DevicePool {
             seen_capture: false,
             stale_events: Vec::new(),
             poisoned: None,
+            paused: None,
             history: None,
             total_bytes,
             free_hint: None,
@@ -319,6 +333,11 @@ impl DevicePool {
 
     /// Why the pool stopped serving, after driver failures that left its
     /// mapping state unknown (fail-stop); None while healthy.
+    /// Whether `addr` lies in one of the pool's arenas (its address space).
+    pub fn in_arenas(&self, addr: u64) -> bool {
+        self.arenas.iter().any(|a| addr >= a.base && addr < a.base + a.size)
+    }
+
     pub fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()
     }

@@ -270,11 +270,21 @@ impl DevicePool {
     /// mapped (torch.cuda.empty_cache). Live blocks keep their granules.
     /// The ready reserve goes too, and is not refilled until the next miss;
     /// the high-water mark of live memory starts again.
+    /// A paused pool holds nothing to release.
     pub fn release_cached(&mut self) -> Result<()> {
+        if self.paused.is_some() {
+            return Ok(());
+        }
+        self.driver(|b, d| b.synchronize(d))?;
+        self.release_cached_now()
+    }
+
+    /// `release_cached` once the device is known done with the pool's
+    /// cached memory (the caller synchronized or waited on its streams).
+    pub(super) fn release_cached_now(&mut self) -> Result<()> {
         self.ready_demand_bytes = 0;
         self.live_high_water_bytes = 0;
         self.retry_stale_events();
-        self.driver(|b, d| b.synchronize(d))?;
         self.process_pending()?;
         let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
         for id in ids {

@@ -443,3 +443,73 @@ def test_torch_versions_parse():
     assert _install._torch_version("2.1.0rc1") == (2, 1)
     assert _install._torch_version("nonsense") == (0, 0)
     assert _install._torch_version("2.10.1") < _install.MIN_TORCH <= _install._torch_version("2.11.0")
+
+
+# --- tags: region, pause, resume (host backend: real memory) ---
+
+def test_region_pause_resume_keeps_addresses_and_contents(lib_path):
+    r = run_child(lib_path, """
+        def alloc(n):
+            p = lib.tessera_try_malloc(n, 0, None)
+            assert p, tt.last_error()
+            return p
+        plain = alloc(MiB)
+        ctypes.memset(plain, 0x11, MiB)
+        with tt.region("weights"):
+            inner = tt.current_tag()
+            w = [alloc(3 * MiB) for _ in range(4)]
+        after = tt.current_tag()
+        for i, p in enumerate(w):
+            ctypes.memset(p, 0x20 + i, 3 * MiB)
+        reserved = tt.stats()["reserved_bytes"]["current"]
+        given = tt.pause("weights", backup="cpu")
+        s = tt.tag_stats("weights")
+        paused = dict(given=given, reserved_drop=reserved - tt.stats()["reserved_bytes"]["current"],
+                      paused=s["paused_bytes"]["current"], backup=s["backup_bytes"]["current"],
+                      device_paused=tt.stats()["paused_bytes"]["current"])
+        with tt.region("weights"):
+            refused = lib.tessera_try_malloc(MiB, 0, None)
+            refusal = tt.last_error()
+        try:
+            tt.pause("weights", backup="disk")
+            bad_backup = ""
+        except ValueError as e:
+            bad_backup = str(e)
+        mapped = tt.resume("weights")
+        intact = all(ctypes.string_at(p, 3 * MiB) == bytes([0x20 + i]) * (3 * MiB) for i, p in enumerate(w))
+        plain_ok = ctypes.string_at(plain, MiB) == b"\\x11" * MiB
+        for p in w + [plain]:
+            lib.tessera_free(p, 0, 0, None)
+        emit(inner=inner, after=after, mapped=mapped, intact=intact, plain_ok=plain_ok,
+             refused=bool(refused), refusal=refusal, bad_backup=bad_backup,
+             after_resume=tt.tag_stats("weights")["paused_bytes"]["current"], **paused)
+    """, env={"TESSERA_CONF": "backend:host,page_size:64K,max_handle_size:1M"})
+    assert (r["inner"], r["after"]) == ("weights", ""), r
+    assert r["given"] >= 12 * MiB and r["reserved_drop"] == r["given"] == r["paused"] == r["device_paused"], r
+    assert r["backup"] == 12 * MiB, r
+    assert not r["refused"] and "paused" in r["refusal"], r
+    assert "backup" in r["bad_backup"], r
+    assert r["mapped"] == r["given"] and r["intact"] and r["plain_ok"] and r["after_resume"] == 0, r
+
+
+def test_resume_out_of_memory_raises_and_can_be_retried(lib_path):
+    r = run_child(lib_path, """
+        with tt.region("kv"):
+            kv = lib.tessera_try_malloc(24 * MiB, 0, None)
+        ctypes.memset(kv, 0x42, 24 * MiB)
+        tt.pause("kv", backup="cpu")
+        hog = lib.tessera_try_malloc(48 * MiB, 0, None)
+        try:
+            tt.resume("kv")
+            caught = ""
+        except tt.OutOfMemoryError as e:
+            caught = str(e)
+        still = tt.tag_stats("kv")["paused_bytes"]["current"]
+        lib.tessera_free(hog, 0, 0, None)
+        tt.resume("kv")
+        intact = ctypes.string_at(kv, 24 * MiB) == b"\\x42" * (24 * MiB)
+        emit(hog=bool(hog), caught=caught, still=still, intact=intact)
+    """, env={"TESSERA_CONF": "backend:host,page_size:64K,device_capacity:64M"})
+    assert r["hog"], r
+    assert r["caught"].startswith("CUDA out of memory") and "resuming tag 'kv'" in r["caught"], r
+    assert r["still"] >= 24 * MiB and r["intact"], r

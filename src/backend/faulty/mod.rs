@@ -5,7 +5,7 @@
 //! the ledger changes only on inner success; contract breaches go to `violations`.
 #![forbid(unsafe_code)]
 
-use super::{Backend, EventId, HandleId};
+use super::{Backend, BackupId, EventId, HandleId};
 use crate::error::{Error, OomInfo, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -32,6 +32,8 @@ struct Ledger {
     live_events: u64,
     /// Live reservation base -> size.
     reservations: BTreeMap<u64, u64>,
+    /// Live backup -> size.
+    backups: HashMap<BackupId, u64>,
 }
 
 struct State {
@@ -161,6 +163,9 @@ impl<B: Backend> FaultyBackend<B> {
     }
 
     /// Reservations made through the wrapper and not unreserved.
+    pub fn live_backups(&self, device: i32) -> usize {
+        self.st().ledgers.get(&device).map_or(0, |l| l.backups.len())
+    }
     pub fn live_reservations(&self, device: i32) -> usize {
         self.st().ledgers.get(&device).map_or(0, |l| l.reservations.len())
     }
@@ -251,6 +256,25 @@ impl<B: Backend> FaultyBackend<B> {
             at = start + n;
         }
         at == end
+    }
+
+    /// Whether every byte of `[va, va + size)` is mapped (by handles side by
+    /// side, the range's ends anywhere inside them).
+    fn covered(l: &Ledger, va: u64, size: u64) -> bool {
+        let end = va + size;
+        let mut at = va;
+        if let Some((&start, &(n, _))) = l.mapped.range(..=va).next_back()
+            && start + n > va
+        {
+            at = start + n;
+        }
+        for (&start, &(n, _)) in l.mapped.range(at..end) {
+            if start != at {
+                return false;
+            }
+            at = start + n;
+        }
+        at >= end
     }
 }
 
@@ -467,6 +491,43 @@ impl<B: Backend> Backend for FaultyBackend<B> {
             return Err(self.injected_error(FaultPoint::StreamWaitEvent));
         }
         self.inner.stream_wait_event(device, stream, event)
+    }
+    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+        {
+            let mut s = self.st();
+            let l = s.ledgers.entry(device).or_default();
+            if !Self::covered(l, va, size_bytes) {
+                s.violations.push(format!("backup({va:#x}, {size_bytes}) of a range not wholly mapped"));
+            }
+        }
+        if self.should_fail(FaultPoint::Backup) {
+            return Err(Error::OutOfMemory(Box::default()));
+        }
+        let id = self.inner.backup(device, va, size_bytes)?;
+        self.st().ledgers.entry(device).or_default().backups.insert(id, size_bytes);
+        Ok(id)
+    }
+    fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()> {
+        {
+            let mut s = self.st();
+            let l = s.ledgers.entry(device).or_default();
+            let known = l.backups.get(&backup) == Some(&size_bytes);
+            if !known || !Self::covered(l, va, size_bytes) {
+                s.violations.push(format!("restore({backup}, {va:#x}, {size_bytes}): unknown backup or range not wholly mapped"));
+            }
+        }
+        if self.should_fail(FaultPoint::Restore) {
+            return Err(self.injected_error(FaultPoint::Restore));
+        }
+        self.inner.restore(device, backup, va, size_bytes)
+    }
+    fn drop_backup(&self, device: i32, backup: BackupId, size_bytes: u64) {
+        let mut s = self.st();
+        if s.ledgers.entry(device).or_default().backups.remove(&backup).is_none() {
+            s.violations.push(format!("drop_backup({backup}): not a live backup"));
+        }
+        drop(s);
+        self.inner.drop_backup(device, backup, size_bytes);
     }
 }
 

@@ -59,10 +59,12 @@ pub enum FaultPoint {
     StreamWaitEvent,
     Synchronize,
     IsCapturing,
+    Backup,
+    Restore,
 }
 
 impl FaultPoint {
-    pub const ALL: [FaultPoint; 13] = [
+    pub const ALL: [FaultPoint; 15] = [
         FaultPoint::Reserve,
         FaultPoint::Create,
         FaultPoint::Map,
@@ -76,6 +78,8 @@ impl FaultPoint {
         FaultPoint::StreamWaitEvent,
         FaultPoint::Synchronize,
         FaultPoint::IsCapturing,
+        FaultPoint::Backup,
+        FaultPoint::Restore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +97,8 @@ impl FaultPoint {
             FaultPoint::StreamWaitEvent => "stream_wait_event",
             FaultPoint::Synchronize => "synchronize",
             FaultPoint::IsCapturing => "is_capturing",
+            FaultPoint::Backup => "backup",
+            FaultPoint::Restore => "restore",
         }
     }
 }

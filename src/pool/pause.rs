@@ -1,0 +1,248 @@
+//! Pause and resume: a pool's physical memory goes back to the driver and
+//! comes back later at the same addresses (a tag's pool, see tags.rs). A
+//! pause waits for the streams that used the pool (an event each, no device
+//! synchronize), gives the cache back, copies live blocks to host memory if
+//! asked, then unmaps and releases every handle; a resume creates and maps
+//! new handles where the old ones were and copies the backups back.
+//! Invariants: a paused handle keeps its slot, granules and address in
+//! `mapped`, but holds no backend handle and counts in no physical gauge
+//! (reserved, mapped, handles); `PausedBytes` is the sum of paused handles'
+//! bytes. A resume that fails leaves every handle paused and every backup
+//! intact: nothing is lost, and it may be tried again.
+#![forbid(unsafe_code)]
+
+use super::{DevicePool, HandleIdx, State};
+use crate::backend::BackupId;
+use crate::error::{format_bytes, Error, Result};
+use crate::stats::{TesseraCounter as C, TesseraGauge as G};
+
+/// What a paused pool holds until its resume.
+#[derive(Debug, Default)]
+pub(super) struct Paused {
+    /// Per live block copied: (address, bytes, backup).
+    pub(super) backups: Vec<(u64, u64, BackupId)>,
+}
+
+/// What a pause or a resume did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PauseReport {
+    /// Physical bytes given back (pause) or taken again (resume).
+    pub bytes: u64,
+    /// Bytes copied to host memory (pause) or back from it (resume).
+    pub backup_bytes: u64,
+}
+
+impl DevicePool {
+    /// Whether the pool is paused (its allocations fail until `resume`).
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Gives the pool's physical memory back to the driver, keeping every
+    /// address; with `backup`, live blocks are copied to host memory first.
+    /// Waits for every stream that used the pool's memory. On an error
+    /// before any handle was released nothing changed but the cache; after,
+    /// the pool is paused with what was released (resume maps it again).
+    pub fn pause(&mut self, backup: bool) -> Result<PauseReport> {
+        if self.paused.is_some() {
+            return Err(Error::InvalidArgument("already paused".into()));
+        }
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Driver { call: "pause", code: -1, message: format!("device {} disabled: {why}", self.device) });
+        }
+        self.wait_for_users()?;
+        self.release_cached_now()?;
+        let mut backups = Vec::new();
+        if backup {
+            let live: Vec<(u64, u64)> = self
+                .live
+                .values()
+                .map(|&id| self.b(id))
+                .filter(|b| b.state == State::Allocated)
+                .map(|b| (b.addr, b.size))
+                .collect();
+            for (addr, size) in live {
+                match self.driver(|b, d| b.backup(d, addr, size)) {
+                    Ok(id) => backups.push((addr, size, id)),
+                    Err(e) => {
+                        for &(_, n, id) in &backups {
+                            self.backend.drop_backup(self.device, id, n);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let backup_bytes: u64 = backups.iter().map(|&(_, n, _)| n).sum();
+        self.stats.gauge_mut(G::BackupBytes).add(backup_bytes as i64);
+        self.paused = Some(Paused { backups });
+        let mut bytes = 0;
+        let handles: Vec<(u64, HandleIdx)> = self.mapped.iter().map(|(&va, &h)| (va, h)).collect();
+        for (va, h) in handles {
+            bytes += self.pause_handle(va, h)?;
+        }
+        Ok(PauseReport { bytes, backup_bytes })
+    }
+
+    /// Maps new physical memory where the paused handles were and copies
+    /// the backups of the blocks still live back. Out of memory (or any
+    /// failure) undoes what this call mapped and leaves the pool paused with
+    /// its backups: the error says what is missing, and a later call may
+    /// succeed. Not paused: nothing to do.
+    pub fn resume(&mut self, tag: &str) -> Result<PauseReport> {
+        if self.paused.is_none() {
+            return Ok(PauseReport::default());
+        }
+        let g = self.conf.page_size.0;
+        let paused: Vec<(u64, HandleIdx)> = self
+            .mapped
+            .iter()
+            .filter(|&(_, &h)| self.handle(h).paused)
+            .map(|(&va, &h)| (va, h))
+            .collect();
+        let want: u64 = paused.iter().map(|&(_, h)| self.handle(h).granules * g).sum();
+        let mut done: Vec<(u64, HandleIdx)> = Vec::new();
+        for &(va, h) in &paused {
+            if let Err(e) = self.resume_handle(va, h) {
+                let got: u64 = done.iter().map(|&(_, h)| self.handle(h).granules * g).sum();
+                for &(va, h) in done.iter().rev() {
+                    // A handle that cannot go back stays mapped: still the
+                    // tag's, and its contents come from its backup later.
+                    let _ = self.pause_handle(va, h);
+                }
+                let e = self.driver_error(e);
+                return Err(match e {
+                    Error::OutOfMemory(_) => {
+                        let mut info = self.oom_info(want);
+                        info.resuming = Some(format!(
+                            "resuming tag '{tag}' needs {} of physical memory and got {} of it; the tag stays \
+                             paused with its backups, resume it again once memory is free",
+                            format_bytes(want),
+                            format_bytes(got)
+                        ));
+                        self.stats.bump(C::Ooms, 1);
+                        Error::OutOfMemory(Box::new(info))
+                    }
+                    other => other,
+                });
+            }
+            done.push((va, h));
+        }
+        let Paused { backups } = self.paused.take().expect("paused");
+        let mut restored = 0;
+        let mut failed = None;
+        for (addr, size, id) in backups {
+            let live = self.live.get(&addr).is_some_and(|&b| self.b(b).state == State::Allocated && self.b(b).size == size);
+            if live && failed.is_none() {
+                match self.driver(|b, d| b.restore(d, id, addr, size)) {
+                    Ok(()) => restored += size,
+                    Err(e) => failed = Some(self.driver_error(e)),
+                }
+            }
+            self.backend.drop_backup(self.device, id, size);
+            self.stats.gauge_mut(G::BackupBytes).sub(size as i64);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(PauseReport { bytes: want, backup_bytes: restored }),
+        }
+    }
+
+    /// Blocks until the device has passed every stream's work on the pool's
+    /// memory: the streams of its live, pending and cached blocks (and
+    /// those that used them through record_stream), an event each.
+    fn wait_for_users(&mut self) -> Result<()> {
+        let mut streams: Vec<u64> = self.epochs.keys().copied().collect();
+        for &id in self.live.values() {
+            let b = self.b(id);
+            streams.push(b.stream);
+            streams.extend_from_slice(&b.stream_uses);
+        }
+        for p in &self.pending {
+            streams.extend(p.events.iter().map(|&(s, _)| s));
+        }
+        streams.sort_unstable();
+        streams.dedup();
+        streams.retain(|&s| s != super::READY_KEY);
+        for s in streams {
+            let event = self.driver(|b, d| b.record_event(d, s))?;
+            let waited = self.driver(|b, d| b.event_synchronize(d, event));
+            if let Err(e) = self.backend.destroy_event(self.device, event) {
+                tracing::warn!("destroying a pause's event failed: {e}");
+                self.stale_events.push(event);
+            }
+            waited?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps and releases mapped handle `h` at `va`, which becomes paused.
+    /// Returns its bytes.
+    fn pause_handle(&mut self, va: u64, h: HandleIdx) -> Result<u64> {
+        let g = self.conf.page_size.0;
+        let (backend_id, bytes) = {
+            let handle = self.handle(h);
+            (handle.backend_id, handle.granules * g)
+        };
+        self.driver(|b, d| b.unmap(d, va, bytes))?;
+        self.stats.bump(C::DriverUnmapCalls, 1);
+        let arena = self.arena_at(va);
+        self.gauge(arena, G::MappedBytes, -(bytes as i64));
+        if let Err(e) = self.driver(|b, d| b.release(d, backend_id)) {
+            // Unmapped but held: map it back so that the pool stays whole.
+            let back = self.driver(|b, d| b.map(d, va, bytes, backend_id)).and_then(|_| self.driver(|b, d| b.set_access(d, va, bytes)));
+            if back.is_err() {
+                self.poisoned = Some(format!("a paused handle could be neither released ({e}) nor mapped again"));
+            }
+            self.gauge(arena, G::MappedBytes, bytes as i64);
+            return Err(e);
+        }
+        self.stats.bump(C::DriverReleaseCalls, 1);
+        self.stats.gauge_mut(G::ReservedBytes).sub(bytes as i64);
+        self.stats.gauge_mut(G::Handles).sub(1);
+        self.stats.gauge_mut(G::PausedBytes).add(bytes as i64);
+        self.handle_mut(h).paused = true;
+        Ok(bytes)
+    }
+
+    /// Creates a handle for paused `h` and maps it at `va` again.
+    fn resume_handle(&mut self, va: u64, h: HandleIdx) -> Result<()> {
+        let bytes = self.handle(h).granules * self.conf.page_size.0;
+        if let Some(limit) = self.limit_bytes
+            && self.physical_bytes() + bytes > limit
+        {
+            return Err(Error::OutOfMemory(Box::default()));
+        }
+        let backend_id = self.driver(|b, d| b.create(d, bytes))?;
+        self.stats.bump(C::DriverCreateCalls, 1);
+        let mapped = self.driver(|b, d| b.map(d, va, bytes, backend_id));
+        let mapped = mapped.and_then(|_| {
+            self.stats.bump(C::DriverMapCalls, 1);
+            self.driver(|b, d| b.set_access(d, va, bytes)).inspect_err(|_| {
+                let _ = self.backend.unmap(self.device, va, bytes);
+            })
+        });
+        if let Err(e) = mapped {
+            let _ = self.backend.release(self.device, backend_id);
+            return Err(e);
+        }
+        let handle = self.handle_mut(h);
+        handle.backend_id = backend_id;
+        handle.paused = false;
+        self.stats.gauge_mut(G::ReservedBytes).add(bytes as i64);
+        self.stats.gauge_mut(G::Handles).add(1);
+        self.stats.gauge_mut(G::PausedBytes).sub(bytes as i64);
+        let arena = self.arena_at(va);
+        self.gauge(arena, G::MappedBytes, bytes as i64);
+        Ok(())
+    }
+
+    /// Drops the backups of a paused pool (the pool is going away).
+    pub(super) fn drop_backups(&mut self) {
+        if let Some(p) = self.paused.as_mut() {
+            for (_, size, id) in std::mem::take(&mut p.backups) {
+                self.backend.drop_backup(self.device, id, size);
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Tags, pause and resume on the host backend, where memory is real: every
+//! live byte is checked through pause and resume (with a backup, a tagged
+//! block's contents come back; untagged blocks are never touched), memory
+//! goes back to the device and returns, a resume that cannot get its memory
+//! fails as out of memory and leaves the tag paused with its backups, and
+//! random sequences against a shadow model keep the invariants.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use std::sync::Arc;
+use tessera::allocator::Allocator;
+use tessera::backend::faulty::{CreateFault, FaultPoint, FaultyBackend};
+use tessera::backend::host::HostBackend;
+use tessera::config::Config;
+use tessera::error::Error;
+use tessera::stats::TesseraGauge as G;
+use tessera::tags;
+
+const CAPACITY: u64 = 64 << 20;
+const CONF: &str = "page_size:64K,small_size:16K,max_handle_size:256K,device_capacity:64M";
+
+/// Runs `f` with `tag` as this thread's current tag.
+fn tagged<T>(tag: &str, f: impl FnOnce() -> T) -> T {
+    let previous = tags::set_current(tags::intern(tag).unwrap());
+    let out = f();
+    tags::set_current(previous);
+    out
+}
+
+fn reserved(a: &Allocator) -> i64 {
+    a.stats(0).unwrap().gauge(G::ReservedBytes).current
+}
+
+#[test]
+fn pause_with_backup_gives_memory_back_and_restores_every_byte() {
+    let (a, backend) = host(CONF);
+    let plain: Vec<(u64, u64)> = (0..6u64).map(|i| (a.malloc(100_000 + i * 30_000, 0, 0).unwrap(), 100_000 + i * 30_000)).collect();
+    let weights: Vec<(u64, u64)> =
+        tagged("weights", || (0..8u64).map(|i| (a.malloc(1_000_000 + i * 77_777, 0, 0).unwrap(), 1_000_000 + i * 77_777)).collect());
+    for (i, &(p, n)) in plain.iter().chain(&weights).enumerate() {
+        fill(p, n, i as u64);
+    }
+    let before = reserved(&a);
+    let tag_reserved = a.tag_stats(0, "weights").unwrap().gauge(G::ReservedBytes).current;
+    assert!(tag_reserved > 0);
+
+    let report = a.pause("weights", true).unwrap();
+    check(&a, 0);
+    let s = a.tag_stats(0, "weights").unwrap();
+    assert_eq!(report.bytes as i64, tag_reserved, "pause gives back all the tag's memory");
+    assert_eq!(s.gauge(G::ReservedBytes).current, 0);
+    assert_eq!(s.gauge(G::PausedBytes).current, tag_reserved);
+    let live_bytes: u64 = weights.iter().map(|&(_, n)| tessera::pool::round_size(n)).sum();
+    assert_eq!(s.gauge(G::BackupBytes).current as u64, live_bytes, "every live block is backed up");
+    assert_eq!(reserved(&a), before - tag_reserved);
+    assert_eq!(backend.live_backups(0).0, weights.len());
+    for (i, &(p, n)) in plain.iter().enumerate() {
+        assert!(verify(p, n, i as u64), "untagged block {i} changed by the pause");
+    }
+
+    // The freed memory serves untagged work: more than was free before.
+    let free_before_pause = CAPACITY as i64 - before;
+    let big = a.malloc(free_before_pause as u64 + (4 << 20), 0, 0).expect("the paused tag's memory is free");
+    fill(big, 1 << 20, 99);
+    a.free(big, None, 0, None).unwrap();
+    a.empty_cache().unwrap();
+
+    let report = a.resume("weights").unwrap();
+    check(&a, 0);
+    assert_eq!(report.bytes as i64, tag_reserved);
+    assert_eq!(report.backup_bytes, live_bytes);
+    let s = a.tag_stats(0, "weights").unwrap();
+    assert_eq!((s.gauge(G::PausedBytes).current, s.gauge(G::BackupBytes).current), (0, 0));
+    assert_eq!(backend.live_backups(0), (0, 0), "the backups are freed after the restore");
+    for (i, &(p, n)) in plain.iter().chain(&weights).enumerate() {
+        assert!(verify(p, n, i as u64), "block {i} lost its contents through pause and resume");
+    }
+    for &(p, _) in plain.iter().chain(&weights) {
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+}
+
+#[test]
+fn a_paused_tag_refuses_allocations_and_takes_frees() {
+    let (a, _backend) = host(CONF);
+    let (p, q) = tagged("kv", || (a.malloc(3 << 20, 0, 0).unwrap(), a.malloc(2 << 20, 0, 0).unwrap()));
+    a.pause("kv", false).unwrap();
+    let err = tagged("kv", || a.malloc(1 << 20, 0, 0)).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("paused"), "{err}");
+    assert!(a.pause("kv", false).unwrap_err().to_string().contains("already paused"));
+    a.free(q, None, 0, None).unwrap(); // nothing to restore
+    check(&a, 0);
+    a.resume("kv").unwrap();
+    assert_eq!(a.resume("kv").unwrap().bytes, 0, "resuming a tag that is not paused does nothing");
+    fill(p, 3 << 20, 5); // mapped and writable again (contents were not kept)
+    assert!(verify(p, 3 << 20, 5));
+    let r = tagged("kv", || a.malloc(1 << 20, 0, 0)).unwrap();
+    for x in [p, r] {
+        a.free(x, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+    assert!(a.pause("never-used", false).is_err(), "an unknown tag is an error, not a silent no-op");
+}
+
+#[test]
+fn resume_out_of_memory_keeps_the_tag_paused_and_can_be_retried() {
+    let (a, backend) = host(CONF);
+    let blocks: Vec<u64> = tagged("engine", || (0..4).map(|_| a.malloc(6 << 20, 0, 0).unwrap()).collect());
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 6 << 20, 10 + i as u64);
+    }
+    a.pause("engine", true).unwrap();
+    let paused = a.tag_stats(0, "engine").unwrap();
+    // Untagged work takes nearly the whole device meanwhile.
+    let hog = a.malloc(CAPACITY - (8 << 20), 0, 0).unwrap();
+    let err = a.resume("engine").unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.starts_with("CUDA out of memory") && text.contains("resuming tag 'engine'"), "{text}");
+    check(&a, 0);
+    let still = a.tag_stats(0, "engine").unwrap();
+    assert_eq!(still.gauge(G::PausedBytes).current, paused.gauge(G::PausedBytes).current, "nothing resumed half-way");
+    assert_eq!(still.gauge(G::BackupBytes).current, paused.gauge(G::BackupBytes).current, "the backups are intact");
+    assert_eq!(backend.live_backups(0).0, blocks.len());
+    a.free(hog, None, 0, None).unwrap();
+    a.resume("engine").unwrap();
+    for (i, &p) in blocks.iter().enumerate() {
+        assert!(verify(p, 6 << 20, 10 + i as u64), "block {i} lost its contents");
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+}
+
+#[test]
+fn injected_failures_in_resume_lose_nothing() {
+    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
+    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 7));
+    // A driver failure, not lack of memory (which the device retries once).
+    backend.set_create_fault(CreateFault::Driver);
+    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    let blocks: Vec<u64> = tagged("faulty", || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 2 << 20, 40 + i as u64);
+    }
+    a.pause("faulty", true).unwrap();
+    for point in [FaultPoint::Create, FaultPoint::Map, FaultPoint::SetAccess, FaultPoint::Restore] {
+        let handles = backend.live_handles(0);
+        backend.fail_next(point, 1);
+        let result = a.resume("faulty");
+        check(&a, 0);
+        if point == FaultPoint::Restore {
+            // Mapped, but one block's contents could not come back: said so.
+            assert!(result.is_err());
+            break;
+        }
+        assert!(result.is_err(), "{point:?}: the injected failure is reported");
+        assert_eq!(backend.live_handles(0), handles, "{point:?}: the failed resume holds no handle");
+        assert_eq!(backend.live_backups(0), blocks.len(), "{point:?}: the backups are intact");
+    }
+    assert!(backend.violations().is_empty(), "{:?}", backend.violations());
+    for &p in &blocks {
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+}
+
+#[test]
+fn a_failed_create_before_the_last_handle_rolls_back_every_handle() {
+    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
+    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 8));
+    backend.set_create_fault(CreateFault::Driver);
+    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    let blocks: Vec<u64> = tagged("rollback", || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 2 << 20, 70 + i as u64);
+    }
+    a.pause("rollback", true).unwrap();
+    let handles = backend.live_handles(0);
+    let creates = backend.calls(FaultPoint::Create);
+    backend.fail_at(FaultPoint::Create, creates + 5); // several handles in, then a failure
+    assert!(a.resume("rollback").is_err());
+    check(&a, 0);
+    assert_eq!(backend.live_handles(0), handles, "the handles made before the failure went back");
+    a.resume("rollback").unwrap();
+    for (i, &p) in blocks.iter().enumerate() {
+        assert!(verify(p, 2 << 20, 70 + i as u64));
+        a.free(p, None, 0, None).unwrap();
+    }
+    assert!(backend.violations().is_empty(), "{:?}", backend.violations());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc { size: u64, tag: bool },
+    Free { pick: usize },
+    Pause { backup: bool },
+    Resume,
+    Rewrite { pick: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (prop_oneof![1u64..16_384, 16_384u64..600_000, 600_000u64..3_000_000], any::<bool>())
+            .prop_map(|(size, tag)| Op::Alloc { size, tag }),
+        4 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => any::<bool>().prop_map(|backup| Op::Pause { backup }),
+        1 => Just(Op::Resume),
+        1 => any::<usize>().prop_map(|pick| Op::Rewrite { pick }),
+    ]
+}
+
+struct Live {
+    ptr: u64,
+    size: u64,
+    tag: bool,
+    seed: u64,
+    /// The contents are known (untagged, or tagged and kept by a backup).
+    known: bool,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: proptest_cases(48), ..ProptestConfig::default() })]
+
+    /// Against a shadow model: untagged bytes never change; a tagged
+    /// block's bytes come back through a pause with backup; paused tags
+    /// refuse allocations; the invariants and the gauges hold after every
+    /// step; at the end, nothing leaks.
+    #[test]
+    fn random_pause_resume_sequences(ops in proptest::collection::vec(op(), 1..80)) {
+        let (a, backend) = host(CONF);
+        let tag = "prop";
+        tags::intern(tag).unwrap();
+        let (mut live, mut paused, mut seed) = (Vec::<Live>::new(), false, 0u64);
+        for op in ops {
+            match op {
+                Op::Alloc { size, tag: t } => {
+                    let r = if t { tagged(tag, || a.malloc(size, 0, 0)) } else { a.malloc(size, 0, 0) };
+                    match r {
+                        Ok(ptr) => {
+                            prop_assert!(!(t && paused), "an allocation into a paused tag succeeded");
+                            seed += 1;
+                            fill(ptr, size, seed);
+                            live.push(Live { ptr, size, tag: t, seed, known: true });
+                        }
+                        Err(Error::InvalidArgument(m)) => prop_assert!(t && paused, "{m}"),
+                        Err(Error::OutOfMemory(_)) => {}
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                }
+                Op::Free { pick } if !live.is_empty() => {
+                    let l = live.swap_remove(pick % live.len());
+                    a.free(l.ptr, Some(l.size), 0, Some(0)).unwrap();
+                }
+                Op::Pause { backup } if !paused => {
+                    a.pause(tag, backup).unwrap();
+                    paused = true;
+                    for l in live.iter_mut().filter(|l| l.tag) {
+                        l.known &= backup;
+                    }
+                }
+                Op::Resume if paused => match a.resume(tag) {
+                    Ok(_) => paused = false,
+                    Err(Error::OutOfMemory(_)) => {}
+                    Err(e) => prop_assert!(false, "{e}"),
+                },
+                Op::Rewrite { pick } if !live.is_empty() => {
+                    let i = pick % live.len();
+                    if !(live[i].tag && paused) {
+                        seed += 1;
+                        live[i].seed = seed;
+                        live[i].known = true;
+                        fill(live[i].ptr, live[i].size, seed);
+                    }
+                }
+                _ => {}
+            }
+            check(&a, 0);
+            for l in &live {
+                if l.known && !(l.tag && paused) {
+                    prop_assert!(verify(l.ptr, l.size, l.seed), "a live block lost its bytes");
+                }
+            }
+            let s = a.tag_stats(0, tag).unwrap();
+            if paused {
+                prop_assert_eq!(s.gauge(G::ReservedBytes).current, 0, "a paused tag holds physical memory");
+            } else {
+                prop_assert_eq!(s.gauge(G::PausedBytes).current, 0);
+                prop_assert_eq!(s.gauge(G::BackupBytes).current, 0);
+            }
+        }
+        if paused {
+            a.resume(tag).unwrap();
+        }
+        for l in live.drain(..) {
+            a.free(l.ptr, None, 0, None).unwrap();
+        }
+        a.empty_cache().unwrap();
+        check(&a, 0);
+        prop_assert_eq!(backend.live_backups(0), (0, 0));
+        prop_assert_eq!(a.stats(0).unwrap().gauge(G::ReservedBytes).current, 0);
+    }
+}

@@ -47,6 +47,11 @@ fn pause_with_backup_gives_memory_back_and_restores_every_byte() {
 
     let report = a.pause("weights", true).unwrap();
     check(&a, 0);
+    let json = a.snapshot_json();
+    assert!(json.contains("\"tessera_tag\":\"weights\""), "the snapshot marks the tag's segments");
+    assert!(json.contains(&format!("\"tag\":\"weights\",\"allocated_bytes\":")), "{json}");
+    assert!(json.contains(&format!("\"paused_bytes\":{tag_reserved}")), "the snapshot says what is paused");
+    assert!(a.status_line(Some(0)).unwrap().contains("paused"), "the status line says what is paused");
     let s = a.tag_stats(0, "weights").unwrap();
     assert_eq!(report.bytes as i64, tag_reserved, "pause gives back all the tag's memory");
     assert_eq!(s.gauge(G::ReservedBytes).current, 0);

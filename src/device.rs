@@ -219,7 +219,10 @@ impl Device {
             pool_malloc(pool)
         });
         let Err(Error::OutOfMemory(_)) = first else { return first };
-        let mut retry = self.drain_free() > 0;
+        // Memory the tags' pools cache is the driver's again (never theirs
+        // while paused: they hold none).
+        let drained = self.drain_free() > 0;
+        let mut retry = self.tagged.release_caches() > 0 || drained;
         if on_oom() {
             self.drain_free();
             retry = true;

@@ -135,6 +135,19 @@ impl TagPools {
         self.existing(tag, |p| p.stats()).unwrap_or_default()
     }
 
+    /// Gives every pool's cached memory back to the driver (memory is short
+    /// elsewhere on the device); returns the bytes released.
+    pub fn release_caches(&self) -> u64 {
+        let mut released = 0;
+        self.each(|_, p| {
+            let before = p.stats().gauge(crate::stats::TesseraGauge::ReservedBytes).current;
+            if p.release_cached().is_ok() {
+                released += (before - p.stats().gauge(crate::stats::TesseraGauge::ReservedBytes).current).max(0) as u64;
+            }
+        });
+        released
+    }
+
     /// Every pool's statistics, summed.
     pub fn total_stats(&self) -> TesseraStats {
         let mut total = TesseraStats::default();

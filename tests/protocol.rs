@@ -7,6 +7,10 @@
 //! one property that matters: memory is never handed to a stream, nor
 //! unmapped, while queued work of another stream may still touch it.
 //!
+//! Pausing a tag (tags.rs) unmaps live memory too: while a pause runs, the
+//! tag's live blocks count as retired, so that its unmaps and backups are
+//! checked like any other (nothing queued may touch them).
+//!
 //! The device lock makes each allocator call atomic, so interleavings of
 //! threads are interleavings of whole calls: what this explores. The driver
 //! thread is one more actor: its tidy round (`Op::Tidy`, with
@@ -47,6 +51,8 @@ struct Model {
     events: HashMap<EventId, Pos>,
     next_event: EventId,
     retired: Vec<Retired>,
+    /// The live blocks of a tag being paused (during the pause call only).
+    pausing: Vec<Retired>,
     violations: Vec<String>,
 }
 
@@ -135,7 +141,7 @@ impl Model {
 
     /// `[va, va+len)` is unmapped: nothing queued may touch it.
     fn check_unmap(&mut self, va: u64, len: u64) {
-        for r in &self.retired {
+        for r in self.retired.iter().chain(&self.pausing) {
             if r.addr < va + len && va < r.addr + r.len {
                 for &u in &r.uses {
                     if !self.done(u) {
@@ -277,7 +283,15 @@ enum Op {
     /// The driver thread runs a tidy round (maps the ready reserve,
     /// recycling cached memory the device is done with).
     Tidy,
+    /// Allocate a size class on a stream under the tag (see `TAG`).
+    AllocTagged(u8, u8),
+    /// Pause the tag, with a backup or not.
+    Pause(bool),
+    Resume,
 }
+
+/// The tag of `Op::AllocTagged`.
+const TAG: &str = "model";
 
 const STREAMS: [u64; 3] = [0, 1, 2];
 const CAPACITY: u64 = 1 << 20;
@@ -289,6 +303,7 @@ struct Live {
     len: u64,
     stream: u64,
     uses: Vec<Pos>,
+    tagged: bool,
 }
 
 /// Runs `ops` on a 1 MiB device of 64 KiB granules (so pressure, recycling
@@ -312,18 +327,35 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
         a.set_tidied(None);
     }
     let mut live: Vec<Live> = Vec::new();
+    let tag = tessera::tags::intern(TAG).unwrap();
+    let (mut paused, mut tag_used) = (false, false);
     for &op in ops {
         match op {
-            Op::Alloc(size, s) => {
+            Op::Alloc(size, s) | Op::AllocTagged(size, s) => {
+                let tagged = matches!(op, Op::AllocTagged(..));
                 let (len, t) = (SIZES[size as usize % SIZES.len()], STREAMS[s as usize % STREAMS.len()]);
-                let ptr = match a.malloc(len, 0, t) {
-                    Ok(ptr) => ptr,
+                let previous = tessera::tags::set_current(if tagged { tag } else { 0 });
+                let result = a.malloc(len, 0, t);
+                tessera::tags::set_current(previous);
+                let ptr = match result {
+                    Ok(ptr) => {
+                        assert!(!(tagged && paused), "an allocation into a paused tag succeeded");
+                        tag_used |= tagged;
+                        ptr
+                    }
+                    Err(tessera::error::Error::InvalidArgument(m)) if tagged && paused => {
+                        assert!(m.contains("paused"), "{m}");
+                        continue;
+                    }
                     Err(e) => {
                         // Out of memory is fine only when the memory is not
                         // there: live blocks rounded to whole handles (what
-                        // they can pin), the request, and a small-arena handle.
-                        let pinned: u64 = live.iter().map(|b| b.len.div_ceil(HANDLE) * HANDLE).sum();
-                        if pinned + len.div_ceil(HANDLE) * HANDLE + HANDLE <= CAPACITY {
+                        // they can pin; a paused tag's pin nothing), the
+                        // request, and a small-arena handle per pool.
+                        let holding = |b: &&Live| !(b.tagged && paused);
+                        let pinned: u64 = live.iter().filter(holding).map(|b| b.len.div_ceil(HANDLE) * HANDLE).sum();
+                        let slack = HANDLE * (1 + tag_used as u64);
+                        if pinned + len.div_ceil(HANDLE) * HANDLE + slack <= CAPACITY {
                             model.lock().unwrap().violations.push(format!(
                                 "{len} bytes on stream {t} failed with {pinned} bytes pinned of {CAPACITY}: {e}"
                             ));
@@ -334,7 +366,7 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
                 let mut m = model.lock().unwrap();
                 m.check_handout(ptr, len, t);
                 let pos = m.kernel(t);
-                live.push(Live { ptr, len, stream: t, uses: vec![pos] });
+                live.push(Live { ptr, len, stream: t, uses: vec![pos], tagged });
             }
             Op::Free(i) if !live.is_empty() => {
                 let b = live.remove(i as usize % live.len());
@@ -342,7 +374,7 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
                 model.lock().unwrap().retired.push(Retired { addr: b.ptr, len: b.len, uses: b.uses });
                 a.free(b.ptr, Some(b.len), 0, Some(b.stream)).unwrap();
             }
-            Op::RecordStream(i, s) if !live.is_empty() => {
+            Op::RecordStream(i, s) if !live.is_empty() && !(live[i as usize % live.len()].tagged && paused) => {
                 let n = live.len();
                 let b = &mut live[i as usize % n];
                 let t = STREAMS[s as usize % STREAMS.len()];
@@ -351,7 +383,7 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
                 b.uses.retain(|&(u, _)| u != t);
                 b.uses.push(pos);
             }
-            Op::Use(i) if !live.is_empty() => {
+            Op::Use(i) if !live.is_empty() && !(live[i as usize % live.len()].tagged && paused) => {
                 let n = live.len();
                 let b = &mut live[i as usize % n];
                 let pos = model.lock().unwrap().kernel(b.stream);
@@ -364,6 +396,20 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
             Op::Tidy => {
                 a.tidy();
             }
+            Op::Pause(backup) if tag_used && !paused => {
+                // A kernel touching paused memory is the program's bug: the
+                // harness never queues one (see Use and RecordStream).
+                model.lock().unwrap().pausing =
+                    live.iter().filter(|b| b.tagged).map(|b| Retired { addr: b.ptr, len: b.len, uses: b.uses.clone() }).collect();
+                a.pause(TAG, backup).unwrap();
+                model.lock().unwrap().pausing.clear();
+                paused = true;
+            }
+            Op::Resume if paused => match a.resume(TAG) {
+                Ok(_) => paused = false,
+                Err(tessera::error::Error::OutOfMemory(_)) => {}
+                Err(e) => panic!("resume: {e}"),
+            },
             _ => {}
         }
         check(&a, 0);
@@ -382,6 +428,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Sync),
         1 => Just(Op::EmptyCache),
         2 => Just(Op::Tidy),
+        2 => (0u8..3, 0u8..3).prop_map(|(z, s)| Op::AllocTagged(z, s)),
+        1 => any::<bool>().prop_map(Op::Pause),
+        1 => Just(Op::Resume),
     ]
 }
 
@@ -431,6 +480,9 @@ fn every_short_interleaving_never_reuses_memory_early() {
         Op::Sync,
         Op::EmptyCache,
         Op::Tidy,
+        Op::AllocTagged(1, 2),
+        Op::Pause(false),
+        Op::Resume,
     ];
     let n = alphabet.len() as u64;
     let total = n.pow(depth);
@@ -558,4 +610,16 @@ fn random_interleavings_with_the_driver_thread_use_the_ready_reserve() {
     assert!(used >= 30, "the ready reserve served a miss in {used} of 300 sequences");
     assert!(caught > 0, "no early reuse caught on a lying device with the driver thread");
     eprintln!("driver thread: the reserve served misses in {used} of 300 sequences; a lying device caught in {caught}");
+}
+
+/// Pausing a tag waits for every stream that used its live blocks (their
+/// own and record_stream's) before it copies or unmaps them: on a device
+/// that lies about events the same sequence is caught.
+#[test]
+fn a_pause_waits_for_every_stream_that_used_the_tag() {
+    let ops = [Op::AllocTagged(1, 1), Op::RecordStream(0, 2), Op::Use(0), Op::Pause(true), Op::Resume, Op::Use(0)];
+    let honest = run_on(&ops, "", false).0;
+    assert!(honest.is_empty(), "{honest:?}");
+    let lied = run_on(&ops, "", true).0;
+    assert!(lied.iter().any(|v| v.contains("unmapped while")), "a pause that did not wait went unseen: {lied:?}");
 }

@@ -307,3 +307,16 @@ proptest! {
         prop_assert_eq!(a.stats(0).unwrap().gauge(G::ReservedBytes).current, 0);
     }
 }
+
+#[test]
+fn untagged_requests_take_back_what_a_tag_caches() {
+    let (a, _backend) = host(CONF);
+    let p = tagged("cache", || a.malloc(40 << 20, 0, 0).unwrap());
+    a.free(p, None, 0, None).unwrap(); // cached by the tag's pool
+    let q = a.malloc(48 << 20, 0, 0).expect("the tag's cached memory goes back to the driver for it");
+    fill(q, 48 << 20, 3);
+    assert!(verify(q, 48 << 20, 3));
+    assert_eq!(a.tag_stats(0, "cache").unwrap().gauge(G::ReservedBytes).current, 0);
+    a.free(q, None, 0, None).unwrap();
+    check(&a, 0);
+}

@@ -138,18 +138,26 @@ fn resume_out_of_memory_keeps_the_tag_paused_and_can_be_retried() {
     check(&a, 0);
 }
 
-#[test]
-fn injected_failures_in_resume_lose_nothing() {
+/// An allocator over a fault injector on the host backend, with three 2 MiB
+/// blocks of tag `tag` filled from `seed` and paused with a backup. Create
+/// faults read as driver failures, not lack of memory (which the device
+/// retries once).
+fn paused_under_faults(tag: &str, seed: u64) -> (Allocator, Arc<FaultyBackend<HostBackend>>, Vec<u64>) {
     let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
-    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 7));
-    // A driver failure, not lack of memory (which the device retries once).
+    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), seed));
     backend.set_create_fault(CreateFault::Driver);
     let a = Allocator::with_backend(config, backend.clone()).unwrap();
-    let blocks: Vec<u64> = tagged("faulty", || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
+    let blocks: Vec<u64> = tagged(tag, || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
     for (i, &p) in blocks.iter().enumerate() {
-        fill(p, 2 << 20, 40 + i as u64);
+        fill(p, 2 << 20, seed + i as u64);
     }
-    a.pause("faulty", true).unwrap();
+    a.pause(tag, true).unwrap();
+    (a, backend, blocks)
+}
+
+#[test]
+fn injected_failures_in_resume_lose_nothing() {
+    let (a, backend, blocks) = paused_under_faults("faulty", 40);
     for point in [FaultPoint::Create, FaultPoint::Map, FaultPoint::SetAccess, FaultPoint::Restore] {
         let handles = backend.live_handles(0);
         backend.fail_next(point, 1);
@@ -173,15 +181,7 @@ fn injected_failures_in_resume_lose_nothing() {
 
 #[test]
 fn a_failed_create_before_the_last_handle_rolls_back_every_handle() {
-    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
-    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 8));
-    backend.set_create_fault(CreateFault::Driver);
-    let a = Allocator::with_backend(config, backend.clone()).unwrap();
-    let blocks: Vec<u64> = tagged("rollback", || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
-    for (i, &p) in blocks.iter().enumerate() {
-        fill(p, 2 << 20, 70 + i as u64);
-    }
-    a.pause("rollback", true).unwrap();
+    let (a, backend, blocks) = paused_under_faults("rollback", 70);
     let handles = backend.live_handles(0);
     let creates = backend.calls(FaultPoint::Create);
     backend.fail_at(FaultPoint::Create, creates + 5); // several handles in, then a failure
@@ -319,4 +319,35 @@ fn untagged_requests_take_back_what_a_tag_caches() {
     assert_eq!(a.tag_stats(0, "cache").unwrap().gauge(G::ReservedBytes).current, 0);
     a.free(q, None, 0, None).unwrap();
     check(&a, 0);
+}
+
+#[test]
+fn a_tag_pauses_and_resumes_on_every_device() {
+    let (a, backend) = host(&format!("{CONF},device_count:2"));
+    let blocks: Vec<(i32, u64)> = tagged("both", || (0..4).map(|i| (i % 2, a.malloc(3 << 20, i % 2, 0).unwrap())).collect());
+    for (i, &(_, p)) in blocks.iter().enumerate() {
+        fill(p, 3 << 20, 90 + i as u64);
+    }
+    let per_device: Vec<i64> = (0..2).map(|d| a.tag_stats(d, "both").unwrap().gauge(G::ReservedBytes).current).collect();
+    assert!(per_device.iter().all(|&n| n > 0));
+    let report = a.pause("both", true).unwrap();
+    assert_eq!(report.bytes as i64, per_device.iter().sum::<i64>(), "both devices' memory goes back");
+    for d in 0..2 {
+        assert_eq!(a.tag_stats(d, "both").unwrap().gauge(G::PausedBytes).current, per_device[d as usize]);
+        check(&a, d);
+    }
+    // A free naming the wrong device still finds the paused block.
+    let (d0, p0) = blocks[0];
+    assert!(a.free(p0, None, 1 - d0, None).is_err(), "the mismatch is reported");
+    a.resume("both").unwrap();
+    assert_eq!(backend.live_backups(0), (0, 0));
+    assert_eq!(backend.live_backups(1), (0, 0));
+    for (i, &(d, p)) in blocks.iter().enumerate().skip(1) {
+        assert!(verify(p, 3 << 20, 90 + i as u64), "block {i} on device {d} lost its contents");
+        a.free(p, None, d, None).unwrap();
+    }
+    for d in 0..2 {
+        check(&a, d);
+        assert_eq!(a.stats(d).unwrap().gauge(G::AllocatedBytes).current, 0);
+    }
 }

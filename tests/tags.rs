@@ -43,7 +43,8 @@ fn pause_with_backup_gives_memory_back_and_restores_every_byte() {
     }
     let before = reserved(&a);
     let tag_reserved = a.tag_stats(0, "weights").unwrap().gauge(G::ReservedBytes).current;
-    assert!(tag_reserved > 0);
+    let tag_handles = a.tag_stats(0, "weights").unwrap().gauge(G::Handles).current;
+    assert!(tag_reserved > 0 && tag_handles > 1);
 
     let report = a.pause("weights", true).unwrap();
     check(&a, 0);
@@ -77,6 +78,8 @@ fn pause_with_backup_gives_memory_back_and_restores_every_byte() {
     assert_eq!(report.backup_bytes, live_bytes);
     let s = a.tag_stats(0, "weights").unwrap();
     assert_eq!((s.gauge(G::PausedBytes).current, s.gauge(G::BackupBytes).current), (0, 0));
+    assert!(s.gauge(G::Handles).current < tag_handles, "the paused handles side by side came back as one per run");
+    assert_eq!(s.gauge(G::ReservedBytes).current, tag_reserved);
     assert_eq!(backend.live_backups(0), (0, 0), "the backups are freed after the restore");
     for (i, &(p, n)) in plain.iter().chain(&weights).enumerate() {
         assert!(verify(p, n, i as u64), "block {i} lost its contents through pause and resume");

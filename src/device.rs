@@ -268,11 +268,6 @@ impl Device {
         }
     }
 
-    /// Whether tag `tag` is paused on this device.
-    pub fn tag_paused(&self, tag: u32) -> bool {
-        self.tagged.is_paused(tag)
-    }
-
     /// Tag `tag`'s statistics on this device.
     pub fn tag_stats(&self, tag: u32) -> TesseraStats {
         self.tagged.stats(tag)
@@ -410,11 +405,14 @@ impl Device {
 
     /// One arena's statistics (block-level gauges), the fronts' counts merged.
     pub fn arena_stats(&self, arena: ArenaKind) -> TesseraStats {
-        self.existing(|front, pool| {
-            front.merge(pool);
-            pool.arena_stats(arena)
-        })
-        .unwrap_or_default()
+        let mut s = self
+            .existing(|front, pool| {
+                front.merge(pool);
+                pool.arena_stats(arena)
+            })
+            .unwrap_or_default();
+        self.tagged.each(|_, pool| s.add_all(&pool.arena_stats(arena)));
+        s
     }
 
     /// The largest block in the pool's cache (see `DevicePool::largest_cached_bytes`).
@@ -429,6 +427,7 @@ impl Device {
             front.merge(pool);
             pool.reset_accumulated();
         });
+        self.tagged.each(|_, pool| pool.reset_accumulated());
     }
 
     pub fn reset_peak_stats(&self) {
@@ -436,6 +435,7 @@ impl Device {
             front.merge(pool);
             pool.reset_peaks();
         });
+        self.tagged.each(|_, pool| pool.reset_peaks());
     }
 
     /// Gives every cached granule back to the driver, the fronts' free

@@ -125,10 +125,6 @@ impl TagPools {
         self.existing(tag, |p| p.resume(&name)).unwrap_or(Ok(PauseReport::default()))
     }
 
-    /// Whether tag `tag` is paused here.
-    pub fn is_paused(&self, tag: u32) -> bool {
-        self.existing(tag, |p| p.is_paused()).unwrap_or(false)
-    }
 
     /// Tag `tag`'s statistics here (zeros if it has no pool).
     pub fn stats(&self, tag: u32) -> TesseraStats {

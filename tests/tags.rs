@@ -354,3 +354,21 @@ fn a_tag_pauses_and_resumes_on_every_device() {
         assert_eq!(a.stats(d).unwrap().gauge(G::AllocatedBytes).current, 0);
     }
 }
+
+#[test]
+fn device_statistics_count_the_tags_and_reset_with_them() {
+    let (a, _backend) = host(CONF);
+    let u = a.malloc(2 << 20, 0, 0).unwrap();
+    let t = tagged("stats", || a.malloc(3 << 20, 0, 0).unwrap());
+    let all = a.stats(0).unwrap();
+    let (small, large) = (a.arena_stats(0, tessera::pool::ArenaKind::Small).unwrap(), a.arena_stats(0, tessera::pool::ArenaKind::Large).unwrap());
+    let alloc = |s: &tessera::stats::TesseraStats| s.gauge(G::AllocatedBytes).current;
+    assert_eq!(alloc(&all), alloc(&small) + alloc(&large), "the arenas add up to the device, tags included");
+    assert_eq!(alloc(&all), (tessera::pool::round_size(2 << 20) + tessera::pool::round_size(3 << 20)) as i64);
+    a.free(t, None, 0, None).unwrap();
+    a.reset_peak_stats(0).unwrap();
+    let s = a.stats(0).unwrap();
+    assert_eq!(s.gauge(G::AllocatedBytes).peak, s.gauge(G::AllocatedBytes).current, "the tags' peaks reset too");
+    a.free(u, None, 0, None).unwrap();
+    check(&a, 0);
+}

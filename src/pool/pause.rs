@@ -42,11 +42,6 @@ pub struct PauseReport {
 }
 
 impl DevicePool {
-    /// Whether the pool is paused (its allocations fail until `resume`).
-    pub fn is_paused(&self) -> bool {
-        self.paused.is_some()
-    }
-
     /// Gives the pool's physical memory back to the driver, keeping every
     /// address; with `backup`, live blocks are copied to host memory first.
     /// Waits for every stream that used the pool's memory. On an error

@@ -2,8 +2,9 @@
 //! `torch.cuda.memory._snapshot()`, so that PyTorch's memory viewer draws
 //! it: `segments` (maximal mapped runs of an arena, with their blocks) and
 //! `device_traces` (the history ring, when recording), from typed views.
-//! Segments of a tag's pool (tags.rs) carry `tessera_tag`; `tessera_tags`
-//! lists each tag's allocated, reserved, paused and backup bytes.
+//! Segments of a tag's pool (tags.rs) carry `tessera_tag`; `tessera_tags`,
+//! present only when tags are in use, lists each tag's allocated, reserved,
+//! paused and backup bytes.
 #![forbid(unsafe_code)]
 
 use crate::pool::{ArenaKind, BlockState, BlockView, HistoryEvent};
@@ -17,6 +18,8 @@ type Frames = [(); 0];
 struct Snapshot {
     segments: Vec<Segment>,
     device_traces: Vec<Vec<TraceEntry>>,
+    /// Only when tags are in use: the snapshot keeps PyTorch's keys otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     tessera_tags: Vec<TagEntry>,
 }
 

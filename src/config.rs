@@ -261,9 +261,10 @@ options! {
     /// Requests of at most this size go to the small pool, packed into their
     /// own granules so that they do not pin granules of large blocks.
     small_size: Bytes = "1M";
-    /// A cap on the physical memory held per device: bytes or a fraction of
-    /// the device's total. torch.cuda.set_per_process_memory_fraction
-    /// overrides it per device.
+    /// A cap on the physical memory held per device (every pool of it: the
+    /// untagged one and each tag's): bytes or a fraction of the device's
+    /// total. torch.cuda.set_per_process_memory_fraction overrides it per
+    /// device.
     memory_limit: MemoryLimit = "none";
     /// Total memory of each simulated or host device.
     device_capacity: Bytes = "80G";

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::front::Front;
 use crate::tags::TagPools;
-use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, Freed, HistoryEvent, PauseReport, PoolBlock, Tidy};
+use crate::pool::{check_request, round_size, ArenaKind, BlockView, DevicePool, DeviceReserved, Freed, HistoryEvent, PauseReport, PoolBlock, Tidy};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use crate::thread::Signal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +56,9 @@ pub struct Device {
     slot: Mutex<Slot>,
     /// The tags' pools (never locked together with `slot`).
     tagged: TagPools,
+    /// The reserved bytes of the untagged pool and the tags' together: what
+    /// the memory limit caps.
+    reserved: DeviceReserved,
     /// The driver thread's signal, once one tidies this device.
     tidier: OnceLock<Arc<Signal>>,
     /// Poked since the driver thread last started tidying this device:
@@ -65,10 +68,12 @@ pub struct Device {
 
 impl Device {
     pub fn new(index: i32, config: &Config, backend: Arc<dyn Backend>) -> Device {
+        let reserved = DeviceReserved::default();
         Device {
             index,
             front: Front::new(config.front_caches, config.graph_pools),
-            tagged: TagPools::new(index, config, backend.clone()),
+            tagged: TagPools::new(index, config, backend.clone(), &reserved),
+            reserved,
             config: config.clone(),
             backend,
             slot: Mutex::new(Slot::default()),
@@ -132,6 +137,7 @@ impl Device {
             let mut conf = self.config.clone();
             conf.graph_pools |= self.front.graphs();
             let mut pool = DevicePool::new(self.index, self.backend.clone(), &conf, limit)?;
+            pool.share_reserved(&self.reserved);
             pool.record_history(slot.history.0, slot.history.1);
             pool.set_deferred(slot.deferred);
             slot.pool = Some(pool);
@@ -462,6 +468,8 @@ impl Device {
         if let Some(pool) = slot.pool.as_mut() {
             pool.set_limit(limit);
         }
+        drop(slot);
+        self.tagged.set_limit(limit);
         Ok(())
     }
 
@@ -547,8 +555,14 @@ impl Device {
     pub fn check_invariants(&self) {
         let mut slot = lock(&self.slot);
         self.front.check(slot.pool.as_mut());
+        let mut reserved = slot.pool.as_ref().map_or(0, |p| p.stats().gauge(G::ReservedBytes).current);
         drop(slot);
-        self.tagged.each(|_, pool| pool.check_invariants());
+        self.tagged.each(|_, pool| {
+            pool.check_invariants();
+            reserved += pool.stats().gauge(G::ReservedBytes).current;
+        });
+        // Exact while no other thread allocates (how tests call this).
+        assert_eq!(reserved as u64, self.reserved.bytes(), "the device's reserved count is the sum of its pools'");
     }
 
     /// Whether the pool stopped serving after driver failures.

@@ -32,6 +32,10 @@ pub struct OomInfo {
     pub allocated_bytes: u64,
     pub reserved_bytes: u64,
     pub limit_bytes: Option<u64>,
+    /// Physical bytes the device's other pools hold (the tags' pools, or the
+    /// untagged pool when the request was a tag's): they count against the
+    /// memory limit too.
+    pub other_pools_bytes: u64,
     pub live_blocks: u64,
     /// Free bytes still mapped when the request failed (in partly used handles).
     pub cached_bytes: u64,
@@ -55,19 +59,27 @@ impl OomInfo {
             return "Next step: the request alone is larger than the GPU; split the tensor or the batch.".into();
         }
         if let Some(limit) = self.limit_bytes
-            && self.reserved_bytes + self.requested_bytes > limit && live <= self.total_capacity_bytes {
-                return format!(
-                    "Next step: tessera's memory limit ({}) is what stopped it; raise memory_limit in TESSERA_CONF \
-                     or the fraction given to torch.cuda.set_per_process_memory_fraction.",
-                    format_bytes(limit)
-                );
-            }
+            && self.reserved_bytes + self.other_pools_bytes + self.requested_bytes > limit
+            && live <= self.total_capacity_bytes
+        {
+            let tags = if self.other_pools_bytes > 0 {
+                format!(" ({} of it held by the device's other pools: tags, which tessera.pause gives back)", format_bytes(self.other_pools_bytes))
+            } else {
+                String::new()
+            };
+            return format!(
+                "Next step: tessera's memory limit ({}){tags} is what stopped it; raise memory_limit in TESSERA_CONF \
+                 or the fraction given to torch.cuda.set_per_process_memory_fraction.",
+                format_bytes(limit)
+            );
+        }
         if self.pending_bytes >= self.requested_bytes {
             return "Next step: memory freed with record_stream waits for other streams; synchronize them, or free \
                     on the stream that uses the tensor."
                 .into();
         }
-        let held_elsewhere = self.total_capacity_bytes.saturating_sub(self.reserved_bytes + self.driver_free_bytes);
+        let held_elsewhere =
+            self.total_capacity_bytes.saturating_sub(self.reserved_bytes + self.other_pools_bytes + self.driver_free_bytes);
         if held_elsewhere > self.total_capacity_bytes / 4 {
             return format!(
                 "Next step: {} of the GPU is held outside tessera (other processes, cudaMalloc users, CUDA \
@@ -134,6 +146,9 @@ impl fmt::Display for Error {
                     format_bytes(o.free_handle_bytes),
                     format_bytes(o.pending_bytes),
                 )?;
+                if o.other_pools_bytes > 0 {
+                    write!(f, "; {} reserved in the device's other pools (tags)", format_bytes(o.other_pools_bytes))?;
+                }
                 if let Some(limit) = o.limit_bytes {
                     write!(f, "; memory limit {}", format_bytes(limit))?;
                 }

@@ -3,6 +3,7 @@
 //! makes; tag 0 is untagged memory, which is never paused. Each tag has a
 //! pool of its own per device ([`TagPools`]), in its own address ranges, so
 //! that pausing a tag never pins, moves or unmaps another's memory.
+//! The device's memory limit caps its pools together (`DeviceReserved`).
 //! Invariants: tag ids are dense from 1 and never reused; a tag's pool on a
 //! device exists from its first allocation there until unload.
 #![forbid(unsafe_code)]
@@ -11,7 +12,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::device::lock;
 use crate::error::{Error, Result};
-use crate::pool::{ArenaKind, BlockView, DevicePool, PauseReport};
+use crate::pool::{ArenaKind, BlockView, DevicePool, DeviceReserved, PauseReport};
 use crate::stats::TesseraStats;
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
@@ -78,37 +79,65 @@ pub struct TagPools {
     device: i32,
     config: Config,
     backend: Arc<dyn Backend>,
-    pools: Mutex<Vec<(u32, DevicePool)>>,
+    /// The device's count of reserved bytes, which its memory limit caps:
+    /// every tag's pool shares it with the untagged pool.
+    reserved: DeviceReserved,
+    pools: Mutex<Pools>,
+}
+
+#[derive(Default)]
+struct Pools {
+    /// The memory limit the pools run under (set_memory_fraction's, once
+    /// set; until then memory_limit's, resolved when the first pool is made).
+    limit_bytes: Option<Option<u64>>,
+    list: Vec<(u32, DevicePool)>,
 }
 
 impl TagPools {
-    pub fn new(device: i32, config: &Config, backend: Arc<dyn Backend>) -> TagPools {
-        TagPools { device, config: config.clone(), backend, pools: Mutex::new(Vec::new()) }
+    pub fn new(device: i32, config: &Config, backend: Arc<dyn Backend>, reserved: &DeviceReserved) -> TagPools {
+        TagPools { device, config: config.clone(), backend, reserved: reserved.clone(), pools: Mutex::new(Pools::default()) }
     }
 
     /// Runs `f` on tag `tag`'s pool, made now if it does not exist.
     pub fn with_pool<T>(&self, tag: u32, f: impl FnOnce(&mut DevicePool) -> Result<T>) -> Result<T> {
         let mut pools = lock(&self.pools);
-        let i = match pools.iter().position(|(t, _)| *t == tag) {
+        let i = match pools.list.iter().position(|(t, _)| *t == tag) {
             Some(i) => i,
             None => {
-                let pool = DevicePool::new(self.device, self.backend.clone(), &self.config, None)?;
-                pools.push((tag, pool));
-                pools.len() - 1
+                let limit = match pools.limit_bytes {
+                    Some(limit) => limit,
+                    None => {
+                        let (_, total) = self.backend.mem_info(self.device)?;
+                        *pools.limit_bytes.insert(self.config.memory_limit.resolve(total))
+                    }
+                };
+                let mut pool = DevicePool::new(self.device, self.backend.clone(), &self.config, limit)?;
+                pool.share_reserved(&self.reserved);
+                pools.list.push((tag, pool));
+                pools.list.len() - 1
             }
         };
-        f(&mut pools[i].1)
+        f(&mut pools.list[i].1)
+    }
+
+    /// Every pool runs under `limit_bytes` from now on (set_memory_fraction).
+    pub fn set_limit(&self, limit_bytes: Option<u64>) {
+        let mut pools = lock(&self.pools);
+        pools.limit_bytes = Some(limit_bytes);
+        for (_, pool) in pools.list.iter_mut() {
+            pool.set_limit(limit_bytes);
+        }
     }
 
     /// Runs `f` on the pool whose address space holds `addr`, if any.
     pub fn at<T>(&self, addr: u64, f: impl FnOnce(&mut DevicePool) -> T) -> Option<T> {
         let mut pools = lock(&self.pools);
-        pools.iter_mut().find(|(_, p)| p.in_arenas(addr)).map(|(_, p)| f(p))
+        pools.list.iter_mut().find(|(_, p)| p.in_arenas(addr)).map(|(_, p)| f(p))
     }
 
     /// Runs `f` on every pool, with its tag.
     pub fn each(&self, mut f: impl FnMut(u32, &mut DevicePool)) {
-        for (tag, pool) in lock(&self.pools).iter_mut() {
+        for (tag, pool) in lock(&self.pools).list.iter_mut() {
             f(*tag, pool);
         }
     }
@@ -160,6 +189,6 @@ impl TagPools {
 
     fn existing<T>(&self, tag: u32, f: impl FnOnce(&mut DevicePool) -> T) -> Option<T> {
         let mut pools = lock(&self.pools);
-        pools.iter_mut().find(|(t, _)| *t == tag).map(|(_, p)| f(p))
+        pools.list.iter_mut().find(|(t, _)| *t == tag).map(|(_, p)| f(p))
     }
 }

@@ -372,3 +372,39 @@ fn device_statistics_count_the_tags_and_reset_with_them() {
     a.free(u, None, 0, None).unwrap();
     check(&a, 0);
 }
+
+#[test]
+fn the_memory_limit_caps_the_tags_and_untagged_memory_together() {
+    let (a, _backend) = host(&format!("{CONF},memory_limit:32M"));
+    let weights = tagged("weights", || a.malloc(20 << 20, 0, 0).unwrap());
+    fill(weights, 20 << 20, 5);
+    // 20 MiB held by the tag: 16 MiB more untagged would pass the 32 MiB
+    // limit, though the device has 64.
+    let err = a.malloc(16 << 20, 0, 0).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("memory limit") && text.contains("other pools"), "the report names the tags' share: {text}");
+    let small = a.malloc(8 << 20, 0, 0).expect("what the limit leaves");
+    check(&a, 0);
+    // And the other way round: a tag cannot pass what untagged memory leaves.
+    let err = tagged("kv", || a.malloc(8 << 20, 0, 0)).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
+    // Paused, the tag's memory is outside the limit; a resume must fit in it again.
+    a.pause("weights", true).unwrap();
+    let more = a.malloc(16 << 20, 0, 0).expect("the paused tag's share of the limit is free");
+    let err = a.resume("weights").unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
+    a.free(more, None, 0, None).unwrap();
+    a.resume("weights").expect("within the limit again");
+    assert!(verify(weights, 20 << 20, 5), "the tag's contents came back");
+    check(&a, 0);
+    // set_memory_fraction moves the cap of every pool: 3/4 of 64 MiB is 48.
+    a.set_memory_fraction(0.75, 0).unwrap();
+    let kv = tagged("kv", || a.malloc(16 << 20, 0, 0)).expect("the new fraction leaves room");
+    assert!(tagged("kv", || a.malloc(8 << 20, 0, 0)).is_err(), "48 MiB is the cap for all pools");
+    check(&a, 0);
+    for p in [weights, small, kv] {
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+}

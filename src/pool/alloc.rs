@@ -231,6 +231,7 @@ impl DevicePool {
             allocated_bytes: self.stats.gauge(G::AllocatedBytes).current as u64,
             reserved_bytes: self.stats.gauge(G::ReservedBytes).current as u64,
             limit_bytes: self.limit_bytes,
+            other_pools_bytes: self.device_reserved.bytes().saturating_sub(self.physical_bytes()),
             live_blocks: self.stats.gauge(G::ActiveBlocks).current as u64,
             cached_bytes: self.stats.gauge(G::CachedBytes).current as u64,
             largest_cached_bytes: self.largest_cached_bytes(),

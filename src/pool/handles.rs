@@ -8,6 +8,8 @@ use super::{DevicePool, HistoryAction};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Index of a handle in the slab (`DevicePool::handles`).
 pub(super) type HandleIdx = u32;
@@ -21,6 +23,37 @@ pub(super) struct Handle {
     pub(super) granules: u64,
     pub(super) va: Option<u64>,
     pub(super) paused: bool,
+}
+
+/// The physical bytes that every pool of one device holds together (the
+/// untagged pool and each tag's, tags.rs): what memory_limit caps. Bytes
+/// are taken before a handle is created and given back when it is released,
+/// so that pools behind different locks never pass the limit together.
+/// Invariant: equals the sum of the sharing pools' reserved gauges.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceReserved(Arc<AtomicU64>);
+
+impl DeviceReserved {
+    /// The bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` if the total stays within `limit_bytes` (always
+    /// without a limit); says whether it did.
+    fn take(&self, bytes: u64, limit_bytes: Option<u64>) -> bool {
+        let Some(limit) = limit_bytes else {
+            self.0.fetch_add(bytes, Ordering::Relaxed);
+            return true;
+        };
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| (held + bytes <= limit).then_some(held + bytes))
+            .is_ok()
+    }
+
+    fn give(&self, bytes: u64) {
+        self.0.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// Growths that may reuse the driver's last free-bytes answer.
@@ -167,6 +200,28 @@ impl DevicePool {
         self.stats.gauge(G::ReservedBytes).current as u64
     }
 
+    /// Whether `more_bytes` more would stay within the memory limit, which
+    /// caps every pool of the device together (true without a limit).
+    pub(super) fn within_limit(&self, more_bytes: u64) -> bool {
+        self.limit_bytes.is_none_or(|l| self.device_reserved.bytes() + more_bytes <= l)
+    }
+
+    /// Takes `bytes` of the device's memory limit for a handle about to be
+    /// created (an out-of-memory error past it).
+    pub(super) fn take_reserved(&mut self, bytes: u64) -> Result<()> {
+        if self.device_reserved.take(bytes, self.limit_bytes) {
+            Ok(())
+        } else {
+            Err(Error::OutOfMemory(Box::default()))
+        }
+    }
+
+    /// Gives back `bytes` taken with `take_reserved` (a handle released, or
+    /// one whose creation failed).
+    pub(super) fn give_reserved(&self, bytes: u64) {
+        self.device_reserved.give(bytes);
+    }
+
     /// Granules in handles that are mapped nowhere: the reserved bytes that
     /// are not mapped (every live handle is one or the other).
     pub(super) fn free_handle_granules(&self) -> u64 {
@@ -180,10 +235,9 @@ impl DevicePool {
     /// later use.
     pub(super) fn create_handles(&mut self, granules: u64, fine: bool) -> Result<Vec<HandleIdx>> {
         let g = self.conf.page_size.0;
-        if let Some(limit) = self.limit_bytes
-            && self.physical_bytes() + granules * g > limit {
-                return Err(Error::OutOfMemory(Box::default()));
-            }
+        if !self.within_limit(granules * g) {
+            return Err(Error::OutOfMemory(Box::default()));
+        }
         let per_handle = if fine || self.near_capacity(granules) { 1 } else { self.conf.max_handle_size.0 / g };
         self.create_handles_of(granules, per_handle)
     }
@@ -196,7 +250,10 @@ impl DevicePool {
         let mut left = granules;
         while left > 0 {
             let n = left.min(per_handle);
-            let backend_id = match self.driver(|b, d| b.create(d, n * g)) {
+            let created = self.take_reserved(n * g).and_then(|_| {
+                self.driver(|b, d| b.create(d, n * g)).inspect_err(|_| self.give_reserved(n * g))
+            });
+            let backend_id = match created {
                 Ok(id) => id,
                 Err(e) => {
                     self.return_handles(&made);
@@ -258,8 +315,14 @@ impl DevicePool {
             },
         };
         let device = reserved + free;
-        let allowed = self.limit_bytes.map_or(device, |l| l.min(device));
-        after as f64 > fraction * allowed as f64
+        // Under a limit below what the device has, the limit caps every pool
+        // of the device together (the driver's free bytes count the others').
+        match self.limit_bytes {
+            Some(limit) if limit < device => {
+                (self.device_reserved.bytes() + granules * self.conf.page_size.0) as f64 > fraction * limit as f64
+            }
+            _ => after as f64 > fraction * device as f64,
+        }
     }
 
     /// Gives free handle `h` (of `n` granules) back to the driver. On
@@ -272,6 +335,7 @@ impl DevicePool {
         self.handles[h as usize] = None;
         self.free_handle_slots.push(h);
         self.stats.gauge_mut(G::ReservedBytes).sub((n * self.conf.page_size.0) as i64);
+        self.give_reserved(n * self.conf.page_size.0);
         self.stats.gauge_mut(G::Handles).sub(1);
         Ok(())
     }

@@ -57,6 +57,7 @@ mod streams;
 mod view;
 
 pub use graphs::PoolBlock;
+pub use handles::DeviceReserved;
 pub use history::{HistoryAction, HistoryEvent};
 pub use lend::{Freed, FrontDelta, LentBlock};
 pub use pause::PauseReport;
@@ -95,8 +96,10 @@ pub struct DevicePool {
     /// time (`watch_graphs`).
     conf: Config,
     /// The cap on reserved bytes: memory_limit resolved against the device,
-    /// or what set_memory_fraction set.
+    /// or what set_memory_fraction set. It caps `device_reserved`, the bytes
+    /// of every pool of the device (the untagged one and the tags').
     limit_bytes: Option<u64>,
+    device_reserved: DeviceReserved,
     arenas: Vec<Arena>,
     /// Slab of blocks; `free_slots` lists unused indices.
     blocks: Vec<Block>,
@@ -185,6 +188,7 @@ impl Drop for DevicePool {
         if !self.live.is_empty() || self.poisoned.is_some() {
             return;
         }
+        self.give_reserved(self.physical_bytes());
         let mapped: Vec<u64> = self.mapped.keys().copied().collect();
         for va in mapped {
             let h = self.mapped[&va];
@@ -291,6 +295,7 @@ impl DevicePool {
             live_high_water_bytes: 0,
             conf,
             limit_bytes,
+            device_reserved: DeviceReserved::default(),
         };
         for kind in [ArenaKind::Small, ArenaKind::Large] {
             let size = match kind {
@@ -331,13 +336,13 @@ impl DevicePool {
         self.device
     }
 
-    /// Why the pool stopped serving, after driver failures that left its
-    /// mapping state unknown (fail-stop); None while healthy.
     /// Whether `addr` lies in one of the pool's arenas (its address space).
     pub fn in_arenas(&self, addr: u64) -> bool {
         self.arenas.iter().any(|a| addr >= a.base && addr < a.base + a.size)
     }
 
+    /// Why the pool stopped serving, after driver failures that left its
+    /// mapping state unknown (fail-stop); None while healthy.
     pub fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()
     }
@@ -355,6 +360,14 @@ impl DevicePool {
     /// Caps reserved bytes from now on (set_memory_fraction).
     pub fn set_limit(&mut self, limit_bytes: Option<u64>) {
         self.limit_bytes = limit_bytes;
+    }
+
+    /// From now on the memory limit caps this pool together with the other
+    /// pools of `reserved` (the device's). Called on a pool that holds no
+    /// memory yet (just made).
+    pub fn share_reserved(&mut self, reserved: &DeviceReserved) {
+        assert_eq!(self.physical_bytes(), 0, "a pool joins its device's count before it holds memory");
+        self.device_reserved = reserved.clone();
     }
 
     /// Memory of the device, as the backend reported it.

@@ -241,6 +241,7 @@ impl DevicePool {
         }
         self.stats.bump(C::DriverReleaseCalls, 1);
         self.stats.gauge_mut(G::ReservedBytes).sub(bytes as i64);
+        self.give_reserved(bytes);
         self.stats.gauge_mut(G::Handles).sub(1);
         self.stats.gauge_mut(G::PausedBytes).add(bytes as i64);
         self.handle_mut(h).paused = true;
@@ -250,12 +251,8 @@ impl DevicePool {
     /// Creates a handle for paused `h` and maps it at `va` again.
     fn resume_handle(&mut self, va: u64, h: HandleIdx) -> Result<()> {
         let bytes = self.handle(h).granules * self.conf.page_size.0;
-        if let Some(limit) = self.limit_bytes
-            && self.physical_bytes() + bytes > limit
-        {
-            return Err(Error::OutOfMemory(Box::default()));
-        }
-        let backend_id = self.driver(|b, d| b.create(d, bytes))?;
+        self.take_reserved(bytes)?;
+        let backend_id = self.driver(|b, d| b.create(d, bytes)).inspect_err(|_| self.give_reserved(bytes))?;
         self.stats.bump(C::DriverCreateCalls, 1);
         let mapped = self.driver(|b, d| b.map(d, va, bytes, backend_id));
         let mapped = mapped.and_then(|_| {
@@ -266,6 +263,7 @@ impl DevicePool {
         });
         if let Err(e) = mapped {
             let _ = self.backend.release(self.device, backend_id);
+            self.give_reserved(bytes);
             return Err(e);
         }
         let handle = self.handle_mut(h);

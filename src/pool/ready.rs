@@ -130,8 +130,7 @@ impl DevicePool {
             return Ok(Tidy::Idle);
         }
         let mut want = round_up((target - have).min(handle_granules * g), g);
-        let within_limit = self.limit_bytes.is_none_or(|l| self.physical_bytes() + want <= l);
-        if !within_limit || self.near_capacity(want / g) {
+        if !self.within_limit(want) || self.near_capacity(want / g) {
             return Ok(Tidy::Idle);
         }
         // Over max_cached_fraction, the reserve is made of recycled memory

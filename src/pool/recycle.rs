@@ -41,7 +41,7 @@ impl DevicePool {
         // recycling there would only move cached memory that a later request
         // of the same step needs back, over and over (seen on GPT-2 capped
         // at its frontier + 5%). garbage_collection_threshold still applies.
-        let within_limit = self.limit_bytes.is_some_and(|l| reserved + (need * g) as f64 <= l as f64);
+        let within_limit = self.limit_bytes.is_some() && self.within_limit(need * g);
         // Below the high-water mark of live memory (plus the cached share),
         // growth keeps reserved memory where the workload's peak already
         // took it: caching there costs no more memory than the peak did,

@@ -485,7 +485,7 @@ mod tests {
         let text = "backend:native,max_split_size_mb:128,roundup_power2_divisions:[256:1,>:4],expandable_segments:True,\
                     garbage_collection_threshold:0.6,pinned_use_cuda_host_register:True,release_lock_on_cudamalloc:True,\
                     per_process_memory_fraction:0.5";
-        let (c, warnings) = Config::parse_with_warnings(&text).unwrap();
+        let (c, warnings) = Config::parse_with_warnings(text).unwrap();
         assert_eq!(c.backend, BackendKind::Cuda);
         assert!(c.expandable_segments && c.garbage_collection_threshold == Fraction(0.6));
         assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.5));

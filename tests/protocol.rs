@@ -374,7 +374,7 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
                 model.lock().unwrap().retired.push(Retired { addr: b.ptr, len: b.len, uses: b.uses });
                 a.free(b.ptr, Some(b.len), 0, Some(b.stream)).unwrap();
             }
-            Op::RecordStream(i, s) if !live.is_empty() && !(live[i as usize % live.len()].tagged && paused) => {
+            Op::RecordStream(i, s) if !live.is_empty() && (!live[i as usize % live.len()].tagged || !paused) => {
                 let n = live.len();
                 let b = &mut live[i as usize % n];
                 let t = STREAMS[s as usize % STREAMS.len()];
@@ -383,7 +383,7 @@ fn run_on(ops: &[Op], conf: &str, lie: bool) -> (Vec<String>, u64) {
                 b.uses.retain(|&(u, _)| u != t);
                 b.uses.push(pos);
             }
-            Op::Use(i) if !live.is_empty() && !(live[i as usize % live.len()].tagged && paused) => {
+            Op::Use(i) if !live.is_empty() && (!live[i as usize % live.len()].tagged || !paused) => {
                 let n = live.len();
                 let b = &mut live[i as usize % n];
                 let pos = model.lock().unwrap().kernel(b.stream);

@@ -50,7 +50,7 @@ fn pause_with_backup_gives_memory_back_and_restores_every_byte() {
     check(&a, 0);
     let json = a.snapshot_json();
     assert!(json.contains("\"tessera_tag\":\"weights\""), "the snapshot marks the tag's segments");
-    assert!(json.contains(&format!("\"tag\":\"weights\",\"allocated_bytes\":")), "{json}");
+    assert!(json.contains("\"tag\":\"weights\",\"allocated_bytes\":"), "{json}");
     assert!(json.contains(&format!("\"paused_bytes\":{tag_reserved}")), "the snapshot says what is paused");
     assert!(a.status_line(Some(0)).unwrap().contains("paused"), "the status line says what is paused");
     let s = a.tag_stats(0, "weights").unwrap();

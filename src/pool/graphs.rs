@@ -133,7 +133,7 @@ impl DevicePool {
         let rounded = round_size(size);
         // Blocks start on MIN_BLOCK_BYTES; a range past the end of the
         // address space is no block's.
-        let end = addr.checked_add(rounded).filter(|_| addr % MIN_BLOCK_BYTES == 0);
+        let end = addr.checked_add(rounded).filter(|_| addr.is_multiple_of(MIN_BLOCK_BYTES));
         let Some(end) = end else {
             return Err(Error::InvalidArgument(format!(
                 "claim of {addr:#x} ({rounded} bytes) in pool {pool}: not a block's address range"

@@ -12,6 +12,7 @@ use crate::pool::BlockState;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use crate::trace::{Action, Event};
 use serde::Serialize;
+use crate::hash::AddrHash;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -44,6 +45,22 @@ impl ReplayResult {
 }
 
 /// Peak of the sum of live sizes in the trace itself.
+/// The most blocks live at once in `events` (frees of unknown addresses
+/// counted as frees).
+fn peak_live_count(events: &[Event]) -> usize {
+    let (mut live, mut peak) = (0usize, 0usize);
+    for e in events {
+        match e.action {
+            Action::Alloc => {
+                live += 1;
+                peak = peak.max(live);
+            }
+            Action::Free => live = live.saturating_sub(1),
+        }
+    }
+    peak
+}
+
 pub fn peak_live_bytes(events: &[Event]) -> u64 {
     let (mut live, mut peak) = (0u64, 0u64);
     let mut sizes: HashMap<u64, u64> = HashMap::new();
@@ -107,7 +124,9 @@ pub fn replay_with_timeline(
     if tidied {
         alloc.set_tidied(None);
     }
-    let mut addrs: HashMap<u64, u64> = HashMap::with_capacity(4096);
+    // Trace address -> tessera's, sized for the trace's peak up front: the
+    // harness's own map should not rehash inside the timed loop.
+    let mut addrs: HashMap<u64, u64, AddrHash> = HashMap::with_capacity_and_hasher(peak_live_count(events), AddrHash);
     let mut result = ReplayResult { events: events.len(), peak_live_bytes: peak_live_bytes(events), ..Default::default() };
     let start = std::time::Instant::now();
     let mut live = 0u64;

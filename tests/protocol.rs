@@ -253,9 +253,9 @@ impl Backend for ModelBackend {
         *w = (*w).max(p);
         Ok(())
     }
-    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+    fn backup(&self, device: i32, va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
         self.model.lock().unwrap().check_unmap(va, size_bytes);
-        self.sim.backup(device, va, size_bytes)
+        self.sim.backup(device, va, size_bytes, reuse)
     }
     fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()> {
         self.sim.restore(device, backup, va, size_bytes)

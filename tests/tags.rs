@@ -232,12 +232,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: proptest_cases(48), ..ProptestConfig::default() })]
 
     /// Against a shadow model: untagged bytes never change; a tagged
-    /// block's bytes come back through a pause with backup; paused tags
-    /// refuse allocations; the invariants and the gauges hold after every
-    /// step; at the end, nothing leaks.
+    /// block's bytes come back through a pause with backup (with
+    /// keep_backups too, where later pauses copy into the kept copies);
+    /// paused tags refuse allocations; the invariants and the gauges hold
+    /// after every step; at the end, nothing leaks.
     #[test]
-    fn random_pause_resume_sequences(ops in proptest::collection::vec(op(), 1..80)) {
-        let (a, backend) = host(CONF);
+    fn random_pause_resume_sequences(ops in proptest::collection::vec(op(), 1..80), keep in any::<bool>()) {
+        let (a, backend) = host(&format!("{CONF},keep_backups:{keep}"));
         let tag = "prop";
         tags::intern(tag).unwrap();
         let (mut live, mut paused, mut seed) = (Vec::<Live>::new(), false, 0u64);
@@ -295,8 +296,12 @@ proptest! {
                 prop_assert_eq!(s.gauge(G::ReservedBytes).current, 0, "a paused tag holds physical memory");
             } else {
                 prop_assert_eq!(s.gauge(G::PausedBytes).current, 0);
-                prop_assert_eq!(s.gauge(G::BackupBytes).current, 0);
+                if !keep {
+                    prop_assert_eq!(s.gauge(G::BackupBytes).current, 0);
+                }
             }
+            // Host copies, paused or kept, are what the gauge says.
+            prop_assert_eq!(s.gauge(G::BackupBytes).current as u64, backend.live_backups(0).1);
         }
         if paused {
             a.resume(tag).unwrap();
@@ -306,8 +311,9 @@ proptest! {
         }
         a.empty_cache().unwrap();
         check(&a, 0);
-        prop_assert_eq!(backend.live_backups(0), (0, 0));
         prop_assert_eq!(a.stats(0).unwrap().gauge(G::ReservedBytes).current, 0);
+        drop(a);
+        prop_assert_eq!(backend.live_backups(0), (0, 0), "kept copies go with the pool");
     }
 }
 
@@ -407,4 +413,84 @@ fn the_memory_limit_caps_the_tags_and_untagged_memory_together() {
         a.free(p, None, 0, None).unwrap();
     }
     check(&a, 0);
+}
+
+#[test]
+fn kept_backups_serve_the_next_pause_with_the_new_contents() {
+    let (a, backend) = host(&format!("{CONF},keep_backups:true"));
+    let blocks: Vec<u64> = tagged("engine", || (0..4).map(|_| a.malloc(3 << 20, 0, 0).unwrap()).collect());
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 3 << 20, 20 + i as u64);
+    }
+    let bytes = 4 * tessera::pool::round_size(3 << 20);
+    a.pause("engine", true).unwrap();
+    a.resume("engine").unwrap();
+    check(&a, 0);
+    assert_eq!(backend.live_backups(0), (4, bytes), "the resume keeps its host copies");
+    assert_eq!(a.tag_stats(0, "engine").unwrap().gauge(G::BackupBytes).current as u64, bytes, "and counts them");
+    // The engine runs on: new contents, one block freed, one new.
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 3 << 20, 30 + i as u64);
+    }
+    a.free(blocks[3], None, 0, None).unwrap();
+    let fresh = tagged("engine", || a.malloc(5 << 20, 0, 0).unwrap());
+    fill(fresh, 5 << 20, 40);
+    a.pause("engine", true).unwrap();
+    check(&a, 0);
+    let fresh_bytes = tessera::pool::round_size(5 << 20);
+    assert_eq!(
+        backend.live_backups(0),
+        (4, 3 * tessera::pool::round_size(3 << 20) + fresh_bytes),
+        "three copies reused, the freed block's gone, one new"
+    );
+    a.resume("engine").unwrap();
+    for (i, &p) in blocks[..3].iter().enumerate() {
+        assert!(verify(p, 3 << 20, 30 + i as u64), "block {i} came back with what it held at the second pause");
+    }
+    assert!(verify(fresh, 5 << 20, 40));
+    // A pause without a backup lets the kept copies go.
+    a.pause("engine", false).unwrap();
+    assert_eq!(backend.live_backups(0), (0, 0));
+    assert_eq!(a.tag_stats(0, "engine").unwrap().gauge(G::BackupBytes).current, 0);
+    a.resume("engine").unwrap();
+    for p in blocks[..3].iter().copied().chain([fresh]) {
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+}
+
+#[test]
+fn a_failed_copy_into_a_kept_backup_changes_nothing() {
+    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF},keep_backups:true")).unwrap();
+    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 80));
+    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    let blocks: Vec<u64> = tagged("kept", || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 2 << 20, 50 + i as u64);
+    }
+    a.pause("kept", true).unwrap();
+    a.resume("kept").unwrap();
+    let kept = a.tag_stats(0, "kept").unwrap().gauge(G::BackupBytes).current;
+    for (i, &p) in blocks.iter().enumerate() {
+        fill(p, 2 << 20, 60 + i as u64);
+    }
+    let backups = backend.calls(FaultPoint::Backup);
+    backend.fail_at(FaultPoint::Backup, backups + 2); // the second copy fails
+    let err = a.pause("kept", true).unwrap_err();
+    assert!(matches!(err, Error::Driver { .. }), "a failed copy is a driver error: {err}");
+    check(&a, 0);
+    let s = a.tag_stats(0, "kept").unwrap();
+    assert_eq!((s.gauge(G::PausedBytes).current, s.gauge(G::BackupBytes).current), (0, kept), "not paused, copies still kept");
+    assert_eq!(backend.live_backups(0), blocks.len(), "no copy lost, none added");
+    for (i, &p) in blocks.iter().enumerate() {
+        assert!(verify(p, 2 << 20, 60 + i as u64), "block {i} untouched by the failed pause");
+    }
+    a.pause("kept", true).expect("the retry succeeds");
+    a.resume("kept").unwrap();
+    for (i, &p) in blocks.iter().enumerate() {
+        assert!(verify(p, 2 << 20, 60 + i as u64), "block {i} lost its contents");
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+    assert!(backend.violations().is_empty(), "{:?}", backend.violations());
 }

@@ -382,19 +382,25 @@ impl Backend for CudaBackend {
     }
     /// Page-locked host memory, copied into on the null stream, which is
     /// then waited for (the copy is done when this returns).
-    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+    fn backup(&self, device: i32, va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
         self.in_context(device, || {
             let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
-            // SAFETY: cuMemAllocHost writes a pointer to size_bytes of page-locked memory.
-            check("cuMemAllocHost", unsafe { sys::cuMemAllocHost_v2(&mut host, size_bytes as usize) })?;
+            match reuse {
+                // An earlier backup of size_bytes (contract): page-locked already.
+                Some(id) => host = id as *mut std::ffi::c_void,
+                // SAFETY: cuMemAllocHost writes a pointer to size_bytes of page-locked memory.
+                None => check("cuMemAllocHost", unsafe { sys::cuMemAllocHost_v2(&mut host, size_bytes as usize) })?,
+            }
             // SAFETY: the range is mapped and readable (contract); host holds size_bytes.
             let copied = Self::relaxed(|| unsafe {
                 check("cuMemcpyDtoHAsync", sys::cuMemcpyDtoHAsync_v2(host, va, size_bytes as usize, std::ptr::null_mut()))?;
                 check("cuStreamSynchronize", sys::cuStreamSynchronize(std::ptr::null_mut()))
             });
             if let Err(e) = copied {
-                // SAFETY: host came from cuMemAllocHost and no copy uses it now.
-                unsafe { sys::cuMemFreeHost(host) };
+                if reuse.is_none() {
+                    // SAFETY: host came from cuMemAllocHost and no copy uses it now.
+                    unsafe { sys::cuMemFreeHost(host) };
+                }
                 return Err(e);
             }
             Ok(host as BackupId)

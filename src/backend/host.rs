@@ -273,7 +273,18 @@ impl Backend for HostBackend {
     fn stream_wait_event(&self, _device: i32, _stream: u64, _event: EventId) -> Result<()> {
         Ok(())
     }
-    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+    fn backup(&self, device: i32, va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
+        if let Some(id) = reuse {
+            let mut d = self.dev(device)?;
+            let bytes = d.backups.get_mut(&id).ok_or_else(|| Error::InvalidArgument(format!("no backup {id}")))?;
+            if bytes.len() as u64 != size_bytes {
+                return Err(Error::InvalidArgument(format!("backup {id} holds {} bytes, not {size_bytes}", bytes.len())));
+            }
+            // SAFETY: the range is mapped read-write (contract) and nothing
+            // writes it meanwhile; `bytes` holds size_bytes.
+            unsafe { std::ptr::copy_nonoverlapping(va as *const u8, bytes.as_mut_ptr(), size_bytes as usize) };
+            return Ok(id);
+        }
         let mut bytes = Vec::new();
         bytes.try_reserve_exact(size_bytes as usize).map_err(|_| Error::OutOfMemory(Box::default()))?;
         // SAFETY: the range is mapped read-write (contract) and nothing writes

@@ -25,7 +25,9 @@
 //!   (page-locked on CUDA) and `restore` copies it back to a mapped,
 //!   accessible range of the same size; each returns once its copy is done.
 //!   The caller makes sure that no queued work writes the range first. A
-//!   backup lives until `drop_backup`.
+//!   backup lives until `drop_backup`. Given `reuse`, an earlier backup of
+//!   the same size, `backup` copies into it (overwriting it) and takes no
+//!   new host memory; when that copy fails, `reuse` is still a live backup.
 //! - Every method may be called from any thread; implementations are Sync.
 
 pub mod cuda;
@@ -80,9 +82,10 @@ pub trait Backend: Send + Sync {
     fn destroy_event(&self, device: i32, event: EventId) -> Result<()>;
     fn stream_wait_event(&self, device: i32, stream: u64, event: EventId) -> Result<()>;
 
-    /// Copies `size_bytes` at `va` into host memory (see the contract).
-    /// Lack of host memory is [`crate::error::Error::OutOfMemory`].
-    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId>;
+    /// Copies `size_bytes` at `va` into host memory, or into backup `reuse`
+    /// of the same size (see the contract); returns the backup. Lack of
+    /// host memory is [`crate::error::Error::OutOfMemory`].
+    fn backup(&self, device: i32, va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId>;
     /// Copies `backup` (of `size_bytes`) back to `va`.
     fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()>;
     /// Frees the host memory of `backup` (of `size_bytes`).

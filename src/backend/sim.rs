@@ -214,8 +214,14 @@ impl Backend for SimBackend {
     fn stream_wait_event(&self, _device: i32, _stream: u64, _event: EventId) -> Result<()> {
         Ok(())
     }
-    fn backup(&self, device: i32, _va: u64, size_bytes: u64) -> Result<BackupId> {
+    fn backup(&self, device: i32, _va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
         let mut d = self.dev(device)?;
+        if let Some(id) = reuse {
+            return match d.backups.get(&id) {
+                Some(&n) if n == size_bytes => Ok(id),
+                _ => Err(Error::InvalidArgument(format!("no backup {id} of {size_bytes} bytes"))),
+            };
+        }
         d.next_id += 1;
         let id = d.next_id;
         d.backups.insert(id, size_bytes);

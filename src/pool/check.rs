@@ -149,6 +149,8 @@ impl DevicePool {
         }
         assert_eq!(handles + paused_handles, self.mapped.len() + self.free_handles.len(), "handle accounting");
         assert!(self.paused.is_none() || self.free_handles.is_empty(), "a paused pool holds free handles");
+        assert!(self.paused.is_none() || self.kept_backups.is_empty(), "a paused pool keeps copies outside its backups");
+        assert!(self.conf.keep_backups || self.kept_backups.is_empty(), "copies kept without keep_backups");
         let free_granules: u64 = self.free_handles.iter().map(|&(n, _)| n).sum();
         assert_eq!(free_granules, self.free_handle_granules(), "free handles differ from reserved less mapped");
         self.check_ready();
@@ -169,7 +171,11 @@ impl DevicePool {
             (G::ReservedBytes, physical),
             (G::Handles, handles as i64),
             (G::PausedBytes, paused_bytes as i64),
-            (G::BackupBytes, self.paused.as_ref().map_or(0, |p| p.backups.iter().map(|&(_, n, _)| n as i64).sum())),
+            (
+                G::BackupBytes,
+                self.paused.as_ref().map_or(0, |p| p.backups.iter().map(|&(_, n, _)| n as i64).sum::<i64>())
+                    + self.kept_backups.values().map(|&(n, _)| n as i64).sum::<i64>(),
+            ),
         ];
         for (gauge, value) in checks {
             assert_eq!(s.gauge(gauge).current, value, "gauge {gauge:?} differs from a recount");

@@ -177,6 +177,8 @@ pub struct DevicePool {
     live_high_water_bytes: u64,
     /// Set while paused (see pause.rs): the backups to restore at resume.
     paused: Option<pause::Paused>,
+    /// The host copies a resume kept for the next pause (keep_backups).
+    kept_backups: pause::KeptBackups,
 }
 
 impl Drop for DevicePool {
@@ -285,6 +287,7 @@ impl DevicePool {
             stale_events: Vec::new(),
             poisoned: None,
             paused: None,
+            kept_backups: Default::default(),
             history: None,
             total_bytes,
             free_hint: None,

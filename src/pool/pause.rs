@@ -7,10 +7,11 @@
 //! handles side by side merge (they hold nothing, so this is bookkeeping
 //! only), up to `MERGED_HANDLE_SHARE` of the device each: a resume creates
 //! and maps far fewer handles, and so does the next pause.
+//! With keep_backups, a resume keeps its host copies for the next pause.
 //! Invariants: a paused handle keeps its slot, granules and address in
 //! `mapped`, but holds no backend handle and counts in no physical gauge
 //! (reserved, mapped, handles); `PausedBytes` is the sum of paused handles'
-//! bytes. A resume that fails leaves every handle paused and every backup
+//! bytes, `BackupBytes` that of the pause's backups and the kept ones. A resume that fails leaves every handle paused and every backup
 //! intact: nothing is lost, and it may be tried again.
 #![forbid(unsafe_code)]
 
@@ -31,6 +32,10 @@ pub(super) struct Paused {
     /// Per live block copied: (address, bytes, backup).
     pub(super) backups: Vec<(u64, u64, BackupId)>,
 }
+
+/// Host copies kept from the last resume (keep_backups), by block address:
+/// (bytes, backup). Each counts in `BackupBytes`.
+pub(super) type KeptBackups = std::collections::HashMap<u64, (u64, BackupId)>;
 
 /// What a pause or a resume did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -66,17 +71,35 @@ impl DevicePool {
                 .map(|b| (b.addr, b.size))
                 .collect();
             for (addr, size) in live {
-                match self.driver(|b, d| b.backup(d, addr, size)) {
+                // A copy kept from the last resume for this very block.
+                let reuse = match self.kept_backups.get(&addr) {
+                    Some(&(n, id)) if n == size => Some(id),
+                    _ => None,
+                };
+                match self.driver(|b, d| b.backup(d, addr, size, reuse)) {
                     Ok(id) => backups.push((addr, size, id)),
                     Err(e) => {
-                        for &(_, n, id) in &backups {
-                            self.backend.drop_backup(self.device, id, n);
+                        // Nothing changed: the new copies go, the kept ones
+                        // stay kept (a failed copy into one leaves it live).
+                        for &(addr, n, id) in &backups {
+                            if self.kept_backups.get(&addr) != Some(&(n, id)) {
+                                self.backend.drop_backup(self.device, id, n);
+                            }
                         }
                         return Err(e);
                     }
                 }
             }
         }
+        // The kept copies now in `backups` move there (still counted); the
+        // others (blocks freed since, or no backup asked) go.
+        for &(addr, n, id) in &backups {
+            if self.kept_backups.get(&addr) == Some(&(n, id)) {
+                self.kept_backups.remove(&addr);
+                self.stats.gauge_mut(G::BackupBytes).sub(n as i64);
+            }
+        }
+        self.drop_kept_backups();
         let backup_bytes: u64 = backups.iter().map(|&(_, n, _)| n).sum();
         self.stats.gauge_mut(G::BackupBytes).add(backup_bytes as i64);
         self.paused = Some(Paused { backups });
@@ -181,8 +204,13 @@ impl DevicePool {
                     Err(e) => failed = Some(self.driver_error(e)),
                 }
             }
-            self.backend.drop_backup(self.device, id, size);
-            self.stats.gauge_mut(G::BackupBytes).sub(size as i64);
+            if live && self.conf.keep_backups {
+                // Still counted in BackupBytes, for the next pause.
+                self.kept_backups.insert(addr, (size, id));
+            } else {
+                self.backend.drop_backup(self.device, id, size);
+                self.stats.gauge_mut(G::BackupBytes).sub(size as i64);
+            }
         }
         match failed {
             Some(e) => Err(e),
@@ -277,12 +305,22 @@ impl DevicePool {
         Ok(())
     }
 
-    /// Drops the backups of a paused pool (the pool is going away).
+    /// Drops the backups of a paused pool and the kept ones (the pool is
+    /// going away).
     pub(super) fn drop_backups(&mut self) {
         if let Some(p) = self.paused.as_mut() {
             for (_, size, id) in std::mem::take(&mut p.backups) {
                 self.backend.drop_backup(self.device, id, size);
             }
+        }
+        self.drop_kept_backups();
+    }
+
+    /// Lets every copy kept from the last resume go.
+    fn drop_kept_backups(&mut self) {
+        for (_, (size, id)) in std::mem::take(&mut self.kept_backups) {
+            self.backend.drop_backup(self.device, id, size);
+            self.stats.gauge_mut(G::BackupBytes).sub(size as i64);
         }
     }
 }

@@ -1,7 +1,8 @@
 """Pause and resume time per GiB, tessera against torch_memory_saver, side by side (a
 benchmark, not a test):
-    python3 tests/gpu/bench_sleep.py [--rounds 3] [--cycles 5]
-torch_memory_saver (PyPI torch-memory-saver) must be importable (its wheel, or its source built
+    python3 tests/gpu/bench_sleep.py [--rounds 3] [--cycles 5] [--allocators tessera,tessera_keep,torch_memory_saver]
+tessera_keep is tessera with keep_backups:true (a resume keeps its page-locked copies for the
+next pause). torch_memory_saver (PyPI torch-memory-saver) must be importable (its wheel, or its source built
 with `TMS_CUDA_MAJOR=13 python3 setup.py build_ext --inplace` on PYTHONPATH); it runs in its
 "torch" hook mode (a CUDAPluggableAllocator inside a MemPool per tag, the native allocator
 outside). Each round starts one process per allocator, alternated. A process allocates 6 GiB of
@@ -28,7 +29,9 @@ OPS = ("pause_backup", "pause", "resume", "resume_restore")
 
 
 def child(which, cycles):
-    if which == "tessera":
+    if which == "tessera_keep":
+        os.environ["TESSERA_CONF"] = ",".join(x for x in (os.environ.get("TESSERA_CONF"), "keep_backups:true") if x)
+    if which.startswith("tessera"):
         import tessera
         tessera.install()
         import torch
@@ -83,13 +86,14 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cycles", type=int, default=5)
     p.add_argument("--child", default=None)
+    p.add_argument("--allocators", default="tessera,tessera_keep,torch_memory_saver")
     args = p.parse_args()
     if args.child:
         return child(args.child, args.cycles)
     print(f"every process on CPUs {pin_children(4)}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (os.path.join(REPO, "python"), env.get("PYTHONPATH")) if x)
-    names = ("tessera", "torch_memory_saver")
+    names = tuple(args.allocators.split(","))
     got = {n: [] for n in names}
     for r in range(args.rounds):
         for which in (names if r % 2 == 0 else names[::-1]):

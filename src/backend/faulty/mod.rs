@@ -492,18 +492,28 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         }
         self.inner.stream_wait_event(device, stream, event)
     }
-    fn backup(&self, device: i32, va: u64, size_bytes: u64) -> Result<BackupId> {
+    fn backup(&self, device: i32, va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
         {
             let mut s = self.st();
             let l = s.ledgers.entry(device).or_default();
-            if !Self::covered(l, va, size_bytes) {
+            let covered = Self::covered(l, va, size_bytes);
+            let reuse_known = reuse.is_none_or(|id| l.backups.get(&id) == Some(&size_bytes));
+            if !covered {
                 s.violations.push(format!("backup({va:#x}, {size_bytes}) of a range not wholly mapped"));
+            }
+            if !reuse_known {
+                s.violations.push(format!("backup({va:#x}, {size_bytes}) into {reuse:?}: not a live backup of that size"));
             }
         }
         if self.should_fail(FaultPoint::Backup) {
-            return Err(Error::OutOfMemory(Box::default()));
+            // A copy into an earlier backup fails as a driver call does; only
+            // new host memory can be short.
+            return Err(match reuse {
+                Some(_) => self.injected_error(FaultPoint::Backup),
+                None => Error::OutOfMemory(Box::default()),
+            });
         }
-        let id = self.inner.backup(device, va, size_bytes)?;
+        let id = self.inner.backup(device, va, size_bytes, reuse)?;
         self.st().ledgers.entry(device).or_default().backups.insert(id, size_bytes);
         Ok(id)
     }

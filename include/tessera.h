@@ -94,7 +94,8 @@ enum TesseraGauge
    */
   TESSERA_GAUGE_PAUSED_BYTES,
   /*
-   Bytes of paused blocks copied to host memory, to be restored at resume.
+   Host memory holding copies of tagged blocks: a paused tag's, to be
+   restored at resume, and those a resume kept (keep_backups).
    */
   TESSERA_GAUGE_BACKUP_BYTES,
 };

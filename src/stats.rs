@@ -36,7 +36,8 @@ pub enum TesseraGauge {
     /// Bytes of paused tags (`tessera_pause`): their address ranges are
     /// kept, their physical memory given back to the driver.
     PausedBytes,
-    /// Bytes of paused blocks copied to host memory, to be restored at resume.
+    /// Host memory holding copies of tagged blocks: a paused tag's, to be
+    /// restored at resume, and those a resume kept (keep_backups).
     BackupBytes,
 }
 

@@ -108,7 +108,8 @@ def resume(tag):
 
 def tag_stats(tag, device=None):
     """tessera's gauges and counters of `tag`'s memory on one device, as stats() gives them:
-    `paused_bytes` and `backup_bytes` say what a pause holds."""
+    `paused_bytes` is what a pause gave back, `backup_bytes` the host copies held (a pause's, and
+    those a resume keeps with keep_backups:true in TESSERA_CONF)."""
     lib = _lib()
     dev = _default_device(device)
     return _stats_dict(_raw_stats(lib.tessera_get_tag_stats, dev, tag.encode()), lib)

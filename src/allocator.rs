@@ -69,6 +69,13 @@ impl Allocator {
         self.device(device)?.with_pool(f)
     }
 
+    /// Runs `f` on tag `tag`'s pool on the device, if the tag has one there
+    /// (None otherwise). For tools and tests.
+    pub fn with_tag_pool<T>(&self, device: i32, tag: &str, f: impl FnOnce(&mut crate::pool::DevicePool) -> T) -> Result<Option<T>> {
+        let dev = self.device(device)?;
+        Ok(crate::tags::find(tag).and_then(|id| dev.with_tag_pool(id, f)))
+    }
+
     /// The device's fronts give back every block they hold: free ones are
     /// cached in the pool, handed-out ones become its allocations (for
     /// tools that show blocks, and tests).

@@ -521,6 +521,11 @@ impl Device {
         self.existing(|front, pool| pool.segments_with(&front.handed_out())).unwrap_or_default()
     }
 
+    /// Runs `f` on tag `tag`'s pool here, if it has one. For tools and tests.
+    pub fn with_tag_pool<T>(&self, tag: u32, f: impl FnOnce(&mut DevicePool) -> T) -> Option<T> {
+        self.tagged.existing(tag, f)
+    }
+
     /// Runs `f` on the pool (made on first use), the fronts' counts merged;
     /// the blocks they hold stay lent. For tools and tests.
     pub fn with_pool<T>(&self, f: impl FnOnce(&mut DevicePool) -> Result<T>) -> Result<T> {

@@ -187,7 +187,8 @@ impl TagPools {
         out
     }
 
-    fn existing<T>(&self, tag: u32, f: impl FnOnce(&mut DevicePool) -> T) -> Option<T> {
+    /// Runs `f` on tag `tag`'s pool, if it has one here.
+    pub fn existing<T>(&self, tag: u32, f: impl FnOnce(&mut DevicePool) -> T) -> Option<T> {
         let mut pools = lock(&self.pools);
         pools.list.iter_mut().find(|(t, _)| *t == tag).map(|(_, p)| f(p))
     }

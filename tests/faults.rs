@@ -60,15 +60,17 @@ fn random_operations_under_single_faults() {
     let start = std::time::Instant::now();
     let (inputs, s) = soak(seed, ops, true, None);
     eprintln!(
-        "soak: {inputs} inputs, {} operations ({} allocations, {} OOM, {} driver errors), {} faults injected, {:.1} s",
+        "soak: {inputs} inputs, {} operations ({} allocations, {} OOM, {} driver errors, {} pauses and {} resumes of a tag), {} faults injected, {:.1} s",
         s.ops,
         s.allocs,
         s.ooms,
         s.driver_errors,
+        s.pauses,
+        s.resumes,
         s.injected,
         start.elapsed().as_secs_f64()
     );
-    assert!(s.injected > 0 && s.driver_errors > 0 && s.ooms > 0, "the soak exercised nothing: {s:?}");
+    assert!(s.injected > 0 && s.driver_errors > 0 && s.ooms > 0 && s.pauses > 0 && s.resumes > 0, "the soak exercised nothing: {s:?}");
 }
 
 #[test]

@@ -494,3 +494,36 @@ fn a_failed_copy_into_a_kept_backup_changes_nothing() {
     check(&a, 0);
     assert!(backend.violations().is_empty(), "{:?}", backend.violations());
 }
+
+#[test]
+fn a_pool_that_lost_track_of_a_paused_handle_refuses_to_resume() {
+    // Unmapped for the pause, the release fails and so does the map back:
+    // the pool cannot know what the driver holds there, and stops (a resume
+    // would copy the backups into the unmapped range: a segfault on the
+    // host backend, an illegal address on the GPU).
+    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
+    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 90));
+    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    let p = tagged("lost", || a.malloc(2 << 20, 0, 0).unwrap());
+    fill(p, 2 << 20, 9);
+    backend.fail_next(FaultPoint::Release, 1);
+    backend.fail_next(FaultPoint::Map, 1);
+    assert!(a.pause("lost", true).is_err());
+    assert!(a.with_tag_pool(0, "lost", |pool| pool.poisoned().is_some()).unwrap().unwrap(), "fail-stop");
+    let err = a.resume("lost").unwrap_err();
+    assert!(err.to_string().contains("disabled"), "the resume says why it refuses: {err}");
+    assert!(tagged("lost", || a.malloc(4096, 0, 0)).is_err(), "and the pool serves nothing");
+    let q = a.malloc(1 << 20, 0, 0).expect("untagged memory is not affected");
+    a.free(q, None, 0, None).unwrap();
+}
+
+#[test]
+fn a_resumed_handle_neither_mapped_nor_taken_back_stops_the_pool() {
+    let (a, backend, _blocks) = paused_under_faults("stuck", 95);
+    backend.fail_next(FaultPoint::Map, 1);
+    backend.fail_next(FaultPoint::Release, 1);
+    assert!(a.resume("stuck").is_err());
+    let poisoned = a.with_tag_pool(0, "stuck", |pool| pool.poisoned().map(str::to_string)).unwrap().unwrap();
+    assert!(poisoned.is_some_and(|why| why.contains("neither mapped")), "a handle the pool cannot account for stops it");
+    assert!(a.resume("stuck").is_err(), "no retry into an unknown state");
+}

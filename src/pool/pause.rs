@@ -47,6 +47,11 @@ pub struct PauseReport {
 }
 
 impl DevicePool {
+    /// Whether the pool is paused (a resume has work to do).
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
     /// Gives the pool's physical memory back to the driver, keeping every
     /// address; with `backup`, live blocks are copied to host memory first.
     /// Waits for every stream that used the pool's memory. On an error
@@ -157,6 +162,11 @@ impl DevicePool {
     pub fn resume(&mut self, tag: &str) -> Result<PauseReport> {
         if self.paused.is_none() {
             return Ok(PauseReport::default());
+        }
+        // Fail-stop: the mapping state is unknown, so nothing may be copied
+        // into it (a restore into an unmapped range faults the process).
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Driver { call: "resume", code: -1, message: format!("device {} disabled: {why}", self.device) });
         }
         let g = self.conf.page_size.0;
         let paused: Vec<(u64, HandleIdx)> = self
@@ -283,15 +293,21 @@ impl DevicePool {
         let backend_id = self.driver(|b, d| b.create(d, bytes)).inspect_err(|_| self.give_reserved(bytes))?;
         self.stats.bump(C::DriverCreateCalls, 1);
         let mapped = self.driver(|b, d| b.map(d, va, bytes, backend_id));
+        let mut undone = Ok(());
         let mapped = mapped.and_then(|_| {
             self.stats.bump(C::DriverMapCalls, 1);
             self.driver(|b, d| b.set_access(d, va, bytes)).inspect_err(|_| {
-                let _ = self.backend.unmap(self.device, va, bytes);
+                undone = self.backend.unmap(self.device, va, bytes);
             })
         });
         if let Err(e) = mapped {
-            let _ = self.backend.release(self.device, backend_id);
-            self.give_reserved(bytes);
+            // Taking the new handle back failed too: the pool no longer knows
+            // what the driver holds at `va` (fail-stop, never corrupt).
+            if let Err(second) = undone.and_then(|_| self.backend.release(self.device, backend_id)) {
+                self.poisoned = Some(format!("a resumed handle could be neither mapped ({e}) nor taken back ({second})"));
+            } else {
+                self.give_reserved(bytes);
+            }
             return Err(e);
         }
         let handle = self.handle_mut(h);

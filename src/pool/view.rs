@@ -51,6 +51,16 @@ impl DevicePool {
         self.blocks_with(&HashMap::new())
     }
 
+    /// The address ranges that hold physical memory now, as (start, end):
+    /// the mapped handles, paused ones excluded.
+    pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
+        let g = self.conf.page_size.0;
+        self.mapped
+            .iter()
+            .filter_map(|(&va, &h)| self.handles[h as usize].as_ref().filter(|h| !h.paused).map(|h| (va, va + h.granules * g)))
+            .collect()
+    }
+
     /// As `blocks`, with the lent blocks that front caches have handed out
     /// (block → bytes requested) shown as allocated.
     pub fn blocks_with(&self, handed_out: &HashMap<u32, u64>) -> Vec<BlockView> {

@@ -268,6 +268,9 @@ impl<B: Backend> FaultyBackend<B> {
         {
             at = start + n;
         }
+        if at >= end {
+            return true; // inside one mapping
+        }
         for (&start, &(n, _)) in l.mapped.range(at..end) {
             if start != at {
                 return false;

@@ -500,7 +500,7 @@ fn a_pool_that_lost_track_of_a_paused_handle_refuses_to_resume() {
     // Unmapped for the pause, the release fails and so does the map back:
     // the pool cannot know what the driver holds there, and stops (a resume
     // would copy the backups into the unmapped range: a segfault on the
-    // host backend, an illegal address on the GPU).
+    // host backend, a failed copy on the GPU).
     let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
     let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 90));
     let a = Allocator::with_backend(config, backend.clone()).unwrap();

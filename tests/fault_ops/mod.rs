@@ -364,7 +364,7 @@ pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
                     Err(e) => panic!("{what}: free failed with {e:?}"),
                 }
             }
-            Op::RecordStream { pick, stream: s } if !live.is_empty() && !(live[pick % live.len()].tagged && paused) => {
+            Op::RecordStream { pick, stream: s } if !live.is_empty() && (!live[pick % live.len()].tagged || !paused) => {
                 let l = &live[pick % live.len()];
                 a.record_stream(l.ptr, s).unwrap_or_else(|e| panic!("{what}: record_stream failed with {e:?}"));
             }

@@ -526,4 +526,5 @@ fn a_resumed_handle_neither_mapped_nor_taken_back_stops_the_pool() {
     let poisoned = a.with_tag_pool(0, "stuck", |pool| pool.poisoned().map(str::to_string)).unwrap().unwrap();
     assert!(poisoned.is_some_and(|why| why.contains("neither mapped")), "a handle the pool cannot account for stops it");
     assert!(a.resume("stuck").is_err(), "no retry into an unknown state");
+    check(&a, 0);
 }

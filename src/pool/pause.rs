@@ -11,8 +11,9 @@
 //! Invariants: a paused handle keeps its slot, granules and address in
 //! `mapped`, but holds no backend handle and counts in no physical gauge
 //! (reserved, mapped, handles); `PausedBytes` is the sum of paused handles'
-//! bytes, `BackupBytes` that of the pause's backups and the kept ones. A resume that fails leaves every handle paused and every backup
-//! intact: nothing is lost, and it may be tried again.
+//! bytes, `BackupBytes` that of the pause's backups and the kept ones. A
+//! resume that fails leaves every handle paused and every backup intact:
+//! nothing is lost, and it may be tried again (a poisoned pool refuses).
 #![forbid(unsafe_code)]
 
 use super::{DevicePool, HandleIdx, State};

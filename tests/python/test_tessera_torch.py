@@ -513,3 +513,29 @@ def test_resume_out_of_memory_raises_and_can_be_retried(lib_path):
     assert r["hog"], r
     assert r["caught"].startswith("CUDA out of memory") and "resuming tag 'kv'" in r["caught"], r
     assert r["still"] >= 24 * MiB and r["intact"], r
+
+
+def test_keep_backups_carries_host_copies_from_one_cycle_to_the_next(lib_path):
+    r = run_child(lib_path, """
+        with tt.region("engine"):
+            w = [lib.tessera_try_malloc(2 * MiB, 0, None) for _ in range(3)]
+        for i, p in enumerate(w):
+            ctypes.memset(p, 0x30 + i, 2 * MiB)
+        tt.pause("engine", backup="cpu")
+        tt.resume("engine")
+        kept = tt.tag_stats("engine")["backup_bytes"]["current"]
+        for i, p in enumerate(w):
+            ctypes.memset(p, 0x40 + i, 2 * MiB)
+        tt.pause("engine", backup="cpu")
+        tt.resume("engine")
+        intact = all(ctypes.string_at(p, 2 * MiB) == bytes([0x40 + i]) * (2 * MiB) for i, p in enumerate(w))
+        tt.pause("engine")
+        dropped = tt.tag_stats("engine")["backup_bytes"]["current"]
+        tt.resume("engine")
+        for p in w:
+            lib.tessera_free(p, 0, 0, None)
+        emit(kept=kept, intact=intact, dropped=dropped)
+    """, env={"TESSERA_CONF": "backend:host,page_size:64K,keep_backups:true"})
+    assert r["kept"] == 6 * MiB, "the resume keeps its copies, and counts them"
+    assert r["intact"], "the second pause copied the new contents into the kept copies"
+    assert r["dropped"] == 0, "a pause without a backup lets them go"

@@ -8,11 +8,11 @@ use crate::allocator::Allocator;
 use crate::backend::sim::SimBackend;
 use crate::config::{Bytes, Config};
 use crate::error::Error;
+use crate::hash::AddrHash;
 use crate::pool::BlockState;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
 use crate::trace::{Action, Event};
 use serde::Serialize;
-use crate::hash::AddrHash;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -44,7 +44,6 @@ impl ReplayResult {
     }
 }
 
-/// Peak of the sum of live sizes in the trace itself.
 /// The most blocks live at once in `events` (frees of unknown addresses
 /// counted as frees).
 fn peak_live_count(events: &[Event]) -> usize {
@@ -61,6 +60,7 @@ fn peak_live_count(events: &[Event]) -> usize {
     peak
 }
 
+/// Peak of the sum of live sizes in the trace itself.
 pub fn peak_live_bytes(events: &[Event]) -> u64 {
     let (mut live, mut peak) = (0u64, 0u64);
     let mut sizes: HashMap<u64, u64> = HashMap::new();

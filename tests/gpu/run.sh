@@ -106,6 +106,7 @@ run_test gap         120 python3 tests/gpu/t_gap.py
 run_test shutdown    120 python3 tests/gpu/t_shutdown.py
 run_test graphs      180 python3 tests/gpu/t_graphs.py
 run_test sleep       300 python3 tests/gpu/t_sleep.py
+run_test sleep_keep  300 env TESSERA_CONF=keep_backups:true python3 tests/gpu/t_sleep.py
 run_test bench       180 python3 tests/gpu/t_bench.py
 run_test stats       240 python3 tests/gpu/t_stats.py
 run_test viz         180 python3 tests/gpu/t_viz.py

@@ -9,8 +9,11 @@ pressure: the trainer keeps its memory, the resume raises torch.cuda.OutOfMemory
 tag, the tag stays paused with its backup, and once the trainer frees, the resume succeeds with
 the contents intact. Prints pause and resume times per GiB, with and without backup (cycles 1-9:
 the trainer's cached memory given back with torch.cuda.empty_cache() before the resumes; cycle 0
-leaves it cached, so that the resume itself gives the untagged cache back)."""
+leaves it cached, so that the resume itself gives the untagged cache back). The suite's
+sleep_keep row runs it again with keep_backups:true (a pause copies into the host copies the
+last resume kept)."""
 
+import os
 import statistics
 import time
 
@@ -137,7 +140,8 @@ check(torch.equal(out, reference) and torch.equal(graph_out, graph_reference), "
 
 med = {k: statistics.median(v) for k, v in times.items()}
 spread = {k: (min(v), max(v)) for k, v in times.items()}
-note(f"10 cycles of {weights_bytes / GiB:.1f} GiB weights (backup) + {kv_bytes / GiB:.0f} GiB KV: outputs and graph "
+conf = os.environ.get("TESSERA_CONF", "")
+note(f"{conf + ': ' if conf else ''}10 cycles of {weights_bytes / GiB:.1f} GiB weights (backup) + {kv_bytes / GiB:.0f} GiB KV: outputs and graph "
      f"bit-identical, reserved moved {(last[0] - first[0]) / 2**20:.0f} MiB, rss {(last[2] - first[2]) / 2**20:.0f} MiB; "
      f"s/GiB median (range): pause+backup {med['pause_backup']:.3f} ({spread['pause_backup'][0]:.3f}-{spread['pause_backup'][1]:.3f}), "
      f"pause {med['pause']:.4f} ({spread['pause'][0]:.4f}-{spread['pause'][1]:.4f}), "

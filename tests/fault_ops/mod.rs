@@ -386,7 +386,7 @@ pub fn run(setup: &Setup, ops: &[Op]) -> Summary {
                     forget_unless(&mut live, backup);
                 }
                 Err(e) => {
-                    let allowed = matches!(e, Error::OutOfMemory(_) | Error::InvalidArgument(_))
+                    let allowed = matches!(e, Error::OutOfMemory(_))
                         || allowed_driver_error(&e, injected(&f))
                         || tag_poisoned(&a);
                     assert!(allowed, "{what}: pause failed with {e:?}");

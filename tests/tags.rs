@@ -528,3 +528,53 @@ fn a_resumed_handle_neither_mapped_nor_taken_back_stops_the_pool() {
     assert!(a.resume("stuck").is_err(), "no retry into an unknown state");
     check(&a, 0);
 }
+
+#[test]
+fn threads_of_a_tag_and_untagged_ones_never_pass_the_limit_together() {
+    // Four threads, two allocating into a tag's pool and two untagged, each
+    // pool behind its own lock: what the device holds stays under the limit
+    // at every step, and every byte stays each thread's.
+    const LIMIT: u64 = 24 << 20;
+    let (a, backend) = host(&format!("{CONF},memory_limit:24M"));
+    tags::intern("threads").unwrap();
+    let ooms = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (a, backend, ooms) = (&a, &backend, &ooms);
+            s.spawn(move || {
+                if t % 2 == 1 {
+                    tags::set_current(tags::find("threads").unwrap());
+                }
+                let mut rng = tessera::backend::faulty::XorShift64::new(t + 1);
+                let mut held: Vec<(u64, u64, u64)> = Vec::new();
+                for i in 0..600u64 {
+                    let size = 64 * 1024 + rng.below(3 << 20);
+                    match a.malloc(size, 0, t) {
+                        Ok(p) => {
+                            fill(p, size, t * 1000 + i);
+                            held.push((p, size, t * 1000 + i));
+                        }
+                        Err(Error::OutOfMemory(_)) => {
+                            ooms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("thread {t}: {e}"),
+                    }
+                    let (free, total) = tessera::backend::Backend::mem_info(&**backend, 0).unwrap();
+                    assert!(total - free <= LIMIT, "thread {t}: the device holds {} bytes over a {LIMIT}-byte limit", total - free);
+                    if held.len() > 3 || (!held.is_empty() && rng.below(3) == 0) {
+                        let (p, n, seed) = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        assert!(verify(p, n, seed), "thread {t}: a block changed");
+                        a.free(p, None, 0, Some(t)).unwrap();
+                    }
+                }
+                for (p, n, seed) in held {
+                    assert!(verify(p, n, seed), "thread {t}: a block changed");
+                    a.free(p, None, 0, Some(t)).unwrap();
+                }
+                tags::set_current(0);
+            });
+        }
+    });
+    assert!(ooms.into_inner() > 0, "the limit was reached (else this tests nothing)");
+    check(&a, 0);
+}

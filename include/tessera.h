@@ -601,8 +601,9 @@ int64_t tessera_get_tag(char *buf, uintptr_t len);
  Pauses `tag` on every device: waits for the streams that used its
  memory, then gives its physical memory back to the driver, keeping every
  address. With `backup` non-zero, its live blocks are first copied to
- page-locked host memory, and `tessera_resume` copies them back; without,
- their contents are lost. Frees of paused blocks are allowed; allocations
+ page-locked host memory (with keep_backups, into the copies the last
+ resume kept), and `tessera_resume` copies them back; without, their
+ contents are lost. Frees of paused blocks are allowed; allocations
  into a paused tag fail. Returns the bytes given back, or -1.
  # Safety
  `tag` is NULL or a NUL-terminated string.
@@ -622,8 +623,8 @@ int64_t tessera_resume(const char *tag);
 
 /*
  Copies the statistics of `tag`'s memory on `device` into `*out` (zeros
- for a tag never used there); `paused_bytes` and `backup_bytes` say what
- a pause holds. Returns 0 or -1.
+ for a tag never used there); `paused_bytes` is what a pause gave back,
+ `backup_bytes` the host copies held. Returns 0 or -1.
  # Safety
  `tag` is NULL or a NUL-terminated string; `out` is NULL or points to
  writable memory for one `TesseraStats`.

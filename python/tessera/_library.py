@@ -104,6 +104,12 @@ def _declare(lib):
         "tessera_cache_info": (c_i32, [c_int, ctypes.POINTER(ctypes.c_uint64)]),
         "tessera_status_line": (i64, [c_int, vp, usize]),
         "tessera_config_warnings": (i64, [vp, usize]),
+        "tessera_set_tag": (c_i32, [ctypes.c_char_p]),
+        "tessera_clear_tag": (None, []),
+        "tessera_get_tag": (i64, [vp, usize]),
+        "tessera_pause": (i64, [ctypes.c_char_p, c_int]),
+        "tessera_resume": (i64, [ctypes.c_char_p]),
+        "tessera_get_tag_stats": (c_i32, [c_int, ctypes.c_char_p, ctypes.POINTER(TesseraStats)]),
     }
     for name, (restype, argtypes) in more.items():
         fn = getattr(lib, name)

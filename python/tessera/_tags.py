@@ -10,10 +10,9 @@ in the program: it faults, or reads and writes whatever is mapped there later. I
 module does not import torch."""
 
 import contextlib
-import ctypes
 import sys
 
-from ._library import last_error, load
+from ._library import _read_text, last_error, load
 from ._stats import _default_device, _raw_stats, _stats_dict
 
 
@@ -22,41 +21,13 @@ class OutOfMemoryError(MemoryError):
     error raised is torch.cuda.OutOfMemoryError). The tag stays paused with its backups."""
 
 
-def _declare(lib):
-    if getattr(lib, "_tags_declared", False):
-        return lib
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    from . import _library
-    sigs = {
-        "tessera_set_tag": (i32, [ctypes.c_char_p]),
-        "tessera_clear_tag": (None, []),
-        "tessera_get_tag": (i64, [vp, ctypes.c_size_t]),
-        "tessera_pause": (i64, [ctypes.c_char_p, ctypes.c_int]),
-        "tessera_resume": (i64, [ctypes.c_char_p]),
-        "tessera_get_tag_stats": (i32, [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_library.TesseraStats)]),
-    }
-    for name, (restype, argtypes) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    lib._tags_declared = True
-    return lib
-
-
-def _lib():
-    return _declare(load())
-
-
 def current_tag():
     """The calling thread's current tag ("" if none)."""
-    lib = _lib()
-    n = lib.tessera_get_tag(None, 0)
-    buf = ctypes.create_string_buffer(max(int(n), 1))
-    lib.tessera_get_tag(buf, len(buf))
-    return buf.value.decode()
+    return _read_text(load().tessera_get_tag)
 
 
 def _set(tag):
-    if _lib().tessera_set_tag(tag.encode() if tag else None) != 0:
+    if load().tessera_set_tag(tag.encode() if tag else None) != 0:
         raise ValueError(last_error())
 
 
@@ -86,7 +57,7 @@ def pause(tag, backup=None):
     given back."""
     if backup not in (None, "cpu"):
         raise ValueError(f"backup is None or 'cpu', not {backup!r}")
-    n = _lib().tessera_pause(tag.encode(), 1 if backup == "cpu" else 0)
+    n = load().tessera_pause(tag.encode(), 1 if backup == "cpu" else 0)
     if n < 0:
         raise RuntimeError(f"tessera.pause({tag!r}): {last_error()}")
     return int(n)
@@ -97,7 +68,7 @@ def resume(tag):
     torch.cuda.OutOfMemoryError (tessera.OutOfMemoryError without torch) if the memory is not
     there: the tag stays paused with its backups, and resume() may be called again. Returns the
     bytes mapped."""
-    n = _lib().tessera_resume(tag.encode())
+    n = load().tessera_resume(tag.encode())
     if n < 0:
         message = last_error()
         if message.startswith("CUDA out of memory"):
@@ -110,6 +81,6 @@ def tag_stats(tag, device=None):
     """tessera's gauges and counters of `tag`'s memory on one device, as stats() gives them:
     `paused_bytes` is what a pause gave back, `backup_bytes` the host copies held (a pause's, and
     those a resume keeps with keep_backups:true in TESSERA_CONF)."""
-    lib = _lib()
+    lib = load()
     dev = _default_device(device)
     return _stats_dict(_raw_stats(lib.tessera_get_tag_stats, dev, tag.encode()), lib)

@@ -286,24 +286,24 @@ impl Allocator {
     /// `backup`, its live blocks' contents are copied to host memory first.
     /// Returns what every device released, together.
     pub fn pause(&self, tag: &str, backup: bool) -> Result<PauseReport> {
-        let id = crate::tags::find(tag).ok_or_else(|| Error::InvalidArgument(format!("pause of tag {tag:?}: no allocation was ever made with it")))?;
-        let mut total = PauseReport::default();
-        for dev in &self.devices {
-            let r = dev.pause_tag(id, backup)?;
-            total.bytes += r.bytes;
-            total.backup_bytes += r.backup_bytes;
-        }
-        Ok(total)
+        self.on_every_device("pause", tag, |dev, id| dev.pause_tag(id, backup))
     }
 
     /// Resumes tag `tag` on every device where it is paused (see
     /// `DevicePool::resume`). Out of memory leaves the tag paused, with its
     /// backups, where it could not resume; calling again retries.
     pub fn resume(&self, tag: &str) -> Result<PauseReport> {
-        let id = crate::tags::find(tag).ok_or_else(|| Error::InvalidArgument(format!("resume of tag {tag:?}: no allocation was ever made with it")))?;
+        self.on_every_device("resume", tag, |dev, id| dev.resume_tag(id))
+    }
+
+    /// Runs `f` (a pause or a resume, `what`) for tag `tag` on every device
+    /// in order, stopping at the first error; returns what they did together.
+    fn on_every_device(&self, what: &str, tag: &str, f: impl Fn(&Device, u32) -> Result<PauseReport>) -> Result<PauseReport> {
+        let id = crate::tags::find(tag)
+            .ok_or_else(|| Error::InvalidArgument(format!("{what} of tag {tag:?}: no allocation was ever made with it")))?;
         let mut total = PauseReport::default();
         for dev in &self.devices {
-            let r = dev.resume_tag(id)?;
+            let r = f(dev, id)?;
             total.bytes += r.bytes;
             total.backup_bytes += r.backup_bytes;
         }

@@ -32,6 +32,16 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The cap on a device's reserved bytes: `fraction` of its memory
+/// (set_memory_fraction) if given, else memory_limit resolved against it.
+pub(crate) fn limit_for(backend: &dyn Backend, device: i32, config: &Config, fraction: Option<f64>) -> Result<Option<u64>> {
+    let (_, total) = backend.mem_info(device)?;
+    Ok(match fraction {
+        Some(f) => Some((total as f64 * f) as u64),
+        None => config.memory_limit.resolve(total),
+    })
+}
+
 /// What the device's lock guards.
 #[derive(Default)]
 struct Slot {
@@ -166,11 +176,7 @@ impl Device {
     }
 
     fn limit_for(&self, fraction: Option<f64>) -> Result<Option<u64>> {
-        let (_, total) = self.backend.mem_info(self.index)?;
-        Ok(match fraction {
-            Some(f) => Some((total as f64 * f) as u64),
-            None => self.config.memory_limit.resolve(total),
-        })
+        limit_for(&*self.backend, self.index, &self.config, fraction)
     }
 
     /// Whether `stream` captures a CUDA graph now (asked only while graph

@@ -106,10 +106,7 @@ impl TagPools {
             None => {
                 let limit = match pools.limit_bytes {
                     Some(limit) => limit,
-                    None => {
-                        let (_, total) = self.backend.mem_info(self.device)?;
-                        *pools.limit_bytes.insert(self.config.memory_limit.resolve(total))
-                    }
+                    None => *pools.limit_bytes.insert(crate::device::limit_for(&*self.backend, self.device, &self.config, None)?),
                 };
                 let mut pool = DevicePool::new(self.device, self.backend.clone(), &self.config, limit)?;
                 pool.share_reserved(&self.reserved);

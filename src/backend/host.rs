@@ -132,6 +132,15 @@ impl Drop for HostBackend {
     }
 }
 
+/// The bytes of live backup `id`, which must hold `size_bytes`.
+fn backup_of(d: &mut HostDevice, id: BackupId, size_bytes: u64) -> Result<&mut Vec<u8>> {
+    let bytes = d.backups.get_mut(&id).ok_or_else(|| Error::InvalidArgument(format!("no backup {id}")))?;
+    if bytes.len() as u64 != size_bytes {
+        return Err(Error::InvalidArgument(format!("backup {id} holds {} bytes, not {size_bytes}", bytes.len())));
+    }
+    Ok(bytes)
+}
+
 impl Backend for HostBackend {
     fn name(&self) -> &'static str {
         "host"
@@ -276,10 +285,7 @@ impl Backend for HostBackend {
     fn backup(&self, device: i32, va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
         if let Some(id) = reuse {
             let mut d = self.dev(device)?;
-            let bytes = d.backups.get_mut(&id).ok_or_else(|| Error::InvalidArgument(format!("no backup {id}")))?;
-            if bytes.len() as u64 != size_bytes {
-                return Err(Error::InvalidArgument(format!("backup {id} holds {} bytes, not {size_bytes}", bytes.len())));
-            }
+            let bytes = backup_of(&mut d, id, size_bytes)?;
             // SAFETY: the range is mapped read-write (contract) and nothing
             // writes it meanwhile; `bytes` holds size_bytes.
             unsafe { std::ptr::copy_nonoverlapping(va as *const u8, bytes.as_mut_ptr(), size_bytes as usize) };
@@ -300,11 +306,8 @@ impl Backend for HostBackend {
         Ok(id)
     }
     fn restore(&self, device: i32, backup: BackupId, va: u64, size_bytes: u64) -> Result<()> {
-        let d = self.dev(device)?;
-        let bytes = d.backups.get(&backup).ok_or_else(|| Error::InvalidArgument(format!("no backup {backup}")))?;
-        if bytes.len() as u64 != size_bytes {
-            return Err(Error::InvalidArgument(format!("backup {backup} holds {} bytes, not {size_bytes}", bytes.len())));
-        }
+        let mut d = self.dev(device)?;
+        let bytes = backup_of(&mut d, backup, size_bytes)?;
         // SAFETY: the range is mapped read-write (contract) and of size_bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), va as *mut u8, size_bytes as usize) };
         Ok(())

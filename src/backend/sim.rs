@@ -110,6 +110,14 @@ fn bad_device(device: i32) -> Error {
     Error::InvalidArgument(format!("device {device} does not exist"))
 }
 
+/// Ok if `id` is a live backup of `size_bytes`.
+fn check_backup(d: &SimDevice, id: BackupId, size_bytes: u64) -> Result<()> {
+    match d.backups.get(&id) {
+        Some(&n) if n == size_bytes => Ok(()),
+        _ => Err(Error::InvalidArgument(format!("no backup {id} of {size_bytes} bytes"))),
+    }
+}
+
 impl Backend for SimBackend {
     fn name(&self) -> &'static str {
         "sim"
@@ -217,10 +225,7 @@ impl Backend for SimBackend {
     fn backup(&self, device: i32, _va: u64, size_bytes: u64, reuse: Option<BackupId>) -> Result<BackupId> {
         let mut d = self.dev(device)?;
         if let Some(id) = reuse {
-            return match d.backups.get(&id) {
-                Some(&n) if n == size_bytes => Ok(id),
-                _ => Err(Error::InvalidArgument(format!("no backup {id} of {size_bytes} bytes"))),
-            };
+            return check_backup(&d, id, size_bytes).map(|_| id);
         }
         d.next_id += 1;
         let id = d.next_id;
@@ -228,10 +233,7 @@ impl Backend for SimBackend {
         Ok(id)
     }
     fn restore(&self, device: i32, backup: BackupId, _va: u64, size_bytes: u64) -> Result<()> {
-        match self.dev(device)?.backups.get(&backup) {
-            Some(&n) if n == size_bytes => Ok(()),
-            _ => Err(Error::InvalidArgument(format!("no backup {backup} of {size_bytes} bytes"))),
-        }
+        check_backup(&*self.dev(device)?, backup, size_bytes)
     }
     fn drop_backup(&self, device: i32, backup: BackupId, _size_bytes: u64) {
         if let Ok(mut d) = self.dev(device) {

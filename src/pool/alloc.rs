@@ -35,9 +35,7 @@ impl DevicePool {
     /// fallbacks. `pool`: the private pool's graph value, if the caller
     /// named one.
     pub(super) fn malloc_inner(&mut self, size: u64, stream: u64, pool: Option<u64>) -> Result<u64> {
-        if let Some(why) = &self.poisoned {
-            return Err(Error::Driver { call: "malloc", code: -1, message: format!("device {} disabled: {why}", self.device) });
-        }
+        self.refuse_if_poisoned("malloc")?;
         if self.paused.is_some() {
             self.stats.bump(C::InvalidRequests, 1);
             return Err(Error::InvalidArgument(format!(

@@ -350,6 +350,14 @@ impl DevicePool {
         self.poisoned.as_deref()
     }
 
+    /// The error every call (`call`) of a stopped pool gives; Ok while healthy.
+    fn refuse_if_poisoned(&self, call: &'static str) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Driver { call, code: -1, message: format!("device {} disabled: {why}", self.device) }),
+            None => Ok(()),
+        }
+    }
+
     /// Every statistic of the device.
     pub fn stats(&self) -> TesseraStats {
         self.stats

@@ -62,9 +62,7 @@ impl DevicePool {
         if self.paused.is_some() {
             return Err(Error::InvalidArgument("already paused".into()));
         }
-        if let Some(why) = &self.poisoned {
-            return Err(Error::Driver { call: "pause", code: -1, message: format!("device {} disabled: {why}", self.device) });
-        }
+        self.refuse_if_poisoned("pause")?;
         self.wait_for_users()?;
         self.release_cached_now()?;
         let mut backups = Vec::new();
@@ -166,9 +164,7 @@ impl DevicePool {
         }
         // Fail-stop: the mapping state is unknown, so nothing may be copied
         // into it (a restore into an unmapped range faults the process).
-        if let Some(why) = &self.poisoned {
-            return Err(Error::Driver { call: "resume", code: -1, message: format!("device {} disabled: {why}", self.device) });
-        }
+        self.refuse_if_poisoned("resume")?;
         let g = self.conf.page_size.0;
         let paused: Vec<(u64, HandleIdx)> = self
             .mapped

@@ -162,10 +162,12 @@ impl<B: Backend> FaultyBackend<B> {
         self.st().ledgers.get(&device).map_or(Vec::new(), |l| l.mapped.iter().map(|(&va, &(n, _))| (va, n)).collect())
     }
 
-    /// Reservations made through the wrapper and not unreserved.
+    /// Backups made through the wrapper and not dropped.
     pub fn live_backups(&self, device: i32) -> usize {
         self.st().ledgers.get(&device).map_or(0, |l| l.backups.len())
     }
+
+    /// Reservations made through the wrapper and not unreserved.
     pub fn live_reservations(&self, device: i32) -> usize {
         self.st().ledgers.get(&device).map_or(0, |l| l.reservations.len())
     }

@@ -6,13 +6,13 @@
 //! random sequences against a shadow model keep the invariants.
 
 mod common;
+mod fault_ops;
 use common::*;
+use fault_ops::{faulty_host, Faulty};
 use proptest::prelude::*;
 use std::sync::Arc;
 use tessera::allocator::Allocator;
-use tessera::backend::faulty::{CreateFault, FaultPoint, FaultyBackend};
-use tessera::backend::host::HostBackend;
-use tessera::config::Config;
+use tessera::backend::faulty::{CreateFault, FaultPoint};
 use tessera::error::Error;
 use tessera::stats::TesseraGauge as G;
 use tessera::tags;
@@ -145,11 +145,9 @@ fn resume_out_of_memory_keeps_the_tag_paused_and_can_be_retried() {
 /// blocks of tag `tag` filled from `seed` and paused with a backup. Create
 /// faults read as driver failures, not lack of memory (which the device
 /// retries once).
-fn paused_under_faults(tag: &str, seed: u64) -> (Allocator, Arc<FaultyBackend<HostBackend>>, Vec<u64>) {
-    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
-    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), seed));
+fn paused_under_faults(tag: &str, seed: u64) -> (Allocator, Arc<Faulty>, Vec<u64>) {
+    let (a, backend) = faulty_host(&format!("backend:host,va_size:1G,{CONF}"), seed);
     backend.set_create_fault(CreateFault::Driver);
-    let a = Allocator::with_backend(config, backend.clone()).unwrap();
     let blocks: Vec<u64> = tagged(tag, || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
     for (i, &p) in blocks.iter().enumerate() {
         fill(p, 2 << 20, seed + i as u64);
@@ -461,9 +459,7 @@ fn kept_backups_serve_the_next_pause_with_the_new_contents() {
 
 #[test]
 fn a_failed_copy_into_a_kept_backup_changes_nothing() {
-    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF},keep_backups:true")).unwrap();
-    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 80));
-    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    let (a, backend) = faulty_host(&format!("backend:host,va_size:1G,{CONF},keep_backups:true"), 80);
     let blocks: Vec<u64> = tagged("kept", || (0..3).map(|_| a.malloc(2 << 20, 0, 0).unwrap()).collect());
     for (i, &p) in blocks.iter().enumerate() {
         fill(p, 2 << 20, 50 + i as u64);
@@ -501,9 +497,7 @@ fn a_pool_that_lost_track_of_a_paused_handle_refuses_to_resume() {
     // the pool cannot know what the driver holds there, and stops (a resume
     // would copy the backups into the unmapped range: a segfault on the
     // host backend, a failed copy on the GPU).
-    let config = Config::parse(&format!("backend:host,va_size:1G,{CONF}")).unwrap();
-    let backend = Arc::new(FaultyBackend::new(HostBackend::new(1, CAPACITY), 90));
-    let a = Allocator::with_backend(config, backend.clone()).unwrap();
+    let (a, backend) = faulty_host(&format!("backend:host,va_size:1G,{CONF}"), 90);
     let p = tagged("lost", || a.malloc(2 << 20, 0, 0).unwrap());
     fill(p, 2 << 20, 9);
     backend.fail_next(FaultPoint::Release, 1);

@@ -113,6 +113,55 @@ fn a_paused_tag_refuses_allocations_and_takes_frees() {
 }
 
 #[test]
+fn a_resume_maps_only_what_the_blocks_still_held_need() {
+    let (a, backend) = host(CONF);
+    let g = 64 << 10;
+    let blocks: Vec<(u64, u64)> = tagged("kv", || (0..12u64).map(|i| (a.malloc((1 << 20) + i * 70_000, 0, 0).unwrap(), (1 << 20) + i * 70_000)).collect());
+    for (i, &(p, n)) in blocks.iter().enumerate() {
+        fill(p, n, i as u64);
+    }
+    let held = a.tag_stats(0, "kv").unwrap().gauge(G::ReservedBytes).current as u64;
+    a.pause("kv", true).unwrap();
+    // Freed while paused: runs of neighbours (several handles' worth) and
+    // single blocks between held ones.
+    let (freed, kept): (Vec<_>, Vec<_>) = blocks.iter().enumerate().partition(|&(i, _)| !matches!(i, 0 | 3 | 4 | 9));
+    for &(_, &(p, _)) in &freed {
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+    let handles_before = backend.live_handles(0);
+    let report = a.resume("kv").unwrap();
+    check(&a, 0);
+    let s = a.tag_stats(0, "kv").unwrap();
+    // Each held block touches at most its granules plus one.
+    let most: u64 = kept.iter().map(|&(_, &(_, n))| (tessera::pool::round_size(n).div_ceil(g) + 1) * g).sum();
+    assert!(report.bytes <= most && report.bytes < held / 2, "resumed {} of {held} bytes for blocks needing at most {most}", report.bytes);
+    assert_eq!(s.gauge(G::ReservedBytes).current as u64, report.bytes, "the tag holds what the resume mapped");
+    assert_eq!(s.gauge(G::PausedBytes).current, 0, "nothing is left paused");
+    assert_eq!(backend.live_handles(0) - handles_before, s.gauge(G::Handles).current as usize, "the backend holds what the pool counts");
+    for &(i, &(p, n)) in &kept {
+        assert!(verify(p, n, i as u64), "held block {i} lost its contents");
+    }
+    // The freed range is address space again: new requests map it.
+    let again: Vec<(u64, u64)> = tagged("kv", || (0..4u64).map(|i| (a.malloc((2 << 20) + i * 4096, 0, 0).unwrap(), (2 << 20) + i * 4096)).collect());
+    for (i, &(p, n)) in again.iter().enumerate() {
+        fill(p, n, 100 + i as u64);
+    }
+    check(&a, 0);
+    for &(i, &(p, n)) in &kept {
+        assert!(verify(p, n, i as u64), "held block {i} changed by the new requests");
+    }
+    for (i, &(p, n)) in again.iter().enumerate() {
+        assert!(verify(p, n, 100 + i as u64));
+        a.free(p, None, 0, None).unwrap();
+    }
+    for &(_, &(p, _)) in &kept {
+        a.free(p, None, 0, None).unwrap();
+    }
+    check(&a, 0);
+}
+
+#[test]
 fn resume_out_of_memory_keeps_the_tag_paused_and_can_be_retried() {
     let (a, backend) = host(CONF);
     let blocks: Vec<u64> = tagged("engine", || (0..4).map(|_| a.malloc(6 << 20, 0, 0).unwrap()).collect());

@@ -263,21 +263,24 @@ impl DevicePool {
             self.stats.bump(C::DriverCreateCalls, 1);
             self.stats.gauge_mut(G::ReservedBytes).add((n * g) as i64);
             self.stats.gauge_mut(G::Handles).add(1);
-            let h = Handle { backend_id, granules: n, va: None, paused: false };
-            let idx = match self.free_handle_slots.pop() {
-                Some(i) => {
-                    self.handles[i as usize] = Some(h);
-                    i
-                }
-                None => {
-                    self.handles.push(Some(h));
-                    (self.handles.len() - 1) as HandleIdx
-                }
-            };
-            made.push(idx);
+            made.push(self.put_handle(Handle { backend_id, granules: n, va: None, paused: false }));
             left -= n;
         }
         Ok(made)
+    }
+
+    /// Puts handle `h` in a slab slot (a freed one first).
+    pub(super) fn put_handle(&mut self, h: Handle) -> HandleIdx {
+        match self.free_handle_slots.pop() {
+            Some(i) => {
+                self.handles[i as usize] = Some(h);
+                i
+            }
+            None => {
+                self.handles.push(Some(h));
+                (self.handles.len() - 1) as HandleIdx
+            }
+        }
     }
 
     /// Whether `granules` more would bring the reserved bytes past
@@ -355,7 +358,7 @@ impl DevicePool {
 
     /// How many of the unmapped range `[lo, hi)`'s neighbours in its arena
     /// are mapped: a handle ending at `lo`, one starting at `hi`.
-    fn mapped_neighbours(&self, lo: u64, hi: u64) -> i64 {
+    pub(super) fn mapped_neighbours(&self, lo: u64, hi: u64) -> i64 {
         let g = self.conf.page_size.0;
         let arena = self.arena_at(lo);
         let before = self.mapped.range(..lo).next_back().is_some_and(|(&va, &h)| {

@@ -3,7 +3,9 @@
 //! pause waits for the streams that used the pool (an event each, no device
 //! synchronize), gives the cache back, copies live blocks to host memory if
 //! asked, then unmaps and releases every handle; a resume creates and maps
-//! new handles where the old ones were and copies the backups back. Paused
+//! new handles where the old ones were and copies the backups back, and
+//! only where blocks still held need them (memory of blocks freed while
+//! paused becomes address space, as after recycling). Paused
 //! handles side by side merge (they hold nothing, so this is bookkeeping
 //! only), up to `MERGED_HANDLE_SHARE` of the device each: a resume creates
 //! and maps far fewer handles, and so does the next pause.
@@ -16,7 +18,7 @@
 //! nothing is lost, and it may be tried again (a poisoned pool refuses).
 #![forbid(unsafe_code)]
 
-use super::{DevicePool, HandleIdx, State};
+use super::{DevicePool, HandleIdx, State, NIL};
 use crate::backend::BackupId;
 use crate::error::{format_bytes, Error, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
@@ -165,6 +167,7 @@ impl DevicePool {
         // Fail-stop: the mapping state is unknown, so nothing may be copied
         // into it (a restore into an unmapped range faults the process).
         self.refuse_if_poisoned("resume")?;
+        self.shed_unneeded_paused();
         let g = self.conf.page_size.0;
         let paused: Vec<(u64, HandleIdx)> = self
             .mapped
@@ -223,6 +226,79 @@ impl DevicePool {
             Some(e) => Err(e),
             None => Ok(PauseReport { bytes: want, backup_bytes: restored }),
         }
+    }
+
+    /// Gives up the paused memory that no block needs any more (blocks
+    /// freed while paused): the granules of paused handles that only cached
+    /// blocks outside graph pools cover become holes, so that a resume
+    /// creates and maps only what the blocks still held need. Bookkeeping
+    /// only (a paused handle holds nothing, so it splits anywhere); walks
+    /// the pool's blocks once. Returns the bytes given up.
+    fn shed_unneeded_paused(&mut self) -> u64 {
+        let g = self.conf.page_size.0;
+        // Granule-aligned ranges, ascending, that a block other than a
+        // cached one outside graph pools touches: what a resume must map.
+        let mut needed: Vec<(u64, u64)> = Vec::new();
+        for arena in &self.arenas {
+            let (mut id, first) = (arena.head, needed.len());
+            while id != NIL {
+                let b = self.b(id);
+                if b.state != State::Hole && !self.cached_no_graph(id) {
+                    let lo = arena.base + (b.addr - arena.base) / g * g;
+                    let hi = arena.base + (b.addr + b.size - arena.base).div_ceil(g) * g;
+                    match needed[first..].last_mut() {
+                        Some(run) if run.1 >= lo => run.1 = run.1.max(hi),
+                        _ => needed.push((lo, hi)),
+                    }
+                }
+                id = b.next;
+            }
+        }
+        needed.sort_unstable(); // the arenas' own ranges do not overlap
+        // Each paused handle keeps the pieces some block needs; the rest
+        // of it goes (adjacent pieces of one arena join into one hole).
+        let paused: Vec<(u64, HandleIdx)> = self.mapped.iter().filter(|&(_, &h)| self.handle(h).paused).map(|(&va, &h)| (va, h)).collect();
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        for (va, h) in paused {
+            let end = va + self.handle(h).granules * g;
+            let first = needed.partition_point(|&(_, hi)| hi <= va);
+            let keep: Vec<(u64, u64)> =
+                needed[first..].iter().take_while(|&&(lo, _)| lo < end).map(|&(lo, hi)| (lo.max(va), hi.min(end))).collect();
+            if keep.len() == 1 && keep[0] == (va, end) {
+                continue;
+            }
+            let mut at = va;
+            for &(lo, hi) in keep.iter().chain(std::iter::once(&(end, end))) {
+                if lo > at {
+                    match holes.last_mut() {
+                        Some(hole) if hole.1 == at && self.arena_at(hole.0) == self.arena_at(at) => hole.1 = lo,
+                        _ => holes.push((at, lo)),
+                    }
+                }
+                at = hi;
+            }
+            let backend_id = self.handle(h).backend_id;
+            self.mapped.remove(&va);
+            self.handles[h as usize] = None;
+            self.free_handle_slots.push(h);
+            for (lo, hi) in keep {
+                let piece = self.put_handle(super::Handle { backend_id, granules: (hi - lo) / g, va: Some(lo), paused: true });
+                self.mapped.insert(lo, piece);
+            }
+        }
+        let mut shed = 0;
+        let mut from = NIL;
+        for &(lo, hi) in &holes {
+            let arena = self.arena_at(lo);
+            if from == NIL || self.b(from).arena != arena || self.b(from).addr > lo {
+                from = self.arenas[arena as usize].head;
+            }
+            self.gauge(arena, G::Segments, self.mapped_neighbours(lo, hi) - 1);
+            from = self.cached_to_hole(from, lo, hi);
+            shed += hi - lo;
+        }
+        self.stats.gauge_mut(G::PausedBytes).sub(shed as i64);
+        shed
     }
 
     /// Blocks until the device has passed every stream's work on the pool's

@@ -223,13 +223,23 @@ impl DevicePool {
         let count = (hi - lo) / g;
         self.unmap_handles(lo, hi)?;
         self.stats.bump(C::ReclaimedGranules, count);
-        let mut cur = first;
-        while cur != NIL && self.b(cur).addr < end {
+        self.cached_to_hole(first, lo, hi);
+        Ok(count)
+    }
+
+    /// Turns the range `[lo, hi)` (granule-aligned, no longer mapped, under
+    /// cached blocks outside graph pools only) into a hole, splitting the
+    /// blocks at its ends; `from` is a block of the chain at or before `lo`.
+    /// Returns the first block after the hole (NIL at the arena's end).
+    pub(super) fn cached_to_hole(&mut self, from: BlockId, lo: u64, hi: u64) -> BlockId {
+        let mut cur = from;
+        while cur != NIL && self.b(cur).addr < hi {
             let (addr, size, next) = (self.b(cur).addr, self.b(cur).size, self.b(cur).next);
-            if addr + size <= lo || addr >= hi {
+            if addr + size <= lo {
                 cur = next;
                 continue;
             }
+            debug_assert!(self.cached_no_graph(cur), "a hole over block {cur}, which is not cached");
             self.unindex(cur);
             let mut mid = cur;
             if addr < lo {
@@ -246,7 +256,7 @@ impl DevicePool {
             let merged = self.coalesce_and_index(mid);
             cur = self.b(merged).next;
         }
-        Ok(count)
+        cur
     }
 
     /// Under pressure: makes at least `need` granules free by unmapping

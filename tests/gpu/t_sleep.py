@@ -11,10 +11,14 @@ the contents intact. Prints pause and resume times per GiB, with and without bac
 the trainer's cached memory given back with torch.cuda.empty_cache() before the resumes; cycle 0
 leaves it cached, so that the resume itself gives the untagged cache back). The suite's
 sleep_keep row runs it again with keep_backups:true (a pause copies into the host copies the
-last resume kept)."""
+last resume kept). Last, a resume after most of a tag was freed while paused maps only what the
+held blocks need, and a kernel that touches paused memory fails with an illegal-address error
+(its own process)."""
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 from gpu_util import check, install, note
@@ -98,7 +102,9 @@ for cycle in range(10):
     if timed_cycle:
         times["resume"].append((t4 - t3) / (mapped_kv / GiB))
         times["resume_backup"].append((t5 - t4) / (mapped_w / GiB))
-    check((mapped_w, mapped_kv) == (given_w, given_kv), f"cycle {cycle}: resumed {mapped_w}+{mapped_kv}, paused {given_w}+{given_kv}")
+    # A resume maps what the held blocks need: all of it here, up to granules under cached blocks.
+    check(weights_bytes <= mapped_w <= given_w and kv_bytes <= mapped_kv <= given_kv,
+          f"cycle {cycle}: resumed {mapped_w}+{mapped_kv}, paused {given_w}+{given_kv}, held {weights_bytes}+{kv_bytes}")
     with torch.no_grad():
         out = engine(static_in)
         graph.replay()
@@ -138,6 +144,35 @@ with torch.no_grad():
 torch.cuda.synchronize()
 check(torch.equal(out, reference) and torch.equal(graph_out, graph_reference), "contents lost after the failed resume")
 
+# Blocks freed while paused need nothing at resume: it maps only what the held blocks need.
+with tt.region("scratch"):
+    held = torch.full((64 << 20,), 7, dtype=torch.uint8, device=dev)  # 64 MiB
+    dropped = torch.empty(4 * GiB, dtype=torch.uint8, device=dev)
+paused_scratch = tt.pause("scratch")
+del dropped
+free_paused, _ = torch.cuda.mem_get_info()
+mapped_scratch = tt.resume("scratch")
+free_resumed, _ = torch.cuda.mem_get_info()
+held.fill_(9)
+check(mapped_scratch <= 256 << 20 and int(held.sum().item()) == 9 * (64 << 20),
+      f"paused {paused_scratch} B, freed 4 GiB while paused, resumed {mapped_scratch} B")
+check(free_paused - free_resumed <= 512 << 20, f"the resume took {(free_paused - free_resumed) / 2**20:.0f} MiB from the driver")
+del held
+
+# A kernel touching paused memory fails loudly: nothing is mapped there (its own process, as
+# the fault ends the CUDA context).
+probe = subprocess.run([sys.executable, "-c", """
+import tessera_torch as tt
+tt.install()
+import torch
+with tt.region("probe"):
+    x = torch.ones(1 << 26, device="cuda")
+tt.pause("probe")
+print("sum", x.sum().item(), flush=True)
+"""], capture_output=True, text=True, timeout=120)
+check(probe.returncode != 0 and "illegal memory access" in probe.stderr and "sum" not in probe.stdout,
+      f"touching paused memory: rc {probe.returncode}, stdout {probe.stdout[-200:]!r}, stderr {probe.stderr[-400:]!r}")
+
 med = {k: statistics.median(v) for k, v in times.items()}
 spread = {k: (min(v), max(v)) for k, v in times.items()}
 conf = os.environ.get("TESSERA_CONF", "")
@@ -146,5 +181,6 @@ note(f"{conf + ': ' if conf else ''}10 cycles of {weights_bytes / GiB:.1f} GiB w
      f"s/GiB median (range): pause+backup {med['pause_backup']:.3f} ({spread['pause_backup'][0]:.3f}-{spread['pause_backup'][1]:.3f}), "
      f"pause {med['pause']:.4f} ({spread['pause'][0]:.4f}-{spread['pause'][1]:.4f}), "
      f"resume+restore {med['resume_backup']:.3f} ({spread['resume_backup'][0]:.3f}-{spread['resume_backup'][1]:.3f}), "
-     f"resume {med['resume']:.4f} ({spread['resume'][0]:.4f}-{spread['resume'][1]:.4f}); OOM resume caught and retried")
+     f"resume {med['resume']:.4f} ({spread['resume'][0]:.4f}-{spread['resume'][1]:.4f}); OOM resume caught and retried; "
+     f"4 GiB freed while paused: resume mapped {mapped_scratch / 2**20:.0f} MiB; a kernel on paused memory: illegal address")
 print("SLEEP OK")

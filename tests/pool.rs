@@ -813,3 +813,40 @@ fn a_large_miss_takes_another_streams_done_block_once_recycling_is_due() {
     a.free(keep, Some(8 * MIB), 0, Some(1)).unwrap();
     check(&a, 0);
 }
+
+/// A stream with nothing cached of its own asks the events that the miss's
+/// poll recorded again, so that a block another stream freed a moment ago
+/// and the device has passed serves it with no map (64 streams in turn,
+/// each allocating and freeing once: otherwise each miss unmaps and maps).
+/// A stream with cached blocks of its own waits for the next poll, as
+/// before (taking other streams' blocks sooner fragments the multi-stream
+/// traces).
+#[test]
+fn a_stream_with_nothing_cached_takes_a_block_just_freed_elsewhere() {
+    let (a, _) = sim("growth_size:0,ready_fraction:0,front_caches:false");
+    let p = a.malloc(40 * MIB, 0, 1).unwrap();
+    let keep = a.malloc(8 * MIB, 0, 1).unwrap();
+    a.free(p, Some(40 * MIB), 0, Some(1)).unwrap();
+    a.reset_peak_stats(0).unwrap();
+    let (maps, reuses) = (counter(&a, C::DriverMapCalls), counter(&a, C::CrossStreamReuses));
+    let q = a.malloc(32 * MIB, 0, 2).unwrap();
+    assert!(q >= p && q + 32 * MIB <= p + 40 * MIB, "stream 1's block, freed a moment ago, taken by stream 2");
+    assert_eq!(counter(&a, C::DriverMapCalls), maps, "no map");
+    assert_eq!(counter(&a, C::CrossStreamReuses), reuses + 1);
+    check(&a, 0);
+
+    // Stream 3 has a cached block of its own (too small): the block stream
+    // 2 frees now is not known done to it until a later poll.
+    let small = a.malloc(4 * MIB, 0, 3).unwrap();
+    a.free(small, Some(4 * MIB), 0, Some(3)).unwrap();
+    a.free(q, Some(32 * MIB), 0, Some(2)).unwrap();
+    let (maps, reuses) = (counter(&a, C::DriverMapCalls), counter(&a, C::CrossStreamReuses));
+    let r = a.malloc(32 * MIB, 0, 3).unwrap();
+    assert_eq!(counter(&a, C::CrossStreamReuses), reuses, "stream 2's block waits for the next poll");
+    assert!(counter(&a, C::DriverMapCalls) > maps, "the request grew the pool instead");
+    check(&a, 0);
+    for (x, n, st) in [(r, 32 * MIB, 3), (keep, 8 * MIB, 1)] {
+        a.free(x, Some(n), 0, Some(st)).unwrap();
+    }
+    check(&a, 0);
+}

@@ -4,10 +4,10 @@
 
 For each configuration (TESSERA_CONF syntax; '' is the defaults), replays with --frontier the
 traces of tests/data, the churn trace (seed 0, once and four times in one process), the GPU
-KV-cache workload's trace (six runs, as bench_time.py times it) and N multi-stream seeds, and
-prints one row per trace: OOM frontier / live, reserved / live, map calls, and the sim's
-modelled driver time (what the calls would take on an H100). The multi-stream seeds are
-summarized as means and maxima. Traces are generated into a temporary folder.
+KV-cache workload's trace (six runs, as bench_time.py times it), the 64-streams-in-turn trace
+(five runs) and N multi-stream seeds, and prints one row per trace: OOM frontier / live,
+reserved / live, map calls, and the sim's modelled driver time (what the calls would take on an
+H100). The multi-stream seeds are summarized as means and maxima. Traces are generated into a temporary folder.
 """
 
 import argparse
@@ -23,6 +23,7 @@ sys.path.insert(0, HERE)
 
 import churn_trace  # noqa: E402
 import kv_trace  # noqa: E402
+import manystream_trace  # noqa: E402
 import multistream_trace  # noqa: E402
 
 
@@ -59,7 +60,8 @@ def main():
         traces = sorted(os.path.join(REPO, "tests", "data", f) for f in os.listdir(os.path.join(REPO, "tests", "data")))
         traces += [write(os.path.join(tmp, "churn.trace"), churn),
                    write(os.path.join(tmp, "churn_x4.trace"), repeated(churn, 4)),
-                   write(os.path.join(tmp, "kv_x6.trace"), kv_trace.trace(0, runs=6))]
+                   write(os.path.join(tmp, "kv_x6.trace"), kv_trace.trace(0, runs=6)),
+                   write(os.path.join(tmp, "manystream.trace"), manystream_trace.trace(0))]
         seeds = [write(os.path.join(tmp, "ms%d.trace" % s), multistream_trace.trace(s)) for s in range(a.seeds)]
         for conf in confs:
             print("== conf %r" % conf)

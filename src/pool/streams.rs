@@ -315,8 +315,10 @@ impl DevicePool {
         // blocks of its own it waits for the next poll: taking others'
         // sooner fragments (24 multi-stream seeds' reserved mean 1.100 ->
         // 1.125 when every miss asks again).
-        let own_cached = self.cached_by_stream.range((arena, stream, 0, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL)).next().is_some();
-        if found.is_none() && recorded && !own_cached {
+        if found.is_none()
+            && recorded
+            && self.cached_by_stream.range((arena, stream, 0, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL)).next().is_none()
+        {
             self.advance_epochs()?;
             found = find(self);
         }

@@ -3,12 +3,12 @@
 //! pause waits for the streams that used the pool (an event each, no device
 //! synchronize), gives the cache back, copies live blocks to host memory if
 //! asked, then unmaps and releases every handle; a resume creates and maps
-//! new handles where the old ones were and copies the backups back, and
-//! only where blocks still held need them (memory of blocks freed while
-//! paused becomes address space, as after recycling). Paused
-//! handles side by side merge (they hold nothing, so this is bookkeeping
-//! only), up to `MERGED_HANDLE_SHARE` of the device each: a resume creates
-//! and maps far fewer handles, and so does the next pause.
+//! new handles where the old ones were, only where blocks still held need
+//! them (the memory of blocks freed while paused becomes address space, as
+//! after recycling), and copies the backups back. Paused handles side by
+//! side merge (they hold nothing, so this is bookkeeping only), up to
+//! `MERGED_HANDLE_SHARE` of the device each: a resume creates and maps far
+//! fewer handles, and so does the next pause.
 //! With keep_backups, a resume keeps its host copies for the next pause.
 //! Invariants: a paused handle keeps its slot, granules and address in
 //! `mapped`, but holds no backend handle and counts in no physical gauge

@@ -141,12 +141,15 @@ impl DevicePool {
     /// Best fit among the blocks cached under `key` (a stream or a capture),
     /// taken out of the index.
     pub(super) fn find_cached(&mut self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<BlockId> {
-        let &(_, _, _, _, id) = self
-            .cached_by_stream
-            .range((arena, stream, rounded, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL))
-            .next()?;
+        let &(_, _, _, _, id) = self.cached_under(arena, stream, rounded).next()?;
         self.unindex(id);
         Some(id)
+    }
+
+    /// The blocks cached under `key` (a stream or a capture) in `arena`, of
+    /// at least `min_bytes`, smallest first.
+    pub(super) fn cached_under(&self, arena: ArenaKind, key: u64, min_bytes: u64) -> impl Iterator<Item = &(ArenaKind, u64, u64, u64, BlockId)> {
+        self.cached_by_stream.range((arena, key, min_bytes, 0, 0)..=(arena, key, u64::MAX, u64::MAX, NIL))
     }
 
     /// Turns unindexed free block `id` (cached, at least `rounded` bytes)

@@ -283,6 +283,12 @@ impl DevicePool {
         }
     }
 
+    /// Empties handle `h`'s slab slot for `put_handle` to use again.
+    pub(super) fn free_handle_slot(&mut self, h: HandleIdx) {
+        self.handles[h as usize] = None;
+        self.free_handle_slots.push(h);
+    }
+
     /// Whether `granules` more would bring the reserved bytes past
     /// `fine_handles_above` of what tessera may hold (the memory limit, or
     /// what the device has: reserved plus the driver's free bytes). Past it,
@@ -335,8 +341,7 @@ impl DevicePool {
         self.driver(|b, d| b.release(d, backend_id))?;
         self.stats.bump(C::DriverReleaseCalls, 1);
         self.free_handles.remove(&(n, h));
-        self.handles[h as usize] = None;
-        self.free_handle_slots.push(h);
+        self.free_handle_slot(h);
         self.stats.gauge_mut(G::ReservedBytes).sub((n * self.conf.page_size.0) as i64);
         self.give_reserved(n * self.conf.page_size.0);
         self.stats.gauge_mut(G::Handles).sub(1);

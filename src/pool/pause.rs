@@ -146,8 +146,7 @@ impl DevicePool {
                     let n = self.handle(h).granules;
                     self.handle_mut(head).granules += n;
                     self.mapped.remove(&va);
-                    self.handles[h as usize] = None;
-                    self.free_handle_slots.push(h);
+                    self.free_handle_slot(h);
                     run = Some((end + n * g, head));
                 }
                 _ => run = Some((va + self.handle(h).granules * g, h)),
@@ -169,12 +168,7 @@ impl DevicePool {
         self.refuse_if_poisoned("resume")?;
         self.shed_unneeded_paused();
         let g = self.conf.page_size.0;
-        let paused: Vec<(u64, HandleIdx)> = self
-            .mapped
-            .iter()
-            .filter(|&(_, &h)| self.handle(h).paused)
-            .map(|(&va, &h)| (va, h))
-            .collect();
+        let paused = self.paused_handles();
         let want: u64 = paused.iter().map(|&(_, h)| self.handle(h).granules * g).sum();
         let mut done: Vec<(u64, HandleIdx)> = Vec::new();
         for &(va, h) in &paused {
@@ -228,6 +222,11 @@ impl DevicePool {
         }
     }
 
+    /// The paused handles, by address: (address, handle).
+    fn paused_handles(&self) -> Vec<(u64, HandleIdx)> {
+        self.mapped.iter().filter(|&(_, &h)| self.handle(h).paused).map(|(&va, &h)| (va, h)).collect()
+    }
+
     /// Gives up the paused memory that no block needs any more (blocks
     /// freed while paused): the granules of paused handles that only cached
     /// blocks outside graph pools cover become holes, so that a resume
@@ -257,7 +256,7 @@ impl DevicePool {
         needed.sort_unstable(); // the arenas' own ranges do not overlap
         // Each paused handle keeps the pieces some block needs; the rest
         // of it goes (adjacent pieces of one arena join into one hole).
-        let paused: Vec<(u64, HandleIdx)> = self.mapped.iter().filter(|&(_, &h)| self.handle(h).paused).map(|(&va, &h)| (va, h)).collect();
+        let paused = self.paused_handles();
         let mut holes: Vec<(u64, u64)> = Vec::new();
         for (va, h) in paused {
             let end = va + self.handle(h).granules * g;
@@ -279,8 +278,7 @@ impl DevicePool {
             }
             let backend_id = self.handle(h).backend_id;
             self.mapped.remove(&va);
-            self.handles[h as usize] = None;
-            self.free_handle_slots.push(h);
+            self.free_handle_slot(h);
             for (lo, hi) in keep {
                 let piece = self.put_handle(super::Handle { backend_id, granules: (hi - lo) / g, va: Some(lo), paused: true });
                 self.mapped.insert(lo, piece);

@@ -157,8 +157,7 @@ impl DevicePool {
     /// The ready reserve's blocks are what the module doc says.
     pub(super) fn check_ready(&self) {
         for arena in [ArenaKind::Small, ArenaKind::Large] {
-            let ready = self.cached_by_stream.range((arena, READY_KEY, 0, 0, 0)..=(arena, READY_KEY, u64::MAX, u64::MAX, NIL));
-            for &(_, _, _, _, id) in ready {
+            for &(_, _, _, _, id) in self.cached_under(arena, READY_KEY, 0) {
                 let b = self.b(id);
                 assert!(b.state == State::Cached && b.arena == ArenaKind::Large && b.graph == 0 && b.freed_seq == 0,
                         "ready block {id} is not fresh large-arena memory");

@@ -317,7 +317,7 @@ impl DevicePool {
         // 1.125 when every miss asks again).
         if found.is_none()
             && recorded
-            && self.cached_by_stream.range((arena, stream, 0, 0, 0)..=(arena, stream, u64::MAX, u64::MAX, NIL)).next().is_none()
+            && self.cached_under(arena, stream, 0).next().is_none()
         {
             self.advance_epochs()?;
             found = find(self);

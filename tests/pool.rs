@@ -788,16 +788,25 @@ fn growth_under_the_high_water_mark_of_live_memory_does_not_recycle() {
     check(&a, 0);
 }
 
+/// A sim pool with no growth rounding, reserve or front caches where
+/// stream 1 freed a 40 MiB block at `p` a moment ago and holds 8 MiB at
+/// `keep`; the high-water mark is down to what is live (8 MiB), so that
+/// recycling is due at the next growth. Returns (allocator, p, keep).
+fn stream_1_freed_40_mib() -> (tessera::allocator::Allocator, u64, u64) {
+    let (a, _) = sim("growth_size:0,ready_fraction:0,front_caches:false");
+    let p = a.malloc(40 * MIB, 0, 1).unwrap();
+    let keep = a.malloc(8 * MIB, 0, 1).unwrap();
+    a.free(p, Some(40 * MIB), 0, Some(1)).unwrap();
+    a.reset_peak_stats(0).unwrap();
+    (a, p, keep)
+}
+
 /// Once recycling is due, a large miss takes a block that another stream
 /// cached and the device is done with, as it is: no driver call (growth
 /// would unmap it and map its handles again).
 #[test]
 fn a_large_miss_takes_another_streams_done_block_once_recycling_is_due() {
-    let (a, _) = sim("growth_size:0,ready_fraction:0,front_caches:false");
-    let p = a.malloc(40 * MIB, 0, 1).unwrap();
-    let keep = a.malloc(8 * MIB, 0, 1).unwrap();
-    a.free(p, Some(40 * MIB), 0, Some(1)).unwrap();
-    a.reset_peak_stats(0).unwrap(); // the high-water mark down to what is live (8 MiB)
+    let (a, p, keep) = stream_1_freed_40_mib();
     // Two rounds of the driver thread's (no reserve: they only poll the
     // epochs) record stream 1's event and see it passed.
     a.set_tidied(None);
@@ -818,16 +827,11 @@ fn a_large_miss_takes_another_streams_done_block_once_recycling_is_due() {
 /// poll recorded again, so that a block another stream freed a moment ago
 /// and the device has passed serves it with no map (64 streams in turn,
 /// each allocating and freeing once: otherwise each miss unmaps and maps).
-/// A stream with cached blocks of its own waits for the next poll, as
-/// before (taking other streams' blocks sooner fragments the multi-stream
-/// traces).
+/// A stream with cached blocks of its own waits for the next poll (taking
+/// other streams' blocks sooner fragments the multi-stream traces).
 #[test]
 fn a_stream_with_nothing_cached_takes_a_block_just_freed_elsewhere() {
-    let (a, _) = sim("growth_size:0,ready_fraction:0,front_caches:false");
-    let p = a.malloc(40 * MIB, 0, 1).unwrap();
-    let keep = a.malloc(8 * MIB, 0, 1).unwrap();
-    a.free(p, Some(40 * MIB), 0, Some(1)).unwrap();
-    a.reset_peak_stats(0).unwrap();
+    let (a, p, keep) = stream_1_freed_40_mib();
     let (maps, reuses) = (counter(&a, C::DriverMapCalls), counter(&a, C::CrossStreamReuses));
     let q = a.malloc(32 * MIB, 0, 2).unwrap();
     assert!(q >= p && q + 32 * MIB <= p + 40 * MIB, "stream 1's block, freed a moment ago, taken by stream 2");

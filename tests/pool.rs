@@ -823,6 +823,39 @@ fn a_large_miss_takes_another_streams_done_block_once_recycling_is_due() {
     check(&a, 0);
 }
 
+/// Cross-stream reuse takes the best fit across every other stream's cache:
+/// here stream 1's block, cached while it was the only stream with cached
+/// blocks, before stream 2's larger one joined them.
+#[test]
+fn cross_stream_reuse_takes_the_best_fit_across_two_streams() {
+    let (a, _) = sim("growth_size:0,ready_fraction:0,front_caches:false");
+    let p1 = a.malloc(20 * MIB, 0, 1).unwrap();
+    let keep1 = a.malloc(8 * MIB, 0, 1).unwrap();
+    let p2 = a.malloc(40 * MIB, 0, 2).unwrap();
+    let keep2 = a.malloc(8 * MIB, 0, 2).unwrap();
+    a.free(p1, Some(20 * MIB), 0, Some(1)).unwrap();
+    check(&a, 0);
+    a.free(p2, Some(40 * MIB), 0, Some(2)).unwrap();
+    check(&a, 0);
+    a.reset_peak_stats(0).unwrap();
+    let reuses = counter(&a, C::CrossStreamReuses);
+    let q = a.malloc(16 * MIB, 0, 3).unwrap();
+    assert!(q >= p1 && q + 16 * MIB <= p1 + 20 * MIB, "stream 1's 20 MiB block, the best fit, taken by stream 3");
+    assert_eq!(counter(&a, C::CrossStreamReuses), reuses + 1);
+    check(&a, 0);
+    for (x, n, st) in [(q, 16 * MIB, 3), (keep1, 8 * MIB, 1), (keep2, 8 * MIB, 2)] {
+        a.free(x, Some(n), 0, Some(st)).unwrap();
+        check(&a, 0);
+    }
+    a.empty_cache().unwrap();
+    check(&a, 0);
+    // With nothing cached, one stream's blocks again need no second index.
+    let r = a.malloc(4 * MIB, 0, 1).unwrap();
+    a.free(r, Some(4 * MIB), 0, Some(1)).unwrap();
+    assert_eq!(a.malloc(4 * MIB, 0, 1).unwrap(), r, "the block comes back from its stream's cache");
+    check(&a, 0);
+}
+
 /// A stream with nothing cached of its own asks the events that the miss's
 /// poll recorded again, so that a block another stream freed a moment ago
 /// and the device has passed serves it with no map (64 streams in turn,

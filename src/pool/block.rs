@@ -7,8 +7,9 @@
 //! index set iff it is cached or a hole.
 #![forbid(unsafe_code)]
 
-use super::{ArenaKind, DevicePool};
+use super::{ArenaKind, CrossIndex, DevicePool};
 use crate::stats::TesseraGauge as G;
+use std::collections::BTreeSet;
 
 /// Index of a block in the slab (`DevicePool::blocks`).
 pub(super) type BlockId = u32;
@@ -128,8 +129,16 @@ impl DevicePool {
         match b.state {
             State::Cached => {
                 self.cached_by_stream.remove(&(b.arena, cache_key(b), b.size, b.addr, id));
-                self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
-                self.recyclable.remove(&(b.size, id));
+                if b.graph == 0 {
+                    if self.cross_index == CrossIndex::Built {
+                        self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
+                    }
+                    self.recyclable.remove(&(b.size, id));
+                    self.cached_outside_graphs -= 1;
+                    if self.cached_outside_graphs == 0 {
+                        self.cross_index = CrossIndex::Sole(None); // and cached_by_size is empty
+                    }
+                }
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, -size);
                 self.gauge(arena, G::CachedBlocks, -1);
@@ -146,13 +155,22 @@ impl DevicePool {
         let b = &self.blocks[id as usize];
         match b.state {
             State::Cached => {
-                self.cached_by_stream.insert((b.arena, cache_key(b), b.size, b.addr, id));
-                if cache_key(b) & GRAPH_KEY == 0 {
-                    self.cached_by_size.insert((b.arena, b.size, b.addr, id));
-                }
+                let key = cache_key(b);
+                self.cached_by_stream.insert((b.arena, key, b.size, b.addr, id));
                 let (arena, size) = (b.arena, b.size as i64);
-                if b.graph == 0 && self.may_free_a_handle(id) {
+                if b.graph == 0 {
+                    match self.cross_index {
+                        CrossIndex::Built => {
+                            self.cached_by_size.insert((b.arena, b.size, b.addr, id));
+                        }
+                        CrossIndex::Sole(Some(sole)) if sole == key => {}
+                        CrossIndex::Sole(None) => self.cross_index = CrossIndex::Sole(Some(key)),
+                        CrossIndex::Sole(Some(sole)) => self.build_cross_index(sole, id),
+                    }
+                    // Whether it may free a handle is asked when recycling
+                    // looks (see `has_recyclable`), not at every free.
                     self.recyclable.insert((size as u64, id));
+                    self.cached_outside_graphs += 1;
                 }
                 self.gauge(arena, G::CachedBytes, size);
                 self.gauge(arena, G::CachedBlocks, 1);
@@ -162,6 +180,37 @@ impl DevicePool {
             }
             State::Allocated | State::Pending | State::Lent => {}
         }
+    }
+
+    /// Cached block `id` is the first outside graph pools under another key
+    /// than `sole`, which holds all the others: from now on (until no such
+    /// block is cached) the cross-stream index is kept, made here once from
+    /// `sole`'s ranges of `cached_by_stream` and `id`.
+    fn build_cross_index(&mut self, sole: u64, id: BlockId) {
+        debug_assert!(self.cached_by_size.is_empty());
+        let (b, mut index) = (self.b(id), BTreeSet::new());
+        index.insert((b.arena, b.size, b.addr, id));
+        for arena in [ArenaKind::Small, ArenaKind::Large] {
+            index.extend(self.cached_under(arena, sole, 0).map(|&(arena, _, size, addr, id)| (arena, size, addr, id)));
+        }
+        self.cached_by_size = index;
+        self.cross_index = CrossIndex::Built;
+    }
+
+    /// The cached blocks outside graph pools in `arena`, of at least
+    /// `min_bytes`, cached for other streams than `stream`, by (size, addr),
+    /// smallest first: from the cross-stream index when it is kept, else
+    /// from the sole key's range of `cached_by_stream` (none when the sole
+    /// key is `stream`'s).
+    pub(super) fn cached_across(&self, arena: ArenaKind, min_bytes: u64, stream: u64) -> impl Iterator<Item = BlockId> + '_ {
+        let (sole, built) = match self.cross_index {
+            CrossIndex::Built => (None, Some(self.cached_by_size.range((arena, min_bytes, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)))),
+            CrossIndex::Sole(Some(key)) if key != stream => (Some(self.cached_under(arena, key, min_bytes)), None),
+            CrossIndex::Sole(_) => (None, None),
+        };
+        let sole = sole.into_iter().flatten().map(|k| k.4);
+        let built = built.into_iter().flatten().map(|k| k.3).filter(move |&id| self.b(id).stream != stream);
+        sole.chain(built)
     }
 
     /// Whether `id` is a cached block in the index (not merged away).

@@ -3,7 +3,7 @@
 //! For tests and fuzzers, after every operation.
 #![forbid(unsafe_code)]
 
-use super::{cache_key, DevicePool, HandleIdx, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
+use super::{cache_key, CrossIndex, DevicePool, HandleIdx, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
 use crate::stats::TesseraGauge as G;
 use std::collections::HashMap;
 
@@ -129,9 +129,20 @@ impl DevicePool {
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
         assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
         let outside_graphs = self.cached_by_stream.iter().filter(|k| k.1 & GRAPH_KEY == 0);
-        assert!(outside_graphs.clone().all(|&(a, _, size, addr, id)| self.cached_by_size.contains(&(a, size, addr, id))),
-                "a cached block outside graph pools is missing from the cross-stream index");
-        assert_eq!(outside_graphs.count(), self.cached_by_size.len(), "the cross-stream index holds other blocks");
+        assert_eq!(outside_graphs.clone().count(), self.cached_outside_graphs, "cached blocks outside graph pools miscounted");
+        match self.cross_index {
+            CrossIndex::Built => {
+                assert!(outside_graphs.clone().all(|&(a, _, size, addr, id)| self.cached_by_size.contains(&(a, size, addr, id))),
+                        "a cached block outside graph pools is missing from the cross-stream index");
+                assert_eq!(self.cached_outside_graphs, self.cached_by_size.len(), "the cross-stream index holds other blocks");
+                assert!(self.cached_outside_graphs > 0, "the cross-stream index kept with nothing to hold");
+            }
+            CrossIndex::Sole(sole) => {
+                assert!(self.cached_by_size.is_empty(), "the cross-stream index holds blocks while not kept");
+                assert!(outside_graphs.clone().all(|k| Some(k.1) == sole), "blocks of two keys outside graph pools, no cross-stream index");
+                assert!(sole.is_none() || self.cached_outside_graphs > 0, "a sole key with nothing cached");
+            }
+        }
         assert_eq!(self.live.len() as i64, active - lent_live.len() as i64 + pending + lent_blocks);
         assert!(lent_live.keys().all(|&id| self.b(id).state == State::Lent), "a front's live block is not lent");
         let (mut physical, mut handles, mut paused_handles) = (0i64, 0usize, 0usize);

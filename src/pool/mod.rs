@@ -87,6 +87,16 @@ pub enum ArenaKind {
     Large = 1,
 }
 
+/// Whether the cross-stream index (`DevicePool::cached_by_size`) is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrossIndex {
+    /// Not kept: every cached block outside graph pools is cached under this
+    /// one key (None: there is none).
+    Sole(Option<u64>),
+    /// Kept: it holds every cached block outside graph pools.
+    Built,
+}
+
 /// The pool of one device: its arenas, blocks, handles, streams and statistics.
 pub struct DevicePool {
     device: i32,
@@ -111,14 +121,23 @@ pub struct DevicePool {
     cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
     /// The cached blocks outside graph pools again, by (arena, size, addr):
     /// best fit across streams, for a stream whose own cache has none.
+    /// Filled only once two cache keys hold such blocks (`cross_index`):
+    /// while one key holds them all, its range of `cached_by_stream` is the
+    /// same list, and a one-stream workload pays for no second index.
     cached_by_size: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
+    /// Whether `cached_by_size` is kept (see `CrossIndex`).
+    cross_index: CrossIndex,
+    /// How many cached blocks lie outside graph pools.
+    cached_outside_graphs: usize,
     /// Holes by (arena, size, addr).
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
     /// Recycling's candidates by (size, id): indexed cached blocks outside
-    /// graph pools that a mapped handle wholly under cached blocks may
-    /// overlap (see `may_free_a_handle`). Every such handle overlaps one;
-    /// entries whose handle was since taken are dropped when recycling
-    /// looks at them. What recycling walks, never every cached block.
+    /// graph pools. Every one is entered when it is indexed; those that
+    /// overlap no handle wholly under cached blocks (`may_free_a_handle`)
+    /// are dropped when recycling looks at them, once each, and enter again
+    /// only when they are indexed again. Every mapped handle wholly under
+    /// cached blocks overlaps one. What recycling walks, never every cached
+    /// block.
     recyclable: BTreeSet<(u64, BlockId)>,
     /// Slab of physical handles (None: released slot, listed in
     /// `free_handle_slots`).
@@ -269,6 +288,8 @@ impl DevicePool {
             live: HashMap::with_hasher(AddrHash),
             cached_by_stream: BTreeSet::new(),
             cached_by_size: BTreeSet::new(),
+            cross_index: CrossIndex::Sole(None),
+            cached_outside_graphs: 0,
             holes: BTreeSet::new(),
             recyclable: BTreeSet::new(),
             handles: Vec::new(),

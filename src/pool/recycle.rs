@@ -30,7 +30,7 @@ impl DevicePool {
         let live = self.stats.gauge(G::AllocatedBytes).current as u64 + request_bytes;
         self.live_high_water_bytes = self.live_high_water_bytes.max(live);
         let free = self.free_handle_granules();
-        if free >= need || self.recyclable.is_empty() {
+        if free >= need || !self.has_recyclable() {
             return Ok(false); // no handle lies wholly under cached blocks
         }
         let reserved = self.physical_bytes() as f64;
@@ -101,6 +101,10 @@ impl DevicePool {
             };
             let Some(&(size, id)) = next else { break };
             cursor = Some((size, id));
+            if !self.may_free_a_handle(id) {
+                self.recyclable.remove(&(size, id)); // until it is indexed again
+                continue;
+            }
             let want = if exact { need - free } else { u64::MAX };
             free += self.unmap_cached_run(id, only_device_done, want.min(max_run_granules), keep, spare_ready)?;
             // Unmapped, split or merged, it left the set or came back under
@@ -110,6 +114,18 @@ impl DevicePool {
             }
         }
         Ok(())
+    }
+
+    /// Whether some candidate may free a handle; drops those in front that
+    /// cannot (each once per indexing: the cost follows the frees).
+    fn has_recyclable(&mut self) -> bool {
+        while let Some(&(size, id)) = self.recyclable.first() {
+            if self.may_free_a_handle(id) {
+                return true;
+            }
+            self.recyclable.remove(&(size, id));
+        }
+        false
     }
 
     /// Whether a mapped handle overlapping cached block `id` may lie wholly

@@ -6,7 +6,7 @@
 //! every event recorded is destroyed or kept in `stale_events`.
 #![forbid(unsafe_code)]
 
-use super::{ArenaKind, BlockId, DevicePool, State, NIL, READY_KEY};
+use super::{ArenaKind, BlockId, DevicePool, State, READY_KEY};
 use crate::backend::EventId;
 use crate::error::{Error, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
@@ -297,14 +297,11 @@ impl DevicePool {
     /// first. Walks the cross-stream index from the request's size up, past
     /// blocks not known done: for misses only.
     pub(super) fn find_done_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        let range = (arena, rounded, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL);
-        if !self.cached_by_size.range(range.clone()).any(|&(_, _, _, id)| self.b(id).stream != stream) {
+        if self.cached_across(arena, rounded, stream).next().is_none() {
             return Ok(None);
         }
         // Polling events changes what is known done, not what is cached.
-        let find = |p: &Self| {
-            p.cached_by_size.range(range.clone()).find(|&&(_, _, _, id)| p.b(id).stream != stream && p.device_done(id)).map(|k| k.3)
-        };
+        let find = |p: &Self| p.cached_across(arena, rounded, stream).find(|&id| p.device_done(id));
         let recorded = !self.epochs_dirty.is_empty();
         self.advance_epochs()?;
         let mut found = find(self);
@@ -338,11 +335,7 @@ impl DevicePool {
     /// waits (on the device, not the host) for the freeing stream to pass
     /// the point of the free, so the block is safe to reuse in stream order.
     pub(super) fn find_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
-        let Some(&(_, _, _, id)) = self
-            .cached_by_size
-            .range((arena, rounded, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL))
-            .find(|&&(_, _, _, id)| self.b(id).stream != stream)
-        else {
+        let Some(id) = self.cached_across(arena, rounded, stream).next() else {
             return Ok(None);
         };
         // The ready reserve's blocks were never used: nothing to wait for.

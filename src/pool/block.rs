@@ -60,6 +60,14 @@ pub(super) struct Block {
     /// (0: never used by the device). The device is done with the block once
     /// its stream's epoch event recorded at a later number has completed.
     pub(super) freed_seq: u64,
+    /// In its index set (cached or hole blocks only).
+    pub(super) indexed: bool,
+    /// Listed in `DevicePool::unchecked`. It stays with the slot when the
+    /// slot is reused (the list names each slot once, whatever block holds
+    /// it now).
+    pub(super) queued: bool,
+    /// (size, id) is in `DevicePool::recyclable`.
+    pub(super) candidate: bool,
 }
 
 #[derive(Debug)]
@@ -97,8 +105,9 @@ impl DevicePool {
     }
 
     /// Puts `b` in a slab slot (a freed one first).
-    pub(super) fn new_block(&mut self, b: Block) -> BlockId {
+    pub(super) fn new_block(&mut self, mut b: Block) -> BlockId {
         if let Some(id) = self.free_slots.pop() {
+            b.queued = self.blocks[id as usize].queued;
             self.blocks[id as usize] = b;
             id
         } else {
@@ -109,6 +118,7 @@ impl DevicePool {
 
     /// Frees the slot of block `id`, which is in no chain any more.
     pub(super) fn drop_block(&mut self, id: BlockId) {
+        debug_assert!(!self.b(id).indexed && !self.b(id).candidate, "block {id} dropped while indexed");
         self.blocks[id as usize].stream_uses = Vec::new();
         self.free_slots.push(id);
     }
@@ -133,7 +143,9 @@ impl DevicePool {
                     if self.cross_index == CrossIndex::Built {
                         self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
                     }
-                    self.recyclable.remove(&(b.size, id));
+                    if b.candidate {
+                        self.recyclable.remove(&(b.size, id));
+                    }
                     self.cached_outside_graphs -= 1;
                     if self.cached_outside_graphs == 0 {
                         self.cross_index = CrossIndex::Sole(None); // and cached_by_size is empty
@@ -142,9 +154,13 @@ impl DevicePool {
                 let (arena, size) = (b.arena, b.size as i64);
                 self.gauge(arena, G::CachedBytes, -size);
                 self.gauge(arena, G::CachedBlocks, -1);
+                let b = self.bm(id);
+                b.indexed = false;
+                b.candidate = false;
             }
             State::Hole => {
                 self.holes.remove(&(b.arena, b.size, b.addr, id));
+                self.bm(id).indexed = false;
             }
             State::Allocated | State::Pending | State::Lent => {}
         }
@@ -168,15 +184,20 @@ impl DevicePool {
                         CrossIndex::Sole(Some(sole)) => self.build_cross_index(sole, id),
                     }
                     // Whether it may free a handle is asked when recycling
-                    // looks (see `has_recyclable`), not at every free.
-                    self.recyclable.insert((size as u64, id));
+                    // next looks (see `check_unchecked`), not at every free.
+                    if !self.b(id).queued {
+                        self.bm(id).queued = true;
+                        self.unchecked.push(id);
+                    }
                     self.cached_outside_graphs += 1;
                 }
                 self.gauge(arena, G::CachedBytes, size);
                 self.gauge(arena, G::CachedBlocks, 1);
+                self.bm(id).indexed = true;
             }
             State::Hole => {
                 self.holes.insert((b.arena, b.size, b.addr, id));
+                self.bm(id).indexed = true;
             }
             State::Allocated | State::Pending | State::Lent => {}
         }
@@ -216,7 +237,7 @@ impl DevicePool {
     /// Whether `id` is a cached block in the index (not merged away).
     pub(super) fn is_indexed_cached(&self, id: BlockId) -> bool {
         let b = self.b(id);
-        b.state == State::Cached && self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id))
+        b.state == State::Cached && b.indexed
     }
 
     /// Whether `x` is a cached block outside every graph pool: free, mapped,
@@ -243,6 +264,9 @@ impl DevicePool {
             stream_uses: Vec::new(),
             freed_seq: b.freed_seq,
             graph: b.graph,
+            indexed: false,
+            queued: false,
+            candidate: false,
         });
         if b.next != NIL {
             self.bm(b.next).prev = rest;

@@ -218,16 +218,26 @@ impl DevicePool {
     }
 
     /// Recycling's candidates: each is an indexed cached block outside graph
-    /// pools, under its own size; every mapped handle wholly under such
-    /// blocks overlaps one.
+    /// pools, under its own size, flagged; the slots in `unchecked` are
+    /// listed once each, exactly those flagged queued; every mapped handle
+    /// wholly under cached blocks outside graph pools overlaps a candidate
+    /// or a queued block. The `indexed` flags match the index sets.
     fn check_recyclable(&self) {
         for &(size, id) in &self.recyclable {
             let b = self.b(id);
-            assert!(self.is_indexed_cached(id) && b.size == size && b.graph == 0, "candidate {id} is not an indexed cached block of {size} bytes");
+            assert!(self.is_indexed_cached(id) && b.size == size && b.graph == 0 && b.candidate,
+                    "candidate {id} is not an indexed cached block of {size} bytes");
+        }
+        let mut listed = vec![false; self.blocks.len()];
+        for &id in &self.unchecked {
+            assert!(!std::mem::replace(&mut listed[id as usize], true), "slot {id} listed twice as unchecked");
+        }
+        for (id, b) in self.blocks.iter().enumerate() {
+            assert_eq!(b.queued, listed[id], "slot {id}'s queued flag differs from the unchecked list");
         }
         let g = self.conf.page_size.0;
         // Non-hole blocks by address, every arena.
-        let mut blocks: Vec<(u64, u64, u32)> = Vec::new();
+        let (mut blocks, mut candidates): (Vec<(u64, u64, u32)>, usize) = (Vec::new(), 0);
         for arena in &self.arenas {
             let mut id = arena.head;
             while id != NIL {
@@ -235,17 +245,25 @@ impl DevicePool {
                 if b.state != State::Hole {
                     blocks.push((b.addr, b.addr + b.size, id));
                 }
+                let in_index = match b.state {
+                    State::Cached => self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)),
+                    State::Hole => self.holes.contains(&(b.arena, b.size, b.addr, id)),
+                    _ => false,
+                };
+                assert_eq!(b.indexed, in_index, "block {id}'s indexed flag differs from its index set");
+                candidates += b.candidate as usize;
                 id = b.next;
             }
         }
+        assert_eq!(candidates, self.recyclable.len(), "a block flagged as a candidate is not one");
         blocks.sort_unstable();
         for (&va, &h) in &self.mapped {
             let end = va + self.handles[h as usize].as_ref().expect("live").granules * g;
             let from = blocks.partition_point(|&(_, e, _)| e <= va);
             let under: Vec<u32> = blocks[from..].iter().take_while(|&&(a, _, _)| a < end).map(|&(_, _, id)| id).collect();
             if under.iter().all(|&id| self.cached_no_graph(id)) {
-                assert!(under.iter().any(|&id| self.recyclable.contains(&(self.b(id).size, id))),
-                        "handle at {va:#x} lies wholly under cached blocks, none of them a candidate");
+                assert!(under.iter().any(|&id| self.b(id).candidate || self.b(id).queued),
+                        "handle at {va:#x} lies wholly under cached blocks, none of them a candidate or unchecked");
             }
         }
     }

@@ -131,14 +131,19 @@ pub struct DevicePool {
     cached_outside_graphs: usize,
     /// Holes by (arena, size, addr).
     holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
-    /// Recycling's candidates by (size, id): indexed cached blocks outside
-    /// graph pools. Every one is entered when it is indexed; those that
-    /// overlap no handle wholly under cached blocks (`may_free_a_handle`)
-    /// are dropped when recycling looks at them, once each, and enter again
-    /// only when they are indexed again. Every mapped handle wholly under
-    /// cached blocks overlaps one. What recycling walks, never every cached
-    /// block.
+    /// Recycling's candidates by (size, id) (`Block::candidate`): indexed
+    /// cached blocks outside graph pools that overlapped a handle wholly
+    /// under cached blocks when recycling looked (`may_free_a_handle`);
+    /// those that no longer do are dropped when it looks at them. Every
+    /// mapped handle wholly under cached blocks overlaps a candidate or a
+    /// block in `unchecked`. What recycling walks, never every cached block.
     recyclable: BTreeSet<(u64, BlockId)>,
+    /// The slots of cached blocks outside graph pools indexed since
+    /// recycling last looked, each once (`Block::queued`; a slot may since
+    /// hold another block, or none): asked whether they may free a handle,
+    /// and made candidates if so, when it next looks (`check_unchecked`).
+    /// A free costs a push here, not a B-tree insert.
+    unchecked: Vec<BlockId>,
     /// Slab of physical handles (None: released slot, listed in
     /// `free_handle_slots`).
     handles: Vec<Option<Handle>>,
@@ -292,6 +297,7 @@ impl DevicePool {
             cached_outside_graphs: 0,
             holes: BTreeSet::new(),
             recyclable: BTreeSet::new(),
+            unchecked: Vec::new(),
             handles: Vec::new(),
             free_handle_slots: Vec::new(),
             free_handles: BTreeSet::new(),
@@ -348,8 +354,11 @@ impl DevicePool {
                 stream_uses: Vec::new(),
                 freed_seq: 0,
                 graph: 0,
+                indexed: false,
+                queued: false,
+                candidate: false,
             });
-            pool.holes.insert((kind, size, base, id));
+            pool.index(id);
             pool.arenas.push(Arena { base, size, head: id });
         }
         Ok(pool)

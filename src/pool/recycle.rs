@@ -4,7 +4,8 @@
 //! largest first; empty_cache gives everything cached back.
 //! Invariants: only handles wholly under cached blocks outside graph pools are
 //! unmapped, never inside the range growth is about to place; every such
-//! handle overlaps a candidate in `recyclable`, which is all recycling walks.
+//! handle overlaps a candidate in `recyclable` or a block indexed since
+//! recycling last looked (`unchecked`), which is all recycling walks.
 #![forbid(unsafe_code)]
 
 use super::{BlockId, DevicePool, State, NIL, READY_KEY};
@@ -87,6 +88,7 @@ impl DevicePool {
         spare_ready: bool,
         max_run_granules: u64,
     ) -> Result<()> {
+        self.check_unchecked();
         let mut free = self.free_handle_granules();
         // Near capacity, only what is needed: whatever else is unmapped must
         // be mapped again, handle by handle, at the next request.
@@ -102,30 +104,55 @@ impl DevicePool {
             let Some(&(size, id)) = next else { break };
             cursor = Some((size, id));
             if !self.may_free_a_handle(id) {
-                self.recyclable.remove(&(size, id)); // until it is indexed again
+                self.drop_candidate(size, id);
                 continue;
             }
             let want = if exact { need - free } else { u64::MAX };
             free += self.unmap_cached_run(id, only_device_done, want.min(max_run_granules), keep, spare_ready)?;
             // Unmapped, split or merged, it left the set or came back under
             // its new size; as it is, it stays only while it may free one.
-            if self.recyclable.contains(&(size, id)) && !self.may_free_a_handle(id) {
-                self.recyclable.remove(&(size, id));
+            if self.b(id).candidate && self.b(id).size == size && !self.may_free_a_handle(id) {
+                self.drop_candidate(size, id);
             }
         }
         Ok(())
     }
 
+    /// Asks the blocks indexed since recycling last looked (`unchecked`)
+    /// whether they may free a handle, and makes those that may candidates.
+    /// Each indexing is asked once: the cost follows the frees.
+    fn check_unchecked(&mut self) {
+        let mut ids = std::mem::take(&mut self.unchecked);
+        for &id in &ids {
+            self.bm(id).queued = false;
+            let b = self.b(id);
+            if b.indexed && b.state == State::Cached && b.graph == 0 && !b.candidate && self.may_free_a_handle(id) {
+                self.recyclable.insert((b.size, id));
+                self.bm(id).candidate = true;
+            }
+        }
+        ids.clear();
+        self.unchecked = ids;
+    }
+
     /// Whether some candidate may free a handle; drops those in front that
-    /// cannot (each once per indexing: the cost follows the frees).
+    /// cannot.
     fn has_recyclable(&mut self) -> bool {
+        self.check_unchecked();
         while let Some(&(size, id)) = self.recyclable.first() {
             if self.may_free_a_handle(id) {
                 return true;
             }
-            self.recyclable.remove(&(size, id));
+            self.drop_candidate(size, id);
         }
         false
+    }
+
+    /// Candidate `id`, of `size` bytes, no longer may free a handle: it
+    /// leaves the set until it is indexed again.
+    fn drop_candidate(&mut self, size: u64, id: BlockId) {
+        self.recyclable.remove(&(size, id));
+        self.bm(id).candidate = false;
     }
 
     /// Whether a mapped handle overlapping cached block `id` may lie wholly

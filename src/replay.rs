@@ -44,20 +44,39 @@ impl ReplayResult {
     }
 }
 
-/// The most blocks live at once in `events` (frees of unknown addresses
-/// counted as frees).
-fn peak_live_count(events: &[Event]) -> usize {
-    let (mut live, mut peak) = (0usize, 0usize);
-    for e in events {
-        match e.action {
-            Action::Alloc => {
-                live += 1;
-                peak = peak.max(live);
+/// The live-block slot of each event, numbered densely (a freed slot is
+/// taken again first), so that the timed loop keeps tessera's addresses in
+/// a vector and not in a map of the trace's: the replay times the
+/// allocator, not its own bookkeeping. Stops at the first event that
+/// allocates a live address or frees one never allocated, returned with
+/// its index and error. Returns (slots, slot count, first bad event).
+fn slots_of(events: &[Event]) -> (Vec<u32>, usize, Option<(usize, String)>) {
+    let mut live: HashMap<u64, u32, AddrHash> = HashMap::with_hasher(AddrHash);
+    let (mut slots, mut free, mut count) = (Vec::with_capacity(events.len()), Vec::new(), 0u32);
+    for (i, e) in events.iter().enumerate() {
+        let slot = match e.action {
+            Action::Alloc if live.contains_key(&e.addr) => {
+                return (slots, count as usize, Some((i, format!("event {i}: address {} allocated again while live (no free between)", e.addr))));
             }
-            Action::Free => live = live.saturating_sub(1),
-        }
+            Action::Alloc => {
+                let slot = free.pop().unwrap_or_else(|| {
+                    count += 1;
+                    count - 1
+                });
+                live.insert(e.addr, slot);
+                slot
+            }
+            Action::Free => match live.remove(&e.addr) {
+                Some(slot) => {
+                    free.push(slot);
+                    slot
+                }
+                None => return (slots, count as usize, Some((i, format!("event {i}: free of {} never allocated", e.addr)))),
+            },
+        };
+        slots.push(slot);
     }
-    peak
+    (slots, count as usize, None)
 }
 
 /// Peak of the sum of live sizes in the trace itself.
@@ -124,9 +143,9 @@ pub fn replay_with_timeline(
     if tidied {
         alloc.set_tidied(None);
     }
-    // Trace address -> tessera's, sized for the trace's peak up front: the
-    // harness's own map should not rehash inside the timed loop.
-    let mut addrs: HashMap<u64, u64, AddrHash> = HashMap::with_capacity_and_hasher(peak_live_count(events), AddrHash);
+    // Live-block slot -> tessera's address, numbered before the clock starts.
+    let (slots, slot_count, bad) = slots_of(events);
+    let mut addrs = vec![0u64; slot_count];
     let mut result = ReplayResult { events: events.len(), peak_live_bytes: peak_live_bytes(events), ..Default::default() };
     let start = std::time::Instant::now();
     let mut live = 0u64;
@@ -139,13 +158,13 @@ pub fn replay_with_timeline(
             Action::Alloc => live = live.saturating_add(e.size),
             Action::Free => live = live.saturating_sub(e.size),
         }
+        if let Some((_, err)) = bad.as_ref().filter(|&&(at, _)| at == i) {
+            return Err(err.clone());
+        }
         match e.action {
-            Action::Alloc if addrs.contains_key(&e.addr) => {
-                return Err(format!("event {i}: address {} allocated again while live (no free between)", e.addr));
-            }
             Action::Alloc => match alloc.malloc(e.size, 0, e.stream) {
                 Ok(p) => {
-                    addrs.insert(e.addr, p);
+                    addrs[slots[i] as usize] = p;
                 }
                 Err(err @ Error::OutOfMemory(_)) => {
                     result.oom_at = Some(i);
@@ -155,7 +174,7 @@ pub fn replay_with_timeline(
                 Err(err) => return Err(format!("event {i}: {err}")),
             },
             Action::Free => {
-                let p = addrs.remove(&e.addr).ok_or_else(|| format!("event {i}: free of {} never allocated", e.addr))?;
+                let p = addrs[slots[i] as usize];
                 alloc.free(p, Some(e.size), 0, Some(e.stream)).map_err(|err| format!("event {i}: {err}"))?;
             }
         }

@@ -66,6 +66,21 @@ def test_a_duplicate_live_address_is_an_error(tmp_path):
     assert r.returncode == 2 and "event 1: address 4096 allocated again while live" in r.stderr, r.stderr
 
 
+def test_a_free_never_allocated_is_an_error_at_its_event(tmp_path):
+    trace = tmp_path / "stray.trace"
+    trace.write_text("a 4096 512 0\nf 4096 512 0\nf 8192 512 0\n")
+    r = run(trace)
+    assert r.returncode == 2 and "event 2: free of 8192 never allocated" in r.stderr, r.stderr
+
+
+def test_a_bad_event_after_an_oom_is_not_reached(tmp_path):
+    trace = tmp_path / "late.trace"
+    trace.write_text(f"a 4096 {1 << 62} 0\nf 8192 512 0\n")
+    r = run(trace)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["oom_at_event"] == 0
+
+
 def test_a_reader_that_goes_away_ends_it_quietly():
     data = os.path.join(os.path.dirname(REPLAY), os.pardir, os.pardir, "tests", "data", "kv_grow.trace.gz")
     p = subprocess.Popen([REPLAY, data, "--timeline", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -11,6 +11,8 @@ use super::{ArenaKind, CrossIndex, DevicePool};
 use crate::stats::TesseraGauge as G;
 use std::collections::BTreeSet;
 
+const _: () = assert!(std::mem::size_of::<Block>() == 64, "a block is one cache line");
+
 /// Index of a block in the slab (`DevicePool::blocks`).
 pub(super) type BlockId = u32;
 
@@ -35,7 +37,10 @@ pub(super) enum State {
     Lent,
 }
 
-#[derive(Debug, Clone)]
+/// One cache line a block: the chain's walks and the index sets' lookups
+/// touch one line per block (see the size check below).
+#[derive(Debug, Clone, Copy)]
+#[repr(align(64))]
 pub(super) struct Block {
     pub(super) addr: u64,
     pub(super) size: u64,
@@ -49,8 +54,9 @@ pub(super) struct Block {
     /// Address neighbours in the arena's chain, or NIL at the arena's ends.
     pub(super) prev: BlockId,
     pub(super) next: BlockId,
-    /// Streams other than `stream` that used the block (record_stream).
-    pub(super) stream_uses: Vec<u64>,
+    /// Streams other than `stream` used the block (record_stream): they are
+    /// listed in `DevicePool::stream_uses` (Allocated only).
+    pub(super) has_uses: bool,
     /// The CUDA graph capture that owns the block (0: none). Memory a
     /// capture allocated, or freed while it captured, may be touched by every
     /// replay of the graph: it is cached only for that capture, never reused
@@ -118,8 +124,7 @@ impl DevicePool {
 
     /// Frees the slot of block `id`, which is in no chain any more.
     pub(super) fn drop_block(&mut self, id: BlockId) {
-        debug_assert!(!self.b(id).indexed && !self.b(id).candidate, "block {id} dropped while indexed");
-        self.blocks[id as usize].stream_uses = Vec::new();
+        debug_assert!(!self.b(id).indexed && !self.b(id).candidate && !self.b(id).has_uses, "block {id} dropped while indexed or used");
         self.free_slots.push(id);
     }
 
@@ -250,7 +255,7 @@ impl DevicePool {
     /// Splits `size` bytes off the front of unindexed block `id`; returns the
     /// remainder, a new block of the same state, also unindexed.
     pub(super) fn split_front(&mut self, id: BlockId, size: u64) -> BlockId {
-        let b = self.b(id).clone();
+        let b = *self.b(id);
         debug_assert!(size < b.size);
         let rest = self.new_block(Block {
             addr: b.addr + size,
@@ -261,7 +266,7 @@ impl DevicePool {
             requested: 0,
             prev: id,
             next: b.next,
-            stream_uses: Vec::new(),
+            has_uses: false,
             freed_seq: b.freed_seq,
             graph: b.graph,
             indexed: false,

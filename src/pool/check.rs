@@ -215,6 +215,14 @@ impl DevicePool {
         }
         self.check_epochs();
         self.check_recyclable();
+        for (&id, uses) in &self.stream_uses {
+            let b = self.b(id);
+            assert!(b.has_uses && b.state == State::Allocated && self.live.get(&b.addr) == Some(&id),
+                    "block {id} listed with stream uses is not a live allocated block flagged so");
+            assert!(uses.iter().all(|&s| s != b.stream), "block {id}'s own stream listed among its uses");
+        }
+        let flagged = self.live.values().filter(|&&id| self.b(id).has_uses).count();
+        assert_eq!(flagged, self.stream_uses.len(), "a block flagged with stream uses is not listed");
     }
 
     /// Recycling's candidates: each is an indexed cached block outside graph

@@ -58,10 +58,14 @@ impl DevicePool {
         };
         self.claim_for_capture_at_free(id);
         self.live.remove(&addr);
-        let mut uses = std::mem::take(&mut self.bm(id).stream_uses);
+        let mut uses = match self.b(id).has_uses {
+            true => self.stream_uses.remove(&id).expect("a block with uses is listed"),
+            false => Vec::new(),
+        };
+        self.bm(id).has_uses = false;
         uses.sort_unstable(); // one event a stream (record_stream keeps repeats)
         uses.dedup();
-        let b = self.b(id).clone();
+        let b = *self.b(id);
         let mismatch = size.is_some_and(|s| s != b.requested && s != b.size) || stream.is_some_and(|s| s != b.stream);
         self.gauge(b.arena, G::AllocatedBytes, -(b.size as i64));
         self.gauge(b.arena, G::RequestedBytes, -(b.requested as i64));

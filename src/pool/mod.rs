@@ -116,6 +116,9 @@ pub struct DevicePool {
     free_slots: Vec<BlockId>,
     /// Allocated, pending and lent blocks by address.
     live: HashMap<u64, BlockId, AddrHash>,
+    /// The allocated blocks that other streams than their own used
+    /// (record_stream, `Block::has_uses`): those streams, in call order.
+    stream_uses: HashMap<BlockId, Vec<u64>>,
     /// Cached blocks by (arena, cache key, size, addr): best fit per stream
     /// (or per graph capture, see `cache_key`).
     cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
@@ -291,6 +294,7 @@ impl DevicePool {
             blocks: Vec::new(),
             free_slots: Vec::new(),
             live: HashMap::with_hasher(AddrHash),
+            stream_uses: HashMap::new(),
             cached_by_stream: BTreeSet::new(),
             cached_by_size: BTreeSet::new(),
             cross_index: CrossIndex::Sole(None),
@@ -351,7 +355,7 @@ impl DevicePool {
                 requested: 0,
                 prev: NIL,
                 next: NIL,
-                stream_uses: Vec::new(),
+                has_uses: false,
                 freed_seq: 0,
                 graph: 0,
                 indexed: false,

@@ -304,11 +304,8 @@ impl DevicePool {
     /// those that used them through record_stream), an event each.
     fn wait_for_users(&mut self) -> Result<()> {
         let mut streams: Vec<u64> = self.epochs.keys().copied().collect();
-        for &id in self.live.values() {
-            let b = self.b(id);
-            streams.push(b.stream);
-            streams.extend_from_slice(&b.stream_uses);
-        }
+        streams.extend(self.live.values().map(|&id| self.b(id).stream));
+        streams.extend(self.stream_uses.values().flatten());
         for p in &self.pending {
             streams.extend(p.events.iter().map(|&(s, _)| s));
         }

@@ -222,11 +222,14 @@ impl DevicePool {
                 return Err(Error::InvalidArgument(format!("record_stream on {addr:#x}, which is not a live allocation")));
             }
         };
-        let b = self.b(id);
-        if stream == b.stream || b.stream_uses.iter().rev().take(RECENT_USES).any(|&s| s == stream) {
+        if stream == self.b(id).stream {
             return Ok(());
         }
-        let uses = &mut self.bm(id).stream_uses;
+        self.bm(id).has_uses = true;
+        let uses = self.stream_uses.entry(id).or_default();
+        if uses.iter().rev().take(RECENT_USES).any(|&s| s == stream) {
+            return Ok(());
+        }
         // Repeats further back are dropped when the list fills its
         // capacity, which then at least doubles: each call costs O(log)
         // amortised, however many streams, and the list holds at most

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use super::graphs::pool_key;
-use super::{check_request, round_size, round_up, ArenaKind, BlockId, DevicePool, HistoryAction, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
+use super::{check_request, round_size, round_up, ArenaKind, BlockId, DevicePool, HistoryAction, State, GRAPH_KEY, MIN_BLOCK_BYTES};
 use crate::error::{Error, OomInfo, Result};
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 
@@ -128,11 +128,7 @@ impl DevicePool {
         }
         let rounded = round_size(size);
         let arena = self.arena_of(rounded);
-        let &(_, _, found, _, id) = self
-            .cached_by_stream
-            .range((arena, stream, rounded, 0, 0)..=(arena, stream, rounded, u64::MAX, NIL))
-            .next()?;
-        debug_assert_eq!(found, rounded);
+        let (_, _, id) = self.cached_under(arena, stream, rounded).next().filter(|&(size, _, _)| size == rounded)?;
         self.unindex(id);
         self.stats.bump(C::CacheHits, 1);
         Some(self.hand_out(id, rounded, size, stream, 0))
@@ -141,15 +137,9 @@ impl DevicePool {
     /// Best fit among the blocks cached under `key` (a stream or a capture),
     /// taken out of the index.
     pub(super) fn find_cached(&mut self, arena: ArenaKind, stream: u64, rounded: u64) -> Option<BlockId> {
-        let &(_, _, _, _, id) = self.cached_under(arena, stream, rounded).next()?;
+        let (_, _, id) = self.cached_under(arena, stream, rounded).next()?;
         self.unindex(id);
         Some(id)
-    }
-
-    /// The blocks cached under `key` (a stream or a capture) in `arena`, of
-    /// at least `min_bytes`, smallest first.
-    pub(super) fn cached_under(&self, arena: ArenaKind, key: u64, min_bytes: u64) -> impl Iterator<Item = &(ArenaKind, u64, u64, u64, BlockId)> {
-        self.cached_by_stream.range((arena, key, min_bytes, 0, 0)..=(arena, key, u64::MAX, u64::MAX, NIL))
     }
 
     /// Turns unindexed free block `id` (cached, at least `rounded` bytes)

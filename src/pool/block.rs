@@ -9,7 +9,7 @@
 
 use super::{ArenaKind, CrossIndex, DevicePool};
 use crate::stats::TesseraGauge as G;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 const _: () = assert!(std::mem::size_of::<Block>() == 64, "a block is one cache line");
 
@@ -18,6 +18,31 @@ pub(super) type BlockId = u32;
 
 /// No block: the end of a chain.
 pub(super) const NIL: BlockId = u32::MAX;
+
+/// A block's size with its arena in the top bit (sizes stay under 2^62):
+/// the by-size indexes order by arena, then size, in one word.
+pub(super) fn sized(arena: ArenaKind, size: u64) -> u64 {
+    ((arena as u64) << 63) | size
+}
+
+/// The bound of `sized` keys of `arena`: every size of it lies below.
+fn sized_end(arena: ArenaKind) -> u64 {
+    sized(arena, (1 << 63) - 1)
+}
+
+/// The size in a `sized` key.
+pub(super) fn sized_bytes(key: u64) -> u64 {
+    key & !(1 << 63)
+}
+
+/// Where a cached block sits in `cached_by_stream`: (cache key, `sized`,
+/// addr), its id the value. Keys are 24 bytes, so that a B-tree node's
+/// search touches few cache lines.
+pub(super) type CachedKey = (u64, u64, u64);
+
+/// Where a free block sits in a by-size index (`holes`, `cached_by_size`):
+/// (`sized`, addr), its id the value.
+pub(super) type SizedKey = (u64, u64);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
@@ -143,10 +168,10 @@ impl DevicePool {
         let b = &self.blocks[id as usize];
         match b.state {
             State::Cached => {
-                self.cached_by_stream.remove(&(b.arena, cache_key(b), b.size, b.addr, id));
+                self.cached_by_stream.remove(&(cache_key(b), sized(b.arena, b.size), b.addr));
                 if b.graph == 0 {
                     if self.cross_index == CrossIndex::Built {
-                        self.cached_by_size.remove(&(b.arena, b.size, b.addr, id));
+                        self.cached_by_size.remove(&(sized(b.arena, b.size), b.addr));
                     }
                     if b.candidate {
                         self.recyclable.remove(&(b.size, id));
@@ -164,7 +189,7 @@ impl DevicePool {
                 b.candidate = false;
             }
             State::Hole => {
-                self.holes.remove(&(b.arena, b.size, b.addr, id));
+                self.holes.remove(&(sized(b.arena, b.size), b.addr));
                 self.bm(id).indexed = false;
             }
             State::Allocated | State::Pending | State::Lent => {}
@@ -177,12 +202,12 @@ impl DevicePool {
         match b.state {
             State::Cached => {
                 let key = cache_key(b);
-                self.cached_by_stream.insert((b.arena, key, b.size, b.addr, id));
+                self.cached_by_stream.insert((key, sized(b.arena, b.size), b.addr), id);
                 let (arena, size) = (b.arena, b.size as i64);
                 if b.graph == 0 {
                     match self.cross_index {
                         CrossIndex::Built => {
-                            self.cached_by_size.insert((b.arena, b.size, b.addr, id));
+                            self.cached_by_size.insert((sized(b.arena, b.size), b.addr), id);
                         }
                         CrossIndex::Sole(Some(sole)) if sole == key => {}
                         CrossIndex::Sole(None) => self.cross_index = CrossIndex::Sole(Some(key)),
@@ -201,7 +226,7 @@ impl DevicePool {
                 self.bm(id).indexed = true;
             }
             State::Hole => {
-                self.holes.insert((b.arena, b.size, b.addr, id));
+                self.holes.insert((sized(b.arena, b.size), b.addr), id);
                 self.bm(id).indexed = true;
             }
             State::Allocated | State::Pending | State::Lent => {}
@@ -214,10 +239,10 @@ impl DevicePool {
     /// `sole`'s ranges of `cached_by_stream` and `id`.
     fn build_cross_index(&mut self, sole: u64, id: BlockId) {
         debug_assert!(self.cached_by_size.is_empty());
-        let (b, mut index) = (self.b(id), BTreeSet::new());
-        index.insert((b.arena, b.size, b.addr, id));
+        let (b, mut index) = (self.b(id), BTreeMap::new());
+        index.insert((sized(b.arena, b.size), b.addr), id);
         for arena in [ArenaKind::Small, ArenaKind::Large] {
-            index.extend(self.cached_under(arena, sole, 0).map(|&(arena, _, size, addr, id)| (arena, size, addr, id)));
+            index.extend(self.cached_under(arena, sole, 0).map(|(_, addr, id)| ((sized(arena, self.b(id).size), addr), id)));
         }
         self.cached_by_size = index;
         self.cross_index = CrossIndex::Built;
@@ -230,13 +255,27 @@ impl DevicePool {
     /// key is `stream`'s).
     pub(super) fn cached_across(&self, arena: ArenaKind, min_bytes: u64, stream: u64) -> impl Iterator<Item = BlockId> + '_ {
         let (sole, built) = match self.cross_index {
-            CrossIndex::Built => (None, Some(self.cached_by_size.range((arena, min_bytes, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)))),
+            CrossIndex::Built => (None, Some(self.cached_by_size.range((sized(arena, min_bytes), 0)..(sized_end(arena), 0)))),
             CrossIndex::Sole(Some(key)) if key != stream => (Some(self.cached_under(arena, key, min_bytes)), None),
             CrossIndex::Sole(_) => (None, None),
         };
-        let sole = sole.into_iter().flatten().map(|k| k.4);
-        let built = built.into_iter().flatten().map(|k| k.3).filter(move |&id| self.b(id).stream != stream);
+        let sole = sole.into_iter().flatten().map(|(_, _, id)| id);
+        let built = built.into_iter().flatten().map(|(_, &id)| id).filter(move |&id| self.b(id).stream != stream);
         sole.chain(built)
+    }
+
+    /// The blocks cached under `key` (a stream or a capture) in `arena`, of
+    /// at least `min_bytes`, smallest first, as (size, addr, id).
+    pub(super) fn cached_under(&self, arena: ArenaKind, key: u64, min_bytes: u64) -> impl Iterator<Item = (u64, u64, BlockId)> + '_ {
+        self.cached_by_stream
+            .range((key, sized(arena, min_bytes), 0)..(key, sized_end(arena), 0))
+            .map(|(&(_, size, addr), &id)| (sized_bytes(size), addr, id))
+    }
+
+    /// The holes of `arena` of at least `min_bytes`, smallest first, as
+    /// (size, id).
+    pub(super) fn holes_in(&self, arena: ArenaKind, min_bytes: u64) -> impl Iterator<Item = (u64, BlockId)> + '_ {
+        self.holes.range((sized(arena, min_bytes), 0)..(sized_end(arena), 0)).map(|(&(size, _), &id)| (sized_bytes(size), id))
     }
 
     /// Whether `id` is a cached block in the index (not merged away).

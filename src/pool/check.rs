@@ -3,6 +3,7 @@
 //! For tests and fuzzers, after every operation.
 #![forbid(unsafe_code)]
 
+use super::block::sized;
 use super::{cache_key, CrossIndex, DevicePool, HandleIdx, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
 use crate::stats::TesseraGauge as G;
 use std::collections::HashMap;
@@ -48,7 +49,7 @@ impl DevicePool {
                     State::Hole => {
                         assert_eq!((b.addr - arena.base) % g, 0, "hole start not granule aligned");
                         assert_eq!(b.size % g, 0, "hole size not granule aligned");
-                        assert!(self.holes.contains(&(b.arena, b.size, b.addr, id)), "hole not indexed");
+                        assert!(self.holes.get(&(sized(b.arena, b.size), b.addr)) == Some(&id), "hole not indexed");
                     }
                     state => {
                         let counts = &mut per_arena[b.arena as usize];
@@ -75,7 +76,7 @@ impl DevicePool {
                                 cached += b.size as i64;
                                 cached_blocks += 1;
                                 counts[1] += 1;
-                                assert!(self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)));
+                                assert!(self.cached_by_stream.get(&(cache_key(b), sized(b.arena, b.size), b.addr)) == Some(&id), "cached block not indexed");
                             }
                             State::Lent => {
                                 lent_blocks += 1;
@@ -128,18 +129,18 @@ impl DevicePool {
         assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
         assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
-        let outside_graphs = self.cached_by_stream.iter().filter(|k| k.1 & GRAPH_KEY == 0);
+        let outside_graphs = self.cached_by_stream.iter().filter(|(k, _)| k.0 & GRAPH_KEY == 0);
         assert_eq!(outside_graphs.clone().count(), self.cached_outside_graphs, "cached blocks outside graph pools miscounted");
         match self.cross_index {
             CrossIndex::Built => {
-                assert!(outside_graphs.clone().all(|&(a, _, size, addr, id)| self.cached_by_size.contains(&(a, size, addr, id))),
+                assert!(outside_graphs.clone().all(|(&(_, size, addr), id)| self.cached_by_size.get(&(size, addr)) == Some(id)),
                         "a cached block outside graph pools is missing from the cross-stream index");
                 assert_eq!(self.cached_outside_graphs, self.cached_by_size.len(), "the cross-stream index holds other blocks");
                 assert!(self.cached_outside_graphs > 0, "the cross-stream index kept with nothing to hold");
             }
             CrossIndex::Sole(sole) => {
                 assert!(self.cached_by_size.is_empty(), "the cross-stream index holds blocks while not kept");
-                assert!(outside_graphs.clone().all(|k| Some(k.1) == sole), "blocks of two keys outside graph pools, no cross-stream index");
+                assert!(outside_graphs.clone().all(|(k, _)| Some(k.0) == sole), "blocks of two keys outside graph pools, no cross-stream index");
                 assert!(sole.is_none() || self.cached_outside_graphs > 0, "a sole key with nothing cached");
             }
         }
@@ -254,8 +255,8 @@ impl DevicePool {
                     blocks.push((b.addr, b.addr + b.size, id));
                 }
                 let in_index = match b.state {
-                    State::Cached => self.cached_by_stream.contains(&(b.arena, cache_key(b), b.size, b.addr, id)),
-                    State::Hole => self.holes.contains(&(b.arena, b.size, b.addr, id)),
+                    State::Cached => self.cached_by_stream.get(&(cache_key(b), sized(b.arena, b.size), b.addr)) == Some(&id),
+                    State::Hole => self.holes.get(&(sized(b.arena, b.size), b.addr)) == Some(&id),
                     _ => false,
                 };
                 assert_eq!(b.indexed, in_index, "block {id}'s indexed flag differs from its index set");
@@ -291,7 +292,7 @@ impl DevicePool {
         };
         listed(&self.epochs_waiting, "waiting", &|e| e.event.is_some());
         listed(&self.epochs_dirty, "dirty", &|e| e.dirty);
-        for id in self.cached_by_stream.iter().map(|k| k.4) {
+        for &id in self.cached_by_stream.values() {
             let b = self.b(id);
             let Some(epoch) = self.epochs.get(&b.stream).filter(|_| b.freed_seq != 0) else { continue };
             let covered = epoch.done_seq >= b.freed_seq || epoch.event.is_some_and(|(_, seq)| seq >= b.freed_seq);

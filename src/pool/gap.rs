@@ -5,7 +5,7 @@
 //! Invariant: a failed map leaves the hole a hole (or a mapped prefix cached).
 #![forbid(unsafe_code)]
 
-use super::{round_up, ArenaKind, BlockId, DevicePool, State, NIL};
+use super::{round_up, ArenaKind, BlockId, DevicePool, State};
 use crate::error::{Error, Result};
 use crate::stats::TesseraCounter as C;
 
@@ -35,7 +35,7 @@ impl DevicePool {
         let g = self.conf.page_size.0;
         let fresh = round_up(rounded, g) / g;
         let mut best: Option<Gap> = None;
-        for &(_, hole_bytes, _, hole) in self.holes.range((arena, 0, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL)) {
+        for (hole_bytes, hole) in self.holes_in(arena, 0) {
             let room = hole_bytes / g;
             let (mut before, mut first) = (0, hole);
             while in_run(self, self.b(first).prev) {

@@ -141,10 +141,9 @@ impl DevicePool {
         };
         let gk = GRAPH_KEY | key;
         let found = [ArenaKind::Small, ArenaKind::Large].into_iter().find_map(|arena| {
-            self.cached_by_stream
-                .range((arena, gk, 0, 0, 0)..=(arena, gk, u64::MAX, u64::MAX, u32::MAX))
-                .find(|&&(_, _, bsize, baddr, _)| baddr <= addr && end <= baddr + bsize)
-                .map(|&(_, _, _, _, id)| id)
+            self.cached_under(arena, gk, 0)
+                .find(|&(bsize, baddr, _)| baddr <= addr && end <= baddr + bsize)
+                .map(|(_, _, id)| id)
         });
         let Some(id) = found else {
             return Err(Error::InvalidArgument(format!(
@@ -176,8 +175,8 @@ impl DevicePool {
         let private: Vec<BlockId> = self
             .cached_by_stream
             .iter()
-            .filter(|k| k.1 & GRAPH_KEY != 0 && which(k.1 & !GRAPH_KEY))
-            .map(|k| k.4)
+            .filter(|(k, _)| k.0 & GRAPH_KEY != 0 && which(k.0 & !GRAPH_KEY))
+            .map(|(_, &id)| id)
             .collect();
         let mut bytes = 0;
         for id in private {

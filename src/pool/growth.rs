@@ -74,11 +74,7 @@ impl DevicePool {
         let plan = match plan {
             Some(p) => p,
             None => {
-                let &(_, _, _, hole) = self
-                    .holes
-                    .range((arena, fresh_granules * g, 0, 0)..=(arena, u64::MAX, u64::MAX, NIL))
-                    .next()
-                    .ok_or_else(|| Error::OutOfMemory(Box::default()))?;
+                let (_, hole) = self.holes_in(arena, fresh_granules * g).next().ok_or_else(|| Error::OutOfMemory(Box::default()))?;
                 Gap { new: fresh_granules, hole, first: hole, last: hole, back: false }
             }
         };

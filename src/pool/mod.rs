@@ -69,7 +69,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hash::AddrHash;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G, TesseraStats};
-use block::{Arena, Block, BlockId, State, GRAPH_KEY, NIL, READY_KEY, cache_key};
+use block::{Arena, Block, BlockId, CachedKey, SizedKey, State, GRAPH_KEY, NIL, READY_KEY, cache_key};
 use gap::Gap;
 use handles::{Handle, HandleIdx};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -119,21 +119,21 @@ pub struct DevicePool {
     /// The allocated blocks that other streams than their own used
     /// (record_stream, `Block::has_uses`): those streams, in call order.
     stream_uses: HashMap<BlockId, Vec<u64>>,
-    /// Cached blocks by (arena, cache key, size, addr): best fit per stream
+    /// Cached blocks by (cache key, arena and size, addr): best fit per stream
     /// (or per graph capture, see `cache_key`).
-    cached_by_stream: BTreeSet<(ArenaKind, u64, u64, u64, BlockId)>,
+    cached_by_stream: BTreeMap<CachedKey, BlockId>,
     /// The cached blocks outside graph pools again, by (arena, size, addr):
     /// best fit across streams, for a stream whose own cache has none.
     /// Filled only once two cache keys hold such blocks (`cross_index`):
     /// while one key holds them all, its range of `cached_by_stream` is the
     /// same list, and a one-stream workload pays for no second index.
-    cached_by_size: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
+    cached_by_size: BTreeMap<SizedKey, BlockId>,
     /// Whether `cached_by_size` is kept (see `CrossIndex`).
     cross_index: CrossIndex,
     /// How many cached blocks lie outside graph pools.
     cached_outside_graphs: usize,
-    /// Holes by (arena, size, addr).
-    holes: BTreeSet<(ArenaKind, u64, u64, BlockId)>,
+    /// Holes by (arena and size, addr).
+    holes: BTreeMap<SizedKey, BlockId>,
     /// Recycling's candidates by (size, id) (`Block::candidate`): indexed
     /// cached blocks outside graph pools that overlapped a handle wholly
     /// under cached blocks when recycling looked (`may_free_a_handle`);
@@ -295,11 +295,11 @@ impl DevicePool {
             free_slots: Vec::new(),
             live: HashMap::with_hasher(AddrHash),
             stream_uses: HashMap::new(),
-            cached_by_stream: BTreeSet::new(),
-            cached_by_size: BTreeSet::new(),
+            cached_by_stream: BTreeMap::new(),
+            cached_by_size: BTreeMap::new(),
             cross_index: CrossIndex::Sole(None),
             cached_outside_graphs: 0,
-            holes: BTreeSet::new(),
+            holes: BTreeMap::new(),
             recyclable: BTreeSet::new(),
             unchecked: Vec::new(),
             handles: Vec::new(),

@@ -9,7 +9,7 @@
 //! about a handle (`max_handle_size`) and never waits for the device.
 #![forbid(unsafe_code)]
 
-use super::{round_up, ArenaKind, BlockId, DevicePool, State, NIL, READY_KEY};
+use super::{round_up, ArenaKind, BlockId, DevicePool, State, READY_KEY};
 use crate::error::Result;
 use crate::stats::{TesseraCounter as C, TesseraGauge as G};
 
@@ -33,10 +33,7 @@ impl DevicePool {
 
     /// Bytes in the ready reserve.
     pub(super) fn ready_bytes(&self) -> u64 {
-        self.cached_by_stream
-            .range((ArenaKind::Large, READY_KEY, 0, 0, 0)..=(ArenaKind::Large, READY_KEY, u64::MAX, u64::MAX, NIL))
-            .map(|k| k.2)
-            .sum()
+        self.cached_under(ArenaKind::Large, READY_KEY, 0).map(|(size, _, _)| size).sum()
     }
 
     /// What the ready reserve should hold, `have_bytes` being what it holds
@@ -65,10 +62,7 @@ impl DevicePool {
     /// Best fit in the ready reserve for a miss of `rounded` bytes, taken
     /// out of the index (the caller hands it out; the rest stays ready).
     pub(super) fn take_ready(&mut self, arena: ArenaKind, rounded: u64) -> Option<BlockId> {
-        let &(_, _, _, _, id) = self
-            .cached_by_stream
-            .range((arena, READY_KEY, rounded, 0, 0)..=(arena, READY_KEY, u64::MAX, u64::MAX, NIL))
-            .next()?;
+        let (_, _, id) = self.cached_under(arena, READY_KEY, rounded).next()?;
         self.unindex(id);
         self.stats.bump(C::ReadyHits, 1);
         Some(id)
@@ -157,7 +151,7 @@ impl DevicePool {
     /// The ready reserve's blocks are what the module doc says.
     pub(super) fn check_ready(&self) {
         for arena in [ArenaKind::Small, ArenaKind::Large] {
-            for &(_, _, _, _, id) in self.cached_under(arena, READY_KEY, 0) {
+            for (_, _, id) in self.cached_under(arena, READY_KEY, 0) {
                 let b = self.b(id);
                 assert!(b.state == State::Cached && b.arena == ArenaKind::Large && b.graph == 0 && b.freed_seq == 0,
                         "ready block {id} is not fresh large-arena memory");

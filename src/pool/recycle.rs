@@ -339,7 +339,7 @@ impl DevicePool {
         self.live_high_water_bytes = 0;
         self.retry_stale_events();
         self.process_pending()?;
-        let ids: Vec<BlockId> = self.cached_by_stream.iter().map(|&(_, _, _, _, id)| id).collect();
+        let ids: Vec<BlockId> = self.cached_by_stream.values().copied().collect();
         for id in ids {
             if self.is_indexed_cached(id) {
                 self.unmap_cached_run(id, false, u64::MAX, None, false)?;

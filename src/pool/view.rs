@@ -113,6 +113,6 @@ impl DevicePool {
 
     /// Size of the largest cached block, in bytes.
     pub fn largest_cached_bytes(&self) -> u64 {
-        self.cached_by_stream.iter().map(|k| k.2).max().unwrap_or(0)
+        self.cached_by_stream.keys().map(|k| super::block::sized_bytes(k.1)).max().unwrap_or(0)
     }
 }

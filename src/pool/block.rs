@@ -3,7 +3,7 @@
 //! split, coalesce, and the index sets of free blocks (cached by cache key,
 //! holes by size).
 //! Invariants: the chain covers its arena exactly; no two holes, and no two
-//! cached blocks of one cache key, are neighbours; a free block is in its
+//! cached blocks of one cache key and stream, are neighbours; a free block is in its
 //! index set iff it is cached or a hole.
 #![forbid(unsafe_code)]
 
@@ -63,7 +63,7 @@ pub(super) enum State {
 }
 
 /// One cache line a block: the chain's walks and the index sets' lookups
-/// touch one line per block (see the size check below).
+/// touch one line per block (see the size check above).
 #[derive(Debug, Clone, Copy)]
 #[repr(align(64))]
 pub(super) struct Block {
@@ -322,12 +322,13 @@ impl DevicePool {
     }
 
     /// Whether neighbours `a` and `b` must be one block: two holes, or two
-    /// cached blocks of one cache key.
+    /// cached blocks of one cache key and one stream (a pool's cache holds
+    /// blocks of several streams, each known done by its own epochs).
     pub(super) fn mergeable(&self, a: BlockId, b: BlockId) -> bool {
         let (x, y) = (self.b(a), self.b(b));
         match (x.state, y.state) {
             (State::Hole, State::Hole) => true,
-            (State::Cached, State::Cached) => cache_key(x) == cache_key(y),
+            (State::Cached, State::Cached) => cache_key(x) == cache_key(y) && x.stream == y.stream,
             _ => false,
         }
     }

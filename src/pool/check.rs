@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use super::block::sized;
-use super::{cache_key, CrossIndex, DevicePool, HandleIdx, State, GRAPH_KEY, MIN_BLOCK_BYTES, NIL};
+use super::{cache_key, CrossIndex, DevicePool, HandleIdx, State, MIN_BLOCK_BYTES, NIL};
 use crate::stats::TesseraGauge as G;
 use std::collections::HashMap;
 
@@ -129,7 +129,7 @@ impl DevicePool {
         assert_eq!(mapped_runs, used_runs, "mapped handles do not tile the non-hole blocks");
         assert_eq!(chain_blocks + self.free_slots.len(), self.blocks.len(), "slab leak");
         assert_eq!(self.cached_by_stream.len() as i64, cached_blocks, "cached index holds other blocks");
-        let outside_graphs = self.cached_by_stream.iter().filter(|(k, _)| k.0 & GRAPH_KEY == 0);
+        let outside_graphs = self.cached_by_stream.iter().filter(|&(_, &id)| self.b(id).graph == 0);
         assert_eq!(outside_graphs.clone().count(), self.cached_outside_graphs, "cached blocks outside graph pools miscounted");
         match self.cross_index {
             CrossIndex::Built => {

@@ -45,8 +45,12 @@ impl DevicePool {
         let fresh_granules = round_up(rounded, g) / g;
         // The ready reserve (never used) joins any stream's run, outside
         // graph captures: a miss larger than it maps only the difference.
+        // A pool's blocks join only their own stream's run: another stream
+        // may still use its blocks, which only its epochs tell.
         let same_key = move |p: &Self, x: BlockId| {
-            x != NIL && p.b(x).state == State::Cached && (cache_key(p.b(x)) == key || (graph == 0 && p.b(x).stream == READY_KEY))
+            x != NIL
+                && p.b(x).state == State::Cached
+                && ((cache_key(p.b(x)) == key && p.b(x).stream == stream) || (graph == 0 && p.b(x).stream == READY_KEY))
         };
         let mut plan = if self.conf.expandable_segments { self.best_gap(arena, rounded, &same_key) } else { None };
         if self.conf.expandable_segments && !capturing {

@@ -28,7 +28,7 @@
 //!   blocks (`prev`/`next`); no gaps, no overlap.
 //! - Holes start and end on granule boundaries; no two holes are adjacent;
 //!   no two cached blocks of the same cache key (stream, or graph capture)
-//!   are adjacent.
+//!   and stream are adjacent.
 //! - Handles map whole, at offset 0 (CUDA maps nothing else). The mapped
 //!   handles tile exactly the maximal runs of non-hole blocks: a byte is
 //!   mapped iff it lies outside every hole. Handles never overlap.
@@ -122,7 +122,7 @@ pub struct DevicePool {
     /// Cached blocks by (cache key, arena and size, addr): best fit per stream
     /// (or per graph capture, see `cache_key`).
     cached_by_stream: BTreeMap<CachedKey, BlockId>,
-    /// The cached blocks outside graph pools again, by (arena, size, addr):
+    /// The cached blocks outside graph pools again, by (arena and size, addr):
     /// best fit across streams, for a stream whose own cache has none.
     /// Filled only once two cache keys hold such blocks (`cross_index`):
     /// while one key holds them all, its range of `cached_by_stream` is the

@@ -77,8 +77,9 @@ impl DevicePool {
     /// smallest or largest first, until `need` granules of handles are free,
     /// at most `max_run_granules` (about) from one run of cached blocks.
     /// Nothing in the range `keep`, nor the ready reserve if `spare_ready`.
-    /// Looks at candidates only: its cost follows what it unmaps and the
-    /// stale candidates it drops, not the number of cached blocks.
+    /// Looks at candidates only (the blocks freed since it last looked are
+    /// asked first, once each): its cost follows what it unmaps, the frees
+    /// and the stale candidates it drops, not the number of cached blocks.
     pub(super) fn unmap_cached_blocks(
         &mut self,
         need: u64,

@@ -297,8 +297,9 @@ impl DevicePool {
     /// Best fit among blocks cached for other streams that the device is
     /// known to be done with (their streams' epoch events passed the free):
     /// safe to reuse on any stream with no wait. Polls the epoch events
-    /// first. Walks the cross-stream index from the request's size up, past
-    /// blocks not known done: for misses only.
+    /// first. Walks the cross-stream index (or the one caching stream's
+    /// range) from the request's size up, past blocks not known done: for
+    /// misses only.
     pub(super) fn find_done_cached_other_stream(&mut self, arena: ArenaKind, rounded: u64, stream: u64) -> Result<Option<BlockId>> {
         if self.cached_across(arena, rounded, stream).next().is_none() {
             return Ok(None);

@@ -24,7 +24,7 @@ fn run(conf: &str, seed: u64, steps: usize) -> [u64; 3] {
     let mut live: Vec<u64> = Vec::new();
     let mut capturing = false;
     let mut lent: Vec<tessera::pool::LentBlock> = Vec::new();
-    let lend_on = seed % 2 == 0;
+    let lend_on = seed.is_multiple_of(2);
     for step in 0..steps {
         let r = xs(&mut rng);
         let op = r % 100;
@@ -44,11 +44,8 @@ fn run(conf: &str, seed: u64, steps: usize) -> [u64; 3] {
             let i = ((r >> 8) as usize) % live.len();
             let a = live.swap_remove(i);
             what = format!("free {a:#x}");
-            if lend_on && (r >> 50) % 2 == 0 {
-                match p.free_or_lend(a, None, None, |_| true).unwrap_or_else(|e| panic!("step {step} {what}: {e:?}")) {
-                    tessera::pool::Freed::Lent(lb) => lent.push(lb),
-                    _ => {}
-                }
+            if lend_on && (r >> 50).is_multiple_of(2) {
+                if let tessera::pool::Freed::Lent(lb) = p.free_or_lend(a, None, None, |_| true).unwrap_or_else(|e| panic!("step {step} {what}: {e:?}")) { lent.push(lb) }
             } else {
                 p.free(a, None, None).unwrap_or_else(|e| panic!("step {step} {what}: {e:?}"));
             }
@@ -59,10 +56,10 @@ fn run(conf: &str, seed: u64, steps: usize) -> [u64; 3] {
             p.record_stream(a, 1 + (r >> 40) % 5).unwrap();
         } else if op < 86 && lend_on && !lent.is_empty() {
             let lb = lent.swap_remove(((r >> 8) as usize) % lent.len());
-            if (r >> 30) % 2 == 0 { what = "return_lent".into(); p.return_lent(lb.id); } else { what = "lent_to_live".into(); p.lent_to_live(lb.id, lb.size); live.push(lb.addr); }
+            if (r >> 30).is_multiple_of(2) { what = "return_lent".into(); p.return_lent(lb.id); } else { what = "lent_to_live".into(); p.lent_to_live(lb.id, lb.size); live.push(lb.addr); }
         } else if op < 86 {
             what = "hold".into();
-            backend.hold_events((r >> 8) % 2 == 0);
+            backend.hold_events((r >> 8).is_multiple_of(2));
         } else if op < 88 {
             what = "release_pool".into();
             p.release_pool(1 + (r >> 8) % 2).unwrap();

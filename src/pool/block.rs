@@ -25,9 +25,9 @@ pub(super) fn sized(arena: ArenaKind, size: u64) -> u64 {
     ((arena as u64) << 63) | size
 }
 
-/// The bound of `sized` keys of `arena`: every size of it lies below.
-fn sized_end(arena: ArenaKind) -> u64 {
-    sized(arena, (1 << 63) - 1)
+/// The keys (`sized`, addr) of `arena`'s blocks of at least `min_bytes`.
+fn sized_range(arena: ArenaKind, min_bytes: u64) -> std::ops::Range<SizedKey> {
+    (sized(arena, min_bytes), 0)..(sized(arena, (1 << 63) - 1), 0)
 }
 
 /// The size in a `sized` key.
@@ -255,7 +255,7 @@ impl DevicePool {
     /// key is `stream`'s).
     pub(super) fn cached_across(&self, arena: ArenaKind, min_bytes: u64, stream: u64) -> impl Iterator<Item = BlockId> + '_ {
         let (sole, built) = match self.cross_index {
-            CrossIndex::Built => (None, Some(self.cached_by_size.range((sized(arena, min_bytes), 0)..(sized_end(arena), 0)))),
+            CrossIndex::Built => (None, Some(self.cached_by_size.range(sized_range(arena, min_bytes)))),
             CrossIndex::Sole(Some(key)) if key != stream => (Some(self.cached_under(arena, key, min_bytes)), None),
             CrossIndex::Sole(_) => (None, None),
         };
@@ -267,15 +267,16 @@ impl DevicePool {
     /// The blocks cached under `key` (a stream or a capture) in `arena`, of
     /// at least `min_bytes`, smallest first, as (size, addr, id).
     pub(super) fn cached_under(&self, arena: ArenaKind, key: u64, min_bytes: u64) -> impl Iterator<Item = (u64, u64, BlockId)> + '_ {
+        let sizes = sized_range(arena, min_bytes);
         self.cached_by_stream
-            .range((key, sized(arena, min_bytes), 0)..(key, sized_end(arena), 0))
+            .range((key, sizes.start.0, 0)..(key, sizes.end.0, 0))
             .map(|(&(_, size, addr), &id)| (sized_bytes(size), addr, id))
     }
 
     /// The holes of `arena` of at least `min_bytes`, smallest first, as
     /// (size, id).
     pub(super) fn holes_in(&self, arena: ArenaKind, min_bytes: u64) -> impl Iterator<Item = (u64, BlockId)> + '_ {
-        self.holes.range((sized(arena, min_bytes), 0)..(sized_end(arena), 0)).map(|(&(size, _), &id)| (sized_bytes(size), id))
+        self.holes.range(sized_range(arena, min_bytes)).map(|(&(size, _), &id)| (sized_bytes(size), id))
     }
 
     /// Whether `id` is a cached block in the index (not merged away).

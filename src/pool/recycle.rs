@@ -127,7 +127,7 @@ impl DevicePool {
         for &id in &ids {
             self.bm(id).queued = false;
             let b = self.b(id);
-            if b.indexed && b.state == State::Cached && b.graph == 0 && !b.candidate && self.may_free_a_handle(id) {
+            if self.is_indexed_cached(id) && b.graph == 0 && !b.candidate && self.may_free_a_handle(id) {
                 self.recyclable.insert((b.size, id));
                 self.bm(id).candidate = true;
             }
